@@ -71,7 +71,7 @@ def test_encode_decode_round_trip():
 
 @pytest.mark.parametrize(
     "m,h,tile,comp,density",
-    [(1, 64, 32, 8, 0.05), (1, 5632, 256, 8, 0.01), (7, 300, 64, 4, 0.1), (33, 1000, 128, 2, 0.2),
+    [(1, 64, 32, 4, 0.1), (1, 5632, 256, 8, 0.01), (7, 300, 64, 4, 0.1), (33, 1000, 128, 2, 0.2),
      (20, 100, 32, 16, 0.004), (16, 2049, 1024, 16, 0.02), (3, 257, 256, 8, 0.01)],
 )
 def test_round_trip_matches_naive_layout(m, h, tile, comp, density):
