@@ -1,0 +1,1 @@
+"""Training: the loop, checkpoints, metrics logging (the only place that imports wandb)."""

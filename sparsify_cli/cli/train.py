@@ -1,0 +1,119 @@
+"""`sparsify train`: compose the config, run the trainer (once, or once per job of a sweep), print a summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from sparsify_cli.cli.common import console, user_errors_exit
+from sparsify_cli.config.compose import DEFAULT_RECIPE, available_recipes, compose, expand_sweep, to_yaml
+
+HELP = """Train a sparse (or dense baseline) model.
+
+Configuration is a recipe (a complete experiment from recipes/) plus Hydra-style overrides:
+
+  sparsify train                                   # the tiny default on the embedded corpus
+
+  sparsify train --recipe paper_0.5b --out runs/p05 train.max_steps=2000
+
+  sparsify train train.max_steps=50 sparsity.l1_coeff=1e-3 model.d_ffn=1024
+
+  sparsify train -m sparsity.l1_coeff=0,1e-3,2e-3   # a sweep: one run directory per job
+
+  sparsify train --out runs/tiny --resume           # continue an interrupted run exactly
+
+Groups (key=option): model, data, optim, sparsity, train, logger. Common keys: train.max_steps,
+train.batch_size, train.seq_len, optim.lr, sparsity.l1_coeff, model.*, data.path, logger.wandb.mode
+(offline|online|disabled). `sparsify train --show-config` prints every key with its value.
+"""
+
+
+def train(
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. train.max_steps=100"),
+    recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", "-r", help="Recipe name (see --list-recipes) or a .yaml path."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: train.out_dir, runs/<run_name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in the run directory."),
+    multirun: bool = typer.Option(False, "--multirun", "-m", help="Sweep: comma-separated values run one job each."),
+    show_config: bool = typer.Option(False, "--show-config", help="Print the composed configuration and exit."),
+    list_recipes: bool = typer.Option(False, "--list-recipes", help="List the recipes and exit."),
+) -> None:
+    _train(list(overrides or []), recipe, out, resume, multirun, show_config, list_recipes)
+
+
+@user_errors_exit
+def _train(overrides, recipe, out, resume, multirun, show_config, list_recipes) -> None:
+    if list_recipes:
+        console.print("\n".join(available_recipes()))
+        return
+    jobs = expand_sweep(overrides) if multirun else [overrides]
+    if not multirun and len(expand_sweep(overrides)) > 1:
+        from sparsify_cli.errors import UserError
+
+        raise UserError("an override has several values (a sweep): add -m/--multirun to run one job per value")
+    configs = [compose(recipe, job) for job in jobs]  # all jobs validated before any work starts
+    if show_config:
+        for cfg in configs:
+            console.print(to_yaml(cfg), highlight=False)
+        return
+    for i, (job, cfg) in enumerate(zip(jobs, configs)):
+        run_dir = _run_dir(cfg, out, job, overrides, i) if multirun else (out or Path(cfg.train.out_dir))
+        if multirun:
+            console.rule(f"job {i + 1}/{len(jobs)}: {' '.join(job) or '(no overrides)'}")
+        _run_one(cfg, run_dir, resume)
+
+
+def _run_dir(cfg, out: Optional[Path], job: list[str], overrides: list[str], index: int) -> Path:
+    """runs/<run_name>-multirun/<index>_<the swept key=value pairs>."""
+    swept = [j for j, o in zip(job, overrides) if j != o]
+    base = out or Path(cfg.train.out_dir).parent / f"{cfg.run_name}-multirun"
+    return base / (f"{index}_" + ",".join(swept).replace("/", "_"))
+
+
+def _run_one(cfg, run_dir: Path, resume: bool) -> None:
+    from sparsify_cli.train.loop import Trainer
+
+    trainer = Trainer(cfg, run_dir, resume=resume, console=console)
+    n_params = trainer.model.num_parameters()
+    console.print(
+        f"[bold]{cfg.run_name}[/]: {n_params / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, "
+        f"FFN {cfg.model.ffn}/{cfg.model.activation} H={cfg.model.d_ffn}, λ={cfg.sparsity.l1_coeff:g}, "
+        f"device {trainer.device}, {cfg.train.max_steps} steps → {run_dir}",
+        highlight=False,
+    )
+    result = trainer.run()
+    summary = {
+        "run_name": cfg.run_name,
+        "step": result.step,
+        "train_ce": result.train_ce,
+        "heldout_ce": result.heldout_ce,
+        **{f"heldout_{k}": v for k, v in result.sparsity.items()},
+        "d_ffn": trainer.model.cfg.d_ffn,
+        "layers": result.layers,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print_summary(summary)
+
+
+def _print_summary(s: dict) -> None:
+    table = Table(title="FFN activations on held-out text", title_justify="left")
+    for col in ("layer", "mean active", "max active", "active %", "dead %"):
+        table.add_column(col, justify="right")
+    for i, layer in enumerate(s["layers"]):
+        table.add_row(
+            str(i),
+            f"{layer['mean_active']:.1f}",
+            str(layer["max_active"]),
+            f"{100 * layer['mean_active'] / layer['d_ffn']:.2f}",
+            f"{100 * layer['dead_fraction']:.1f}",
+        )
+    console.print(table)
+    console.print(
+        f"step {s['step']}: train CE {s['train_ce']:.4f}  held-out CE {s['heldout_ce']:.4f} "
+        f"(ppl {pow(2.718281828459045, s['heldout_ce']):.1f})  FFN sparsity {100 * s['heldout_sparsity']:.2f}% "
+        f"({s['heldout_active_mean']:.1f} of {s['d_ffn']} neurons active per token)",
+        highlight=False,
+    )

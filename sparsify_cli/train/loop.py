@@ -1,0 +1,297 @@
+"""The training loop: CE + λ·L1 on FFN activations, AdamW, checkpoints that resume exactly."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sparsify_cli.config.schema import RunConfig
+from sparsify_cli.errors import UserError
+from sparsify_cli.model.transformer import SparseLlama
+from sparsify_cli.sparsity import SparsityTracker, l1_coefficient, summarize
+from sparsify_cli.sparsity.dead import reinit_dead_neurons
+from sparsify_cli.train import checkpoint as ckpt
+from sparsify_cli.train.metrics import MetricsSink
+from sparsify_cli.train.optim import build_optimizer, load_optimizer_tensors, lr_at, optimizer_tensors
+from sparsify_cli.train.progress import TrainProgress
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN/inf; the message names the step and, where found, the first bad layer."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    train_ce: float
+    heldout_ce: float
+    sparsity: dict[str, float]  # summarize() of the held-out pass
+    layers: list[dict[str, float]]  # per-layer held-out statistics
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name} but no CUDA GPU is visible to torch")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast on GPU (auto or bf16), plain fp32 elsewhere."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, console=None):
+        from sparsify_cli.data import BatchSampler, prepare_data
+
+        self.cfg, self.run_dir, self.console = cfg, Path(run_dir), console
+        self.device = resolve_device(cfg.train.device)
+        tc = cfg.train
+        resume_ckpt = self._checkpoint_to_resume() if resume else None
+        tokenizer_path = str(resume_ckpt / "tokenizer.json") if resume_ckpt else None
+        self.data = prepare_data(cfg.data, tokenizer_path=tokenizer_path, progress=self._say)
+        self._say(self.data.description)
+
+        torch.manual_seed(tc.seed)
+        model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or self.data.vocab_size)
+        if model_cfg.vocab_size < self.data.vocab_size:
+            raise UserError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {self.data.vocab_size}")
+        if tc.seq_len > model_cfg.max_seq_len:
+            raise UserError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+        self.model = SparseLlama(model_cfg).to(self.device)
+        self.model.activation_checkpointing = tc.activation_checkpointing
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.tracker = SparsityTracker(model_cfg.n_layers, model_cfg.d_ffn, cfg.sparsity.dead_window_tokens, self.device)
+        self.model.set_observer(self.tracker)
+        self.sampler = BatchSampler(self.data.train_tokens, tc.batch_size // tc.grad_accum, tc.seq_len, tc.seed)
+        self.reinit_gen = torch.Generator().manual_seed(tc.seed + 1)
+        self.step = 0
+        wandb_id = None
+        if resume_ckpt is not None:
+            wandb_id = self._restore(resume_ckpt)
+        elif (self.run_dir / ckpt.CHECKPOINT_SUBDIR).exists():
+            raise UserError(f"{self.run_dir} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._trim_metrics()
+        self.sink = MetricsSink(
+            self.run_dir, cfg.logger.jsonl, cfg.logger.wandb, cfg.run_name, self._run_config_dict(), wandb_id, warn=self._say
+        )
+
+    # ---- resume ------------------------------------------------------------------------------------------
+    def _checkpoint_to_resume(self) -> Path:
+        path = self.run_dir / ckpt.CHECKPOINT_SUBDIR
+        if not path.exists():
+            raise UserError(f"--resume: no checkpoint in {self.run_dir} to resume from")
+        return ckpt.resolve_checkpoint_dir(path)
+
+    def _restore(self, path: Path) -> str | None:
+        config = ckpt.read_config(path)
+        saved_model = config["model"]
+        current = dataclasses.asdict(self.model.cfg)
+        diffs = [k for k in current if saved_model.get(k) != current[k]]
+        if diffs:
+            k = diffs[0]
+            raise UserError(f"--resume: model.{k} is {current[k]!r} now but {saved_model.get(k)!r} in {path}; the model cannot change")
+        if config.get("data_fingerprint") != self.data.fingerprint:
+            raise UserError(f"--resume: the training data differs from the data {path} was trained on")
+        model, _ = ckpt.load_model(path, self.device)
+        self.model.load_state_dict(model.state_dict())
+        state, tensors = ckpt.load_trainer_state(path)
+        load_optimizer_tensors(self.optimizer, self.model, tensors)
+        self.tracker.load_state_dict({"tokens_seen": state["tokens_seen"], "last_fired": tensors["tracker/last_fired"]})
+        self.sampler.load_state_dict(state["sampler"])
+        self.reinit_gen.set_state(tensors["rng/reinit"])
+        torch.set_rng_state(tensors["rng/torch"])
+        if self.device.type == "cuda" and "rng/cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng/cuda"], self.device)
+        self.step = int(state["step"])
+        self._say(f"resumed from {path} at step {self.step}")
+        return state.get("wandb_id")
+
+    def _trim_metrics(self) -> None:
+        """Drop metric lines past the resumed step (written after the last checkpoint of an interrupted run)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= self.step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+    def _run_config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(dataclasses.replace(self.cfg, model=self.model.cfg))
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        tensors = optimizer_tensors(self.optimizer, self.model)
+        tensors["tracker/last_fired"] = self.tracker.last_fired
+        tensors["rng/reinit"] = self.reinit_gen.get_state()
+        tensors["rng/torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng/cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {
+            "step": self.step,
+            "tokens_seen": self.tracker.tokens_seen,
+            "sampler": self.sampler.state_dict(),
+            "wandb_id": self.sink.wandb_id,
+        }
+        extra = {"data_fingerprint": self.data.fingerprint, "data_description": self.data.description}
+        return ckpt.save_checkpoint(
+            self.run_dir,
+            self.model,
+            self._run_config_dict(),
+            self.data.tokenizer.to_str(),
+            state,
+            tensors,
+            extra_config=extra,
+        )
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text)
+
+    def train_step(self) -> dict[str, float]:
+        tc, sc = self.cfg.train, self.cfg.sparsity
+        lam = l1_coefficient(self.step, sc.l1_coeff, sc.l1_warmup_steps)
+        lr = lr_at(self.step, tc.max_steps, self.cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        ce_sum = torch.zeros((), device=self.device)
+        l1_sum = torch.zeros((), device=self.device)
+        for _ in range(tc.grad_accum):
+            x, y = (t.to(self.device, non_blocking=True) for t in self.sampler.next_batch())
+            self.tracker.begin_forward(want_l1=True)
+            with autocast_for(self.device, tc.precision):
+                logits = self.model(x)  # (B, T, V)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            l1 = self.tracker.end_forward()
+            loss = (ce + lam * l1) / tc.grad_accum
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(self._diverged_message(x, float(ce.detach()), float(l1.detach())))
+            loss.backward()
+            ce_sum += ce.detach()
+            l1_sum += l1.detach()
+        grad_norm = float("nan")
+        if self.cfg.optim.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        revived = self._maybe_reinit()
+        return {
+            "ce": float(ce_sum) / tc.grad_accum,
+            "l1": float(l1_sum) / tc.grad_accum,
+            "l1_coeff": lam,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "revived": revived,
+        }
+
+    def _maybe_reinit(self) -> int:
+        sc = self.cfg.sparsity
+        if not sc.reinit_dead or self.step % sc.reinit_every:
+            return 0
+        if sc.reinit_until and self.step > sc.reinit_until:
+            return 0
+        return reinit_dead_neurons(self.model, self.tracker, self.optimizer, self.reinit_gen)
+
+    @torch.no_grad()
+    def _diverged_message(self, x: torch.Tensor, ce: float, l1: float) -> str:
+        bad_layer = None
+
+        def find_bad(layer: int, h: torch.Tensor) -> None:
+            nonlocal bad_layer
+            if bad_layer is None and not torch.isfinite(h).all():
+                bad_layer = layer
+
+        self.model.set_observer(find_bad)
+        try:
+            with autocast_for(self.device, self.cfg.train.precision):
+                self.model(x)
+        finally:
+            self.model.set_observer(self.tracker)
+        where = f"first non-finite FFN activations in layer {bad_layer}" if bad_layer is not None else "FFN activations finite"
+        return (
+            f"loss became non-finite at step {self.step + 1} (CE={ce}, L1={l1}; {where}); "
+            f"try a lower optim.lr or sparsity.l1_coeff. The last checkpoint is unchanged"
+        )
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None = None) -> tuple[float, dict[str, float], list[dict[str, float]]]:
+        """Held-out CE and activation statistics over the first eval_batches windows of the held-out split."""
+        from sparsify_cli.data import eval_batches
+
+        tc = self.cfg.train
+        tracker = SparsityTracker(self.model.cfg.n_layers, self.model.cfg.d_ffn, 1, self.device)
+        self.model.set_observer(tracker)
+        self.model.eval()
+        total, count = 0.0, 0
+        try:
+            batches = eval_batches(self.data.heldout_tokens, tc.batch_size // tc.grad_accum, tc.seq_len, max_batches or tc.eval_batches)
+            for x, y in batches:
+                x, y = x.to(self.device), y.to(self.device)
+                tracker.begin_forward(want_l1=False)
+                with autocast_for(self.device, tc.precision):
+                    logits = self.model(x)
+                tracker.end_forward()
+                total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+                count += y.numel()
+        finally:
+            self.model.set_observer(self.tracker)
+        if count == 0:
+            raise UserError("the held-out split is too short for one evaluation window; lower train.seq_len")
+        tracker.window = tracker.tokens_seen  # "dead" here: silent on every held-out token evaluated
+        layers = tracker.layer_stats()
+        return total / count, summarize(layers), [dataclasses.asdict(s) for s in layers]
+
+    def run(self) -> TrainResult:
+        tc = self.cfg.train
+        progress = TrainProgress(tc.max_steps, self.step, self.console, enabled=self.cfg.logger.progress)
+        window_tokens, window_start, last_ce = 0, time.perf_counter(), math.nan
+        heldout_ce = math.nan
+        try:
+            with progress:
+                while self.step < tc.max_steps:
+                    metrics = self.train_step()
+                    last_ce = metrics["ce"]
+                    window_tokens += tc.batch_size * tc.seq_len
+                    if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                        elapsed = max(time.perf_counter() - window_start, 1e-9)
+                        metrics.update(summarize(self.tracker.layer_stats()))
+                        metrics["tokens_per_s"] = window_tokens / elapsed
+                        self.tracker.reset_window_stats()
+                        window_tokens, window_start = 0, time.perf_counter()
+                        if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
+                            metrics["heldout_ce"] = self.evaluate()[0]
+                        self.sink.log(self.step, metrics)
+                        progress.update(self.step, metrics)
+                    else:
+                        progress.advance(self.step)
+                    if tc.save_every and self.step % tc.save_every == 0 and self.step < tc.max_steps:
+                        self.save()
+        except KeyboardInterrupt:
+            # The state after the last completed optimizer step is consistent: keep it so --resume continues.
+            path = self.save()
+            self.sink.close()
+            raise UserError(f"interrupted at step {self.step}; checkpoint saved to {path}, continue with --resume") from None
+        heldout_ce, sparsity, layers = self.evaluate()
+        final = {"heldout_ce": heldout_ce, **{f"heldout_{k}": v for k, v in sparsity.items()}}
+        self.sink.log(self.step, final)
+        self.save()
+        self.sink.close()
+        return TrainResult(self.run_dir, self.step, last_ce, heldout_ce, sparsity, layers)
