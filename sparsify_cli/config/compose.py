@@ -122,7 +122,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
         if ov.is_sweep_override():
             axes.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
         else:
-            axes.append([f"{key}={ov.get_value_element_as_str()}"])
+            axes.append([ov.input_line])  # verbatim: a job's non-swept overrides equal the user's
     return [list(job) for job in itertools.product(*axes)]
 
 
