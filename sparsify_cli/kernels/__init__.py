@@ -1,0 +1,12 @@
+"""CUDA kernels (CuPy/NVRTC) for TwELL packing and sparse FFNs, their launchers, torch.library ops and
+pure-torch references. Importing this package needs neither a GPU nor CuPy (both are loaded lazily).
+
+Layers (flash-attention style): loader (the only RawModule site) -> launchers (checks, grids) -> ops
+(torch.library custom ops ``sparsify::*`` with fake impls) -> ffn (public entry points and the dense/sparse
+policy). reference.py holds the pure-torch semantics of every kernel.
+"""
+
+from sparsify_cli.kernels.availability import cuda_kernels_status, resolve_backend
+from sparsify_cli.kernels.ffn import DEFAULT_POLICY, SparsePolicy, dense_ffn, ffn_forward
+
+__all__ = ["cuda_kernels_status", "resolve_backend", "ffn_forward", "dense_ffn", "SparsePolicy", "DEFAULT_POLICY"]

@@ -1,0 +1,136 @@
+// Sparse FFN up/down projection reading TwELL, decode path (few tokens, M ~ 1..64): memory-latency bound.
+//
+// One block per token. The token's entries are gathered into a shared-memory list (an exclusive scan over the
+// tiles' counts gives each tile its offset, so the list order is deterministic), then
+//   1. up:   the block's warps share the entries: h_e = a_e * (x_m . U_j)      (gated; plain: h_e = a_e)
+//   2. down: each thread owns 16-byte column vectors of out_m and sums h_e * DownT_j over all entries, with all
+//            row loads independent so that many are in flight.
+// Only the active rows of U and DownT are read. Overflowed tiles (true count > K) are taken exactly from the
+// dense activation `act` (relu applied). Lists longer than CAP are processed in batches; partial sums live in
+// an fp32 shared-memory row of D floats.
+#include "common.cuh"
+
+#define DECODE_THREADS 512
+#define DECODE_CAP 1024
+
+template <bool GATED>
+__global__ void __launch_bounds__(DECODE_THREADS) twell_decode_kernel(
+    const unsigned short* __restrict__ x,       // (M, D)
+    const int* __restrict__ words,              // (M, NT, S)
+    const unsigned short* __restrict__ up,      // (H, D)
+    const unsigned short* __restrict__ down_t,  // (H, D)
+    const unsigned short* __restrict__ act,     // (M, H)
+    unsigned short* __restrict__ out,           // (M, D)
+    long long M, int D, int H, int NT, int S, int T) {
+    extern __shared__ int smem[];
+    int* offs = smem;                                        // NT + 1
+    int* ej = offs + NT + 1;                                 // DECODE_CAP
+    float* eh = reinterpret_cast<float*>(ej + DECODE_CAP);   // DECODE_CAP
+    float* accrow = eh + DECODE_CAP;                         // D
+
+    const long long m = blockIdx.x;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = DECODE_THREADS / 32;
+    const int K = S - 1;
+    const int* wrow = words + m * (long long)NT * S;
+    const unsigned short* arow = act + m * (long long)H;
+    const int nvec = D >> 3;
+
+    for (int t = tid; t < NT; t += DECODE_THREADS) offs[t] = __ldg(wrow + (long long)t * S);
+    for (int i = tid; i < D; i += DECODE_THREADS) accrow[i] = 0.f;
+    __syncthreads();
+    if (warp == 0) {  // exclusive scan of the true counts
+        int carry = 0;
+        for (int base = 0; base < NT; base += 32) {
+            const int v = base + lane < NT ? offs[base + lane] : 0;
+            int incl = v;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int y = __shfl_up_sync(SPARSIFY_FULL_MASK, incl, o);
+                if (lane >= o) incl += y;
+            }
+            if (base + lane < NT) offs[base + lane] = carry + incl - v;
+            carry += __shfl_sync(SPARSIFY_FULL_MASK, incl, 31);
+        }
+        if (lane == 0) offs[NT] = carry;
+    }
+    __syncthreads();
+    const int E = offs[NT];
+    const uint4* xg = reinterpret_cast<const uint4*>(x + m * D);
+
+    for (int base = 0; base < E; base += DECODE_CAP) {
+        const int lim = min(E, base + DECODE_CAP);
+        // gather this batch's entries
+        for (int t = warp; t < NT; t += nwarps) {
+            const int o = offs[t], n = offs[t + 1] - o;
+            if (o >= lim || o + n <= base) continue;
+            const int* tw = wrow + (long long)t * S;
+            if (n <= K) {
+                for (int i = lane; i < n; i += 32) {
+                    const int e = o + i;
+                    if (e >= base && e < lim) {
+                        const unsigned int w = (unsigned int)__ldg(tw + 1 + i);
+                        ej[e - base] = (int)(w >> 16);
+                        eh[e - base] = bf16_to_f((unsigned short)(w & 0xffffu));
+                    }
+                }
+            } else {
+                int r = 0;
+                const int c_end = min(H, (t + 1) * T);
+                for (int c = t * T; c < c_end; c += 32) {
+                    const int col = c + lane;
+                    const unsigned short b = col < c_end ? arow[col] : (unsigned short)0;
+                    const bool nz = relu_active(b);
+                    const unsigned int bal = __ballot_sync(SPARSIFY_FULL_MASK, nz);
+                    const int e = o + r + __popc(bal & ((1u << lane) - 1u));
+                    if (nz && e >= base && e < lim) {
+                        ej[e - base] = col;
+                        eh[e - base] = bf16_to_f(b);
+                    }
+                    r += __popc(bal);
+                }
+            }
+        }
+        __syncthreads();
+        const int nb = lim - base;
+        if (GATED) {
+            for (int e = warp; e < nb; e += nwarps) {
+                const uint4* ug = reinterpret_cast<const uint4*>(up + (long long)ej[e] * D);
+                float s = 0.f;
+                for (int vi = lane; vi < nvec; vi += 32) s = dot8(s, __ldg(xg + vi), __ldg(ug + vi));
+                s = warp_sum(s);
+                if (lane == 0) eh[e] *= s;
+            }
+            __syncthreads();
+        }
+        for (int vi = tid; vi < nvec; vi += DECODE_THREADS) {
+            float acc[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[i] = accrow[8 * vi + i];
+            int e = 0;
+            for (; e + 4 <= nb; e += 4) {
+                uint4 q[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) q[u] = __ldg(reinterpret_cast<const uint4*>(down_t + (long long)ej[e + u] * D) + vi);
+#pragma unroll
+                for (int u = 0; u < 4; ++u) axpy8(acc, eh[e + u], q[u]);
+            }
+            for (; e < nb; ++e) axpy8(acc, eh[e], __ldg(reinterpret_cast<const uint4*>(down_t + (long long)ej[e] * D) + vi));
+#pragma unroll
+            for (int i = 0; i < 8; ++i) accrow[8 * vi + i] = acc[i];
+        }
+        __syncthreads();
+    }
+    uint4* og = reinterpret_cast<uint4*>(out + m * D);
+    for (int vi = tid; vi < nvec; vi += DECODE_THREADS) {
+        const float* a8 = accrow + 8 * vi;
+        og[vi] = make_uint4(pack_bf16x2(a8[0], a8[1]), pack_bf16x2(a8[2], a8[3]), pack_bf16x2(a8[4], a8[5]),
+                            pack_bf16x2(a8[6], a8[7]));
+    }
+}
+
+template __global__ void twell_decode_kernel<true>(const unsigned short*, const int*, const unsigned short*,
+                                                   const unsigned short*, const unsigned short*, unsigned short*,
+                                                   long long, int, int, int, int, int);
+template __global__ void twell_decode_kernel<false>(const unsigned short*, const int*, const unsigned short*,
+                                                    const unsigned short*, const unsigned short*, unsigned short*,
+                                                    long long, int, int, int, int, int);

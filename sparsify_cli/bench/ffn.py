@@ -1,0 +1,215 @@
+"""FFN block benchmark: dense (3 cuBLAS GEMMs, bf16) vs the TwELL sparse path, same process, same inputs.
+
+    python -m sparsify_cli.bench.ffn --out bench_results/ffn_h100.json [--quick]
+
+Prefill rows: D=2048, H=5632, M in {16384, 65536}, nnz/token in {29, 56, 112} (PERFORMANCE.md's input
+recipe, sparsify_cli.bench.synthetic). Decode rows: M in {1, 8, 64} at 99.5% sparsity, timed as CUDA-graph
+replays over 4 independent layers' weights (so weights are not L2-resident across repetitions, as in a model).
+Timing: CUDA events, warm-up, median of >= 20 repetitions. Error: ‖out − ref32‖/‖ref32‖ on the first rows,
+ref32 = the block in fp32 from the same bf16 inputs; torch-bf16's own error is reported beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sparsify_cli.bench.synthetic import make_ffn_inputs
+
+D_MODEL, HIDDEN = 2048, 5632
+PREFILL_M = (16384, 65536)
+PREFILL_NNZ = (29, 56, 112)
+DECODE_M = (1, 8, 64)
+DECODE_SPARSITY = 0.995
+TILE, SLOTS = 256, 32
+
+
+def cuda_time(fn, reps: int = 30, warmup: int = 5) -> float:
+    """Median milliseconds of fn() over ``reps`` runs, CUDA events, after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def dense_block(x, gate, up, down):
+    return F.linear(torch.relu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def _rel(a, ref):
+    return ((a.float() - ref).norm() / ref.norm()).item()
+
+
+def environment() -> dict:
+    env = {
+        "gpu": torch.cuda.get_device_name(),
+        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        import cupy
+
+        env["cupy"] = cupy.__version__
+        env["nvrtc"] = ".".join(map(str, cupy.cuda.nvrtc.getVersion()))
+    except Exception as exc:  # pragma: no cover
+        env["cupy"] = f"unavailable: {exc}"
+    return env
+
+
+def prefill_row(m: int, nnz: float, reps: int, err_rows: int = 4096) -> dict:
+    from sparsify_cli.kernels import launchers, ops
+    from sparsify_cli.kernels.ffn import ffn_forward
+
+    inp = make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=int(nnz) + m)
+    x, gate, up, down = inp.x, inp.gate, inp.up, inp.down
+    down_t = down.T.contiguous()
+    act = x @ gate.T
+    words = ops.twell_pack(act, TILE, SLOTS)
+    counts = words[:, :, 0]
+    per_tok = counts.sum(1).float()
+    row = {
+        "kind": "prefill", "M": m, "D": D_MODEL, "H": HIDDEN, "nnz_target": nnz,
+        "nnz_mean": per_tok.mean().item(), "nnz_max": int(per_tok.max().item()),
+        "max_per_tile": int(counts.max().item()), "overflow_tiles": int((counts > SLOTS - 1).sum().item()),
+        "tile": TILE, "slots": SLOTS,
+    }
+    out = torch.empty_like(x)
+
+    def sparse():
+        a = x @ gate.T
+        w = ops.twell_pack(a, TILE, SLOTS)
+        return ops.twell_ffn(x, w, up, down_t, a, TILE)
+
+    row["dense_ms"] = cuda_time(lambda: dense_block(x, gate, up, down), reps)
+    row["gate_gemm_ms"] = cuda_time(lambda: x @ gate.T, reps)
+    row["pack_ms"] = cuda_time(lambda: launchers.launch_twell_pack(act, words, TILE, SLOTS), reps)
+    for name, xreg in (("ffn_kernel_ms", None), ("ffn_kernel_xmem_ms", False)):
+        row[name] = cuda_time(lambda: launchers.launch_twell_ffn(x, words, up, down_t, act, out, TILE, xreg=xreg),
+                              reps)
+    row["sparse_ms"] = cuda_time(sparse, reps)
+    row["auto_ms"] = cuda_time(lambda: ffn_forward(x, gate, up, down_t, mode="auto", kernels="cuda"), reps)
+    row["speedup"] = row["dense_ms"] / row["sparse_ms"]
+    row["speedup_auto"] = row["dense_ms"] / row["auto_ms"]
+    r = slice(0, min(m, err_rows))
+    ref32 = dense_block(x[r].float(), gate.float(), up.float(), down.float())
+    row["rel_err_sparse"] = _rel(sparse()[r], ref32)
+    row["rel_err_torch_bf16"] = _rel(dense_block(x[r], gate, up, down), ref32)
+    del inp, x, act, words, out
+    torch.cuda.empty_cache()
+    return row
+
+
+def decode_row(m: int, reps: int, layers: int = 4) -> dict:
+    from sparsify_cli.kernels import ops
+
+    nnz = (1 - DECODE_SPARSITY) * HIDDEN
+    sets = [make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=100 + i) for i in range(layers)]
+    downs_t = [s.down.T.contiguous() for s in sets]
+    x = sets[0].x
+
+    def dense_all():
+        for s in sets:
+            dense_block(x, s.gate, s.up, s.down)
+
+    def sparse_one(s, dt):
+        a = x @ s.gate.T
+        return ops.twell_ffn(x, ops.twell_pack(a, TILE, SLOTS), s.up, dt, a, TILE)
+
+    def sparse_all():
+        for s, dt in zip(sets, downs_t):
+            sparse_one(s, dt)
+
+    def graphed(fn):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return g.replay
+
+    counts = ops.twell_pack(x @ sets[0].gate.T, TILE, SLOTS)[:, :, 0]
+    row = {"kind": "decode", "M": m, "D": D_MODEL, "H": HIDDEN, "sparsity": DECODE_SPARSITY,
+           "nnz_target": nnz, "nnz_mean": counts.sum(1).float().mean().item(),
+           "nnz_max": int(counts.sum(1).max().item()), "max_per_tile": int(counts.max().item()),
+           "layers_per_replay": layers}
+    row["dense_ms"] = cuda_time(graphed(dense_all), reps) / layers
+    row["sparse_ms"] = cuda_time(graphed(sparse_all), reps) / layers
+    row["gate_gemm_ms"] = cuda_time(graphed(lambda: [x @ s.gate.T for s in sets]), reps) / layers
+    row["speedup"] = row["dense_ms"] / row["sparse_ms"]
+    s0 = sets[0]
+    ref32 = dense_block(x.float(), s0.gate.float(), s0.up.float(), s0.down.float())
+    row["rel_err_sparse"] = _rel(sparse_one(s0, downs_t[0]), ref32)
+    row["rel_err_torch_bf16"] = _rel(dense_block(x, s0.gate, s0.up, s0.down), ref32)
+    return row
+
+
+def run(quick: bool = False, reps: int = 30) -> dict:
+    ms = (4096,) if quick else PREFILL_M
+    rows = []
+    for m in ms:
+        for nnz in PREFILL_NNZ:
+            rows.append(prefill_row(m, nnz, reps))
+            print(json.dumps(rows[-1]), flush=True)
+    for m in DECODE_M:
+        rows.append(decode_row(m, reps))
+        print(json.dumps(rows[-1]), flush=True)
+    return {"environment": environment(), "timing": f"CUDA events, 5 warm-up, median of {reps}", "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    lines = ["| kind | M | nnz mean/max | max/tile | dense ms | sparse ms | speed-up | gate ms | pack ms | "
+             "ffn kernel ms | auto ms | rel err sparse / torch-bf16 |", "|" + "---|" * 12]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['kind']} | {r['M']} | {r['nnz_mean']:.1f} / {r['nnz_max']} | {r['max_per_tile']} | "
+            f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}× | {r.get('gate_gemm_ms', 0):.3f} | "
+            f"{r.get('pack_ms', float('nan')):.3f} | {r.get('ffn_kernel_ms', float('nan')):.3f} | "
+            f"{r.get('auto_ms', float('nan')):.3f} | {r['rel_err_sparse']:.2e} / {r['rel_err_torch_bf16']:.2e} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    p.add_argument("--quick", action="store_true", help="one small prefill size (smoke test)")
+    p.add_argument("--reps", type=int, default=30)
+    args = p.parse_args(argv)
+    from sparsify_cli.kernels.availability import cuda_kernels_status
+
+    ok, why = cuda_kernels_status()
+    if not ok:
+        print(f"bench needs the CUDA kernels: {why}", file=sys.stderr)
+        return 2
+    result = run(args.quick, args.reps)
+    result["environment"]["bench"] = "sparsify_cli.bench.ffn"
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

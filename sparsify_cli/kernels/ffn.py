@@ -1,0 +1,87 @@
+"""Public sparse-FFN entry points (the layer the model and the benchmarks call).
+
+    out = ffn_forward(x, w_act, up, down_t)   # x (M, D) bf16 -> (M, D) bf16
+      gated: out = (relu(x·w_actᵀ) ⊙ (x·upᵀ))·down_t        (w_act = gate weight (H, D), up (H, D))
+      plain: out = relu(x·w_actᵀ)·down_t                       (w_act = up weight, up=None)
+      down_t = Downᵀ (H, D), laid out once, offline.
+
+The dense activation GEMM always runs through cuBLAS (torch); then either the sparse path (TwELL pack +
+sparse up/down kernels) or the dense path (two more cuBLAS GEMMs) finishes the block, chosen per call by
+``choose_sparse`` from the measured density (see BENCHMARKS.md for the rule's numbers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsify_cli.kernels import availability
+
+DEFAULT_TILE = 256
+DEFAULT_SLOTS = 32  # compression factor C = 8 at T = 256
+
+
+@dataclass(frozen=True)
+class SparsePolicy:
+    """When the sparse path beats dense (measured on an H100, bench_results/; BENCHMARKS.md explains).
+
+    Sparse is chosen when the mean active neurons per token, as a fraction of H, is at most ``max_density``
+    for prefill (M > decode_max_m) or ``decode_max_density`` for decode.
+    """
+
+    max_density: float = 0.012
+    decode_max_density: float = 0.05
+    decode_max_m: int = 64
+    sample_rows: int = 256
+
+    def choose_sparse(self, m: int, nnz_mean: float, hidden: int) -> bool:
+        density = nnz_mean / max(hidden, 1)
+        limit = self.decode_max_density if m <= self.decode_max_m else self.max_density
+        return density <= limit
+
+
+DEFAULT_POLICY = SparsePolicy()
+
+
+def estimate_nnz(act: torch.Tensor, sample_rows: int = 256) -> float:
+    """Mean active (relu > 0) neurons per token from up to ``sample_rows`` evenly spaced rows (one host sync)."""
+    m = act.shape[0]
+    step = max(1, m // sample_rows)
+    sample = act[::step][:sample_rows]
+    return float((sample > 0).sum(dtype=torch.int64).item()) / max(sample.shape[0], 1)
+
+
+def dense_ffn(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor,
+              act: torch.Tensor | None = None) -> torch.Tensor:
+    """The plain torch path (cuBLAS on GPU, also the CPU path); reuses ``act`` = x·w_actᵀ when given."""
+    if act is None:
+        act = x @ w_act.T
+    h = torch.relu(act)
+    if up is not None:
+        h = h * (x @ up.T)
+    return h @ down_t
+
+
+def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor, *,
+                kernels: str = "auto", mode: str = "auto", tile: int = DEFAULT_TILE, slots: int = DEFAULT_SLOTS,
+                policy: SparsePolicy = DEFAULT_POLICY, nnz_hint: float | None = None) -> torch.Tensor:
+    """FFN block forward. kernels: auto|cuda|torch (backend); mode: auto|sparse|dense (path on the CUDA backend).
+
+    ``nnz_hint``: mean active neurons per token if known (e.g. calibrated per layer); otherwise estimated from
+    a sample of the activation rows when mode is auto.
+    """
+    backend = availability.resolve_backend(kernels)
+    if backend == "torch" or x.device.type != "cuda" or mode == "dense":
+        return dense_ffn(x, w_act, up, down_t)
+    if mode not in ("auto", "sparse"):
+        raise ValueError(f"mode must be auto, sparse or dense, got {mode!r}")
+    from sparsify_cli.kernels import ops
+
+    act = x @ w_act.T  # (M, H) cuBLAS
+    if mode == "auto":
+        nnz = nnz_hint if nnz_hint is not None else estimate_nnz(act, policy.sample_rows)
+        if not policy.choose_sparse(x.shape[0], nnz, w_act.shape[0]):
+            return dense_ffn(x, w_act, up, down_t, act=act)
+    words = ops.twell_pack(act, tile, slots)
+    return ops.twell_ffn(x, words, up, down_t, act, tile)

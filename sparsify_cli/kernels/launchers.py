@@ -1,0 +1,159 @@
+"""Launchers: check shapes/dtypes/layout (clear ValueError), pick the kernel instance, compute the grid, launch.
+
+These write into caller-provided outputs and never allocate; the torch.library ops in ops.py allocate.
+All launches go to torch's current stream (loader.launch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+PACK_WARPS = 8  # warps (= (token, tile) pairs) per block
+FFN_WARPS = 8  # warps (= tokens) per block, prefill kernel
+FFN_XREG_MAX_D = 2048  # x held in registers when the whole row fits one chunk
+DECODE_MAX_M = 64  # at or below this many tokens the decode kernel runs
+DECODE_THREADS = 512  # must match kernels_cu/twell_decode.cu
+DECODE_CAP = 1024  # must match kernels_cu/twell_decode.cu
+MAX_HIDDEN = 65536  # column index is 16 bits
+
+
+def n_tiles(hidden: int, tile: int) -> int:
+    return (hidden + tile - 1) // tile
+
+
+def check_tile(tile: int, slots: int) -> None:
+    if not (32 <= tile <= 1024 and tile % 32 == 0):
+        raise ValueError(f"tile must be a multiple of 32 in [32, 1024], got {tile}")
+    if not (2 <= slots <= tile):
+        raise ValueError(f"slots must be in [2, tile={tile}] (count + at least one entry), got {slots}")
+
+
+def _check(t: torch.Tensor | None, name: str, dtype: torch.dtype, shape: tuple[int, ...], device) -> None:
+    if t is None:
+        raise ValueError(f"{name} is required")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (row-major)")
+
+
+def check_pack_args(act: torch.Tensor, words: torch.Tensor, tile: int, slots: int) -> None:
+    check_tile(tile, slots)
+    if act.dim() != 2:
+        raise ValueError(f"act must be 2-D (M, H), got shape {tuple(act.shape)}")
+    m, h = act.shape
+    if h > MAX_HIDDEN:
+        raise ValueError(f"H={h} exceeds {MAX_HIDDEN}: TwELL column indices are 16-bit")
+    _check(act, "act", torch.bfloat16, (m, h), act.device)
+    _check(words, "words", torch.int32, (m, n_tiles(h, tile), slots), act.device)
+    if act.device.type != "cuda":
+        raise ValueError(f"act must be a CUDA tensor, got {act.device}")
+
+
+def check_ffn_args(x, words, up, down_t, act, out, tile: int) -> tuple[int, int, int, int, int]:
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (M, D), got shape {tuple(x.shape)}")
+    m, d = x.shape
+    if d % 64 != 0 or d == 0:
+        raise ValueError(f"D={d} must be a positive multiple of 64")
+    if down_t.dim() != 2:
+        raise ValueError(f"down_t must be 2-D (H, D), got shape {tuple(down_t.shape)}")
+    h = down_t.shape[0]
+    if h > MAX_HIDDEN:
+        raise ValueError(f"H={h} exceeds {MAX_HIDDEN}: TwELL column indices are 16-bit")
+    if words.dim() != 3:
+        raise ValueError(f"words must be 3-D (M, n_tiles, slots), got shape {tuple(words.shape)}")
+    nt, s = n_tiles(h, tile), words.shape[2]
+    check_tile(tile, s)
+    dev = x.device
+    if dev.type != "cuda":
+        raise ValueError(f"x must be a CUDA tensor, got {dev}")
+    _check(x, "x", torch.bfloat16, (m, d), dev)
+    _check(words, "words", torch.int32, (m, nt, s), dev)
+    if up is not None:
+        _check(up, "up", torch.bfloat16, (h, d), dev)
+    _check(down_t, "down_t", torch.bfloat16, (h, d), dev)
+    _check(act, "act", torch.bfloat16, (m, h), dev)
+    _check(out, "out", torch.bfloat16, (m, d), dev)
+    for name, t in (("x", x), ("up", up), ("down_t", down_t), ("out", out)):
+        if t is not None and t.data_ptr() % 16 != 0:
+            raise ValueError(f"{name} must be 16-byte aligned (data_ptr % 16 == 0)")
+    return m, d, h, nt, s
+
+
+def _i32(v: int):
+    import numpy as np
+
+    return np.int32(v)
+
+
+def _i64(v: int):
+    import numpy as np
+
+    return np.int64(v)
+
+
+def launch_twell_pack(act: torch.Tensor, words: torch.Tensor, tile: int, slots: int) -> None:
+    """relu + TwELL pack: act (M, H) bf16 -> words (M, ceil(H/tile), slots) int32 (written fully)."""
+    from sparsify_cli.kernels import loader
+
+    check_pack_args(act, words, tile, slots)
+    m, h = act.shape
+    nt = n_tiles(h, tile)
+    if m == 0:
+        return
+    epl = tile // 32
+    vec_ok = int(h % 8 == 0 and act.data_ptr() % 16 == 0)
+    fn = loader.get_function("twell_pack.cu", f"twell_pack_kernel<{epl}>")
+    pairs = m * nt
+    grid = ((pairs + PACK_WARPS - 1) // PACK_WARPS,)
+    args = (act.data_ptr(), words.data_ptr(), _i64(m), _i32(h), _i32(nt), _i32(slots), _i32(vec_ok))
+    loader.launch(fn, grid, (32 * PACK_WARPS,), args)
+
+
+def ffn_instance(d: int, gated: bool, xreg: bool | None = None) -> tuple[str, int, int]:
+    """(kernel expression, chunk width, number of chunks) of the prefill kernel for this D."""
+    if xreg is None:
+        xreg = d <= FFN_XREG_MAX_D
+    nv = (d + 255) // 256 if xreg else 8
+    if xreg and nv > 8:
+        raise ValueError(f"x in registers needs D <= {FFN_XREG_MAX_D}, got D={d}")
+    g = "true" if gated else "false"
+    xr = "true" if xreg else "false"
+    dc = 256 * nv
+    return f"twell_ffn_kernel<{nv}, {g}, {xr}>", dc, (d + dc - 1) // dc
+
+
+def launch_twell_ffn(x, words, up, down_t, act, out, tile: int, *, path: str = "auto",
+                     xreg: bool | None = None) -> None:
+    """out = sparse FFN up/down from TwELL words (gated when ``up`` is given). path: auto | prefill | decode."""
+    from sparsify_cli.kernels import loader
+
+    m, d, h, nt, s = check_ffn_args(x, words, up, down_t, act, out, tile)
+    if m == 0:
+        return
+    gated = up is not None
+    if path == "auto":
+        path = "decode" if m <= DECODE_MAX_M else "prefill"
+    up_ptr = up.data_ptr() if gated else 0
+    tail = (_i64(m), _i32(d), _i32(h), _i32(nt), _i32(s), _i32(tile))
+    ptrs = (x.data_ptr(), words.data_ptr(), up_ptr, down_t.data_ptr(), act.data_ptr(), out.data_ptr())
+    if path == "decode":
+        fn = loader.get_function("twell_decode.cu", f"twell_decode_kernel<{'true' if gated else 'false'}>")
+        smem = (nt + 1 + 2 * DECODE_CAP) * 4 + d * 4
+        if smem > 48 * 1024:
+            if smem > 227 * 1024:
+                raise ValueError(f"decode path: D={d}, H={h} need {smem} bytes of shared memory (> 227 KB)")
+            fn.max_dynamic_shared_size_bytes = smem
+        loader.launch(fn, (m,), (DECODE_THREADS,), ptrs + tail, shared_mem=smem)
+    elif path == "prefill":
+        expr, _, chunks = ffn_instance(d, gated, xreg)
+        fn = loader.get_function("twell_ffn.cu", expr)
+        grid = ((m + FFN_WARPS - 1) // FFN_WARPS, chunks)
+        loader.launch(fn, grid, (32 * FFN_WARPS,), ptrs + tail)
+    else:
+        raise ValueError(f"path must be auto, prefill or decode, got {path!r}")

@@ -1,0 +1,106 @@
+"""The only cupy.RawModule site: compile kernels_cu/*.cu with NVRTC (-std=c++17, CuPy adds -arch=sm_XY of
+the device), cache, launch on torch's current stream.
+
+CuPy is imported lazily (CPU machines do not have it). Modules are cached in-process by (file, arch,
+template instances) and on disk by CuPy's own kernel cache. Launches pass raw ``tensor.data_ptr()`` integers
+and a cached ``cupy.cuda.ExternalStream`` of torch's current stream as ``stream=``: ~13 µs host cost per
+launch instead of ~55 µs with dlpack conversion and stream contexts (PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+from pathlib import Path
+
+from sparsify_cli.resources import resource_dir
+
+_INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+_lock = threading.Lock()
+_modules: dict[tuple, object] = {}
+_streams: dict[tuple[int, int], object] = {}
+
+
+def kernel_dir() -> Path:
+    return resource_dir("kernels_cu")
+
+
+def read_source(name: str) -> str:
+    """The .cu source with local ``#include "x.cuh"`` lines expanded (so CuPy's cache key sees the headers)."""
+    root = kernel_dir()
+
+    def expand(text: str, seen: frozenset[str]) -> str:
+        def repl(mt: re.Match) -> str:
+            inc = mt.group(1)
+            if inc in seen:
+                return ""
+            return expand((root / inc).read_text(), seen | {inc})
+
+        return _INCLUDE_RE.sub(repl, text)
+
+    return expand((root / name).read_text(), frozenset())
+
+
+def device_arch(device_index: int | None = None) -> str:
+    """The device's target, sm_XY. (Part of the in-process cache key.)
+
+    CuPy appends ``-arch=sm_XY`` for the current device to the NVRTC options itself (cupy.cuda.compiler), so
+    no architecture option is passed here: a second one would conflict. None of the current kernels uses
+    Hopper-only (sm_90a) instructions; one that does must be compiled through a path that sets sm_90a alone.
+    """
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return f"sm_{major}{minor}"
+
+
+def get_module(name: str, name_expressions: tuple[str, ...], arch: str | None = None):
+    """Compile (once per process; CuPy caches on disk) ``kernels_cu/<name>`` with the given template instances."""
+    import cupy
+
+    if arch is None:
+        arch = device_arch()
+    key = (name, arch, name_expressions)
+    mod = _modules.get(key)
+    if mod is None:
+        with _lock:
+            mod = _modules.get(key)
+            if mod is None:
+                mod = cupy.RawModule(
+                    code=read_source(name),
+                    options=("-std=c++17",),
+                    name_expressions=name_expressions,
+                )
+                mod.compile()
+                _modules[key] = mod
+    return mod
+
+
+@functools.lru_cache(maxsize=None)
+def _function(name: str, expr: str, arch: str):
+    return get_module(name, (expr,), arch).get_function(expr)
+
+
+def get_function(name: str, expr: str):
+    """The kernel ``expr`` (e.g. ``twell_pack_kernel<8>``) from ``kernels_cu/<name>``."""
+    return _function(name, expr, device_arch())
+
+
+def current_stream():
+    """A cached cupy ExternalStream wrapping torch's current CUDA stream."""
+    import cupy
+    import torch
+
+    s = torch.cuda.current_stream()
+    key = (s.device.index if s.device.index is not None else 0, s.cuda_stream)
+    ext = _streams.get(key)
+    if ext is None:
+        ext = cupy.cuda.ExternalStream(s.cuda_stream, key[0])
+        _streams[key] = ext
+    return ext
+
+
+def launch(fn, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int = 0) -> None:
+    """Launch on torch's current stream. ``args`` holds ints (pointers via data_ptr()) already typed by caller."""
+    fn(grid, block, args, shared_mem=shared_mem, stream=current_stream())

@@ -1,0 +1,44 @@
+"""torch.library ops (namespace "sparsify") over the CUDA launchers, with fake impls for torch.compile.
+
+- sparsify::twell_pack(act, tile, slots) -> words        relu + TwELL pack (docs/TWELL_SPEC_DRAFT.md)
+- sparsify::twell_ffn(x, words, up, down_t, act, tile) -> out
+      gated (up given): out = (a ⊙ (x·Uᵀ))·DownT; plain (up None): out = a·DownT, a = the words' activation;
+      overflowed tiles are read from relu(act) exactly. M <= 64 runs the decode kernel.
+Inference only: no autograd formula is registered (backward through these ops raises).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from sparsify_cli.kernels import launchers
+
+
+@torch.library.custom_op("sparsify::twell_pack", mutates_args=())
+def twell_pack(act: torch.Tensor, tile: int, slots: int) -> torch.Tensor:
+    m, h = act.shape
+    words = torch.empty(m, launchers.n_tiles(h, tile), slots, dtype=torch.int32, device=act.device)
+    launchers.launch_twell_pack(act, words, tile, slots)
+    return words
+
+
+@twell_pack.register_fake
+def _(act: torch.Tensor, tile: int, slots: int) -> torch.Tensor:
+    launchers.check_tile(tile, slots)
+    m, h = act.shape
+    return act.new_empty((m, launchers.n_tiles(h, tile), slots), dtype=torch.int32)
+
+
+@torch.library.custom_op("sparsify::twell_ffn", mutates_args=())
+def twell_ffn(x: torch.Tensor, words: torch.Tensor, up: Optional[torch.Tensor], down_t: torch.Tensor,
+              act: torch.Tensor, tile: int) -> torch.Tensor:
+    out = torch.empty_like(x)
+    launchers.launch_twell_ffn(x, words, up, down_t, act, out, tile)
+    return out
+
+
+@twell_ffn.register_fake
+def _(x, words, up, down_t, act, tile):
+    return torch.empty_like(x)

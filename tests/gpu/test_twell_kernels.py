@@ -1,0 +1,162 @@
+"""CUDA kernels vs the pure-torch references on fresh random inputs (pack bit-exact; FFN in the bf16 band).
+
+Error band for the FFN: ‖kernel − ref32‖/‖ref32‖ ≤ 2 × ‖torch_bf16 − ref32‖/‖ref32‖ (+1e-4 slack), where
+ref32 is the same sparse function evaluated in fp32 (dense torch, float32) and torch_bf16 is plain torch
+computing the block in bf16 from the same bf16 inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsify_cli.bench.synthetic import make_ffn_inputs
+from sparsify_cli.kernels import launchers, ops, reference
+
+DEV = "cuda"
+SHAPES = [  # (M, D, H)
+    (1, 2048, 5632),
+    (37, 256, 1000),  # ragged H, decode path
+    (300, 512, 1536),  # M not a multiple of anything, prefill path
+    (1029, 2048, 5632),
+    (64, 64, 96),  # tiny D, ragged single tile
+    (200, 2560, 700),  # D > 2048: chunked prefill kernel, x from memory
+]
+
+
+def _act(m, h, density, gen):
+    """A bf16 activation (pre-relu) with about ``density`` of its entries positive (skewed per column)."""
+    rates = torch.rand(h, generator=gen, device=DEV) ** 3
+    rates = rates / rates.mean() * density
+    u = torch.rand(m, h, generator=gen, device=DEV)
+    vals = torch.randn(m, h, generator=gen, device=DEV).abs() + 0.01
+    return torch.where(u < rates, vals, -vals).to(torch.bfloat16)
+
+
+def _poison(t):
+    if t.dtype.is_floating_point:
+        t.fill_(float("nan"))
+    else:
+        t.fill_(-123456789)
+    return t
+
+
+@pytest.mark.parametrize("m,h", [(1, 5632), (37, 1000), (513, 5632), (5, 33)])
+@pytest.mark.parametrize("tile,slots", [(256, 32), (256, 16), (128, 8), (96, 12), (1024, 64), (32, 2)])
+@pytest.mark.parametrize("density", [0.1, 0.01, 0.001])
+def test_pack_bit_exact(m, h, tile, slots, density):
+    gen = torch.Generator(device=DEV).manual_seed(m * 7 + h + tile + slots)
+    act = _act(m, h, density, gen)
+    act[0, : min(h, 3)] = float("nan")  # NaN counts as non-zero
+    act[-1, -1] = -0.0
+    words = _poison(torch.empty(m, launchers.n_tiles(h, tile), slots, dtype=torch.int32, device=DEV))
+    launchers.launch_twell_pack(act, words, tile, slots)
+    ref = reference.twell_pack_ref(act, tile, slots)
+    assert torch.equal(words, ref)
+
+
+def test_pack_overflow_counts_true():
+    act = torch.ones(3, 512, dtype=torch.bfloat16, device=DEV)
+    words = ops.twell_pack(act, 256, 32)
+    assert words[:, :, 0].eq(256).all()
+    assert torch.equal(words, reference.twell_pack_ref(act, 256, 32))
+
+
+def _ffn_case(m, d, h, density, gated, path, slots=32, tile=256, seed=0):
+    nnz = max(density * h, 0.5)
+    inp = make_ffn_inputs(m, d, h, min(nnz, 0.3 * h), device=DEV, seed=seed)
+    down_t = inp.down.T.contiguous()
+    up = inp.up if gated else None
+    act = inp.x @ inp.gate.T
+    words = ops.twell_pack(act, tile, slots)
+    out = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
+    launchers.launch_twell_ffn(inp.x, words, up, down_t, act, out, tile, path=path)
+    torch.cuda.synchronize()
+    # fp32 reference of the same function (same bf16 activation) and torch's own bf16 error
+    a32 = reference.twell_unpack_ref(words, act, tile)
+    ref32 = (a32 * (inp.x.float() @ inp.up.float().T) if gated else a32) @ down_t.float()
+    a16 = torch.relu(act)
+    t16 = ((a16 * (inp.x @ inp.up.T)) if gated else a16) @ down_t
+    return out, ref32, t16, words
+
+
+def _rel(a, b):
+    return ((a.float() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("m,d,h", SHAPES)
+@pytest.mark.parametrize("density", [0.1, 0.02, 0.005, 0.001])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("path", ["auto", "prefill", "decode"])
+def test_ffn_matches_reference(m, d, h, density, gated, path):
+    out, ref32, t16, words = _ffn_case(m, d, h, density, gated, path, seed=m + d + h)
+    assert not torch.isnan(out).any(), "unwritten (poisoned) output elements"
+    err, terr = _rel(out, ref32), _rel(t16, ref32)
+    assert err <= 2 * terr + 1e-4, f"kernel rel err {err:.2e} vs torch bf16 {terr:.2e}"
+
+
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+@pytest.mark.parametrize("gated", [True, False])
+def test_ffn_overflow_exact(path, gated):
+    """Tiles with more entries than slots (K=3 at slots=4) are computed from the dense activation, exactly."""
+    m, d, h = (50, 512, 1100) if path == "decode" else (333, 512, 1100)
+    out, ref32, t16, words = _ffn_case(m, d, h, 0.05, gated, path, slots=4, seed=11)
+    assert (words[:, :, 0] > 3).float().mean() > 0.2, "test must overflow many tiles"
+    assert not torch.isnan(out).any()
+    # against the full dense fp32 FFN (not the words' view): overflow must not drop anything
+    err, terr = _rel(out, ref32), _rel(t16, ref32)
+    assert err <= 2 * terr + 1e-4, f"kernel rel err {err:.2e} vs torch bf16 {terr:.2e}"
+
+
+def test_ffn_forward_end_to_end_and_policy():
+    from sparsify_cli.kernels import ffn
+
+    inp = make_ffn_inputs(700, 1024, 2816, 20, device=DEV, seed=3)
+    down_t = inp.down.T.contiguous()
+    ref = reference.dense_ffn_ref(inp.x, inp.gate, inp.up, down_t)
+    dense = ffn.ffn_forward(inp.x, inp.gate, inp.up, down_t, mode="dense")
+    sparse = ffn.ffn_forward(inp.x, inp.gate, inp.up, down_t, mode="sparse", kernels="cuda")
+    auto = ffn.ffn_forward(inp.x, inp.gate, inp.up, down_t, mode="auto", kernels="cuda")
+    terr = _rel(dense, ref)
+    assert _rel(sparse, ref) <= 2 * terr + 1e-4
+    assert _rel(auto, ref) <= 2 * terr + 1e-4
+
+
+def test_ops_on_side_stream_and_graph():
+    inp = make_ffn_inputs(100, 512, 1024, 10, device=DEV, seed=5)
+    down_t = inp.down.T.contiguous()
+    act = inp.x @ inp.gate.T
+    want = ops.twell_ffn(inp.x, ops.twell_pack(act, 256, 32), inp.up, down_t, act, 256)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got = ops.twell_ffn(inp.x, ops.twell_pack(act, 256, 32), inp.up, down_t, act, 256)
+    torch.cuda.current_stream().wait_stream(s)
+    assert torch.equal(got, want)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        gout = ops.twell_ffn(inp.x, ops.twell_pack(act, 256, 32), inp.up, down_t, act, 256)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(gout, want)
+
+
+def test_compile_fullgraph():
+    inp = make_ffn_inputs(80, 256, 512, 8, device=DEV, seed=9)
+    down_t = inp.down.T.contiguous()
+
+    def f(x, g, u, dt):
+        act = x @ g.T
+        return torch.ops.sparsify.twell_ffn(x, torch.ops.sparsify.twell_pack(act, 256, 32), u, dt, act, 256)
+
+    want = f(inp.x, inp.gate, inp.up, down_t)
+    got = torch.compile(f, fullgraph=True)(inp.x, inp.gate, inp.up, down_t)
+    assert torch.equal(got, want)
+
+
+def test_launcher_rejects_bad_shapes_on_gpu():
+    x = torch.zeros(4, 100, dtype=torch.bfloat16, device=DEV)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        launchers.launch_twell_ffn(x, torch.zeros(4, 1, 32, dtype=torch.int32, device=DEV), None,
+                                   torch.zeros(8, 100, dtype=torch.bfloat16, device=DEV),
+                                   torch.zeros(4, 8, dtype=torch.bfloat16, device=DEV), torch.empty_like(x), 256)

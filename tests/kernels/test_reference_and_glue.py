@@ -1,0 +1,143 @@
+"""CPU tests: the pure-torch references, the launchers' shape checks, the backend fallback and the policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsify_cli.kernels import availability, ffn, launchers, reference
+
+
+def _naive_pack(act, tile, slots):
+    m, h = act.shape
+    nt = (h + tile - 1) // tile
+    words = torch.zeros(m, nt, slots, dtype=torch.int64)
+    bits = act.view(torch.int16).to(torch.int64) & 0xFFFF
+    for i in range(m):
+        for t in range(nt):
+            cols = [c for c in range(t * tile, min(h, (t + 1) * tile)) if not (act[i, c].float() <= 0)]
+            words[i, t, 0] = len(cols)
+            for k, c in enumerate(cols[: slots - 1]):
+                w = (c << 16) | int(bits[i, c])
+                words[i, t, 1 + k] = w - 2**32 if w >= 2**31 else w
+    return words.to(torch.int32)
+
+
+@pytest.mark.parametrize("m,h,tile,slots", [(3, 70, 32, 4), (5, 300, 256, 32), (2, 96, 96, 2), (4, 40000, 1024, 8)])
+def test_pack_ref_matches_naive(m, h, tile, slots):
+    g = torch.Generator().manual_seed(h)
+    act = torch.randn(m, h, generator=g).to(torch.bfloat16)
+    act[act.float() < 1.5] = -act[act.float() < 1.5].abs()  # ~7% positive
+    act[0, 1] = float("nan")
+    act[0, 2] = -0.0
+    if h > 35000:  # high column indices (sign bit of the word set) on a few columns only
+        act[:, :36000] = -1.0
+    assert torch.equal(reference.twell_pack_ref(act, tile, slots), _naive_pack(act, tile, slots))
+
+
+def test_unpack_ref_round_trip_and_overflow():
+    g = torch.Generator().manual_seed(0)
+    act = torch.randn(6, 500, generator=g).to(torch.bfloat16)
+    words = reference.twell_pack_ref(act, 128, 8)  # K = 7: ~64 positives per tile, heavy overflow
+    assert (words[:, :, 0] > 7).any()
+    dense = reference.twell_unpack_ref(words, act, 128)
+    assert torch.equal(dense, torch.relu(act.float()))
+    sparse_act = torch.where(torch.rand(6, 500, generator=g) < 0.01, act.abs(), -act.abs())
+    w2 = reference.twell_pack_ref(sparse_act, 128, 8)
+    assert torch.equal(reference.twell_unpack_ref(w2, sparse_act, 128), torch.relu(sparse_act.float()))
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_ffn_ref_equals_dense_ref(gated):
+    g = torch.Generator().manual_seed(1)
+    m, d, h = 9, 64, 200
+    x = torch.randn(m, d, generator=g).to(torch.bfloat16)
+    w = torch.randn(h, d, generator=g).to(torch.bfloat16)
+    up = torch.randn(h, d, generator=g).to(torch.bfloat16) if gated else None
+    down_t = torch.randn(h, d, generator=g).to(torch.bfloat16)
+    act = x @ w.T
+    out = reference.twell_ffn_ref(x, reference.twell_pack_ref(act, 64, 4), up, down_t, act, 64)
+    want = reference.dense_ffn_ref(x, w, up, down_t, dtype=torch.float32)
+    a = torch.relu(act.float())  # the bf16-rounded activation, as the kernels see it
+    want = ((a * (x.float() @ up.float().T)) if gated else a) @ down_t.float()
+    assert torch.allclose(out.float(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_launcher_checks_raise_clear_errors():
+    x = torch.zeros(4, 128, dtype=torch.bfloat16)
+    words = torch.zeros(4, 1, 32, dtype=torch.int32)
+    down_t = torch.zeros(200, 128, dtype=torch.bfloat16)
+    act = torch.zeros(4, 200, dtype=torch.bfloat16)
+    out = torch.empty_like(x)
+    with pytest.raises(ValueError, match="CUDA"):
+        launchers.check_ffn_args(x, words, None, down_t, act, out, 256)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        launchers.check_ffn_args(torch.zeros(4, 100, dtype=torch.bfloat16), words, None, down_t, act, out, 256)
+    with pytest.raises(ValueError, match="tile"):
+        launchers.check_tile(100, 4)
+    with pytest.raises(ValueError, match="slots"):
+        launchers.check_tile(256, 1)
+    with pytest.raises(ValueError, match="16-bit"):
+        launchers.check_pack_args(torch.zeros(1, 70000, dtype=torch.bfloat16),
+                                  torch.zeros(1, 274, 32, dtype=torch.int32), 256, 32)
+    with pytest.raises(ValueError, match="bfloat16"):
+        launchers.check_pack_args(torch.zeros(2, 64), torch.zeros(2, 1, 32, dtype=torch.int32), 256, 32)
+    with pytest.raises(ValueError, match="shape"):
+        launchers.check_pack_args(torch.zeros(2, 64, dtype=torch.bfloat16),
+                                  torch.zeros(2, 2, 32, dtype=torch.int32), 256, 32)
+
+
+def test_ffn_instance_choice():
+    assert launchers.ffn_instance(2048, True) == ("twell_ffn_kernel<8, true, true>", 2048, 1)
+    assert launchers.ffn_instance(64, False) == ("twell_ffn_kernel<1, false, true>", 256, 1)
+    assert launchers.ffn_instance(4096, True) == ("twell_ffn_kernel<8, true, false>", 2048, 2)
+    assert launchers.ffn_instance(2112, True)[2] == 2
+
+
+def test_backend_fallback(monkeypatch):
+    from sparsify_cli.errors import UserError
+
+    monkeypatch.setattr(availability, "cuda_kernels_status", lambda: (False, "no CUDA GPU (test)"))
+    assert availability.resolve_backend("auto") == "torch"
+    assert availability.resolve_backend("torch") == "torch"
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        availability.resolve_backend("cuda")
+    with pytest.raises(UserError, match="one of"):
+        availability.resolve_backend("triton")
+    monkeypatch.setattr(availability, "cuda_kernels_status", lambda: (True, "ok"))
+    assert availability.resolve_backend("auto") == "cuda"
+
+
+def test_status_on_this_machine_is_consistent():
+    ok, why = availability.cuda_kernels_status()
+    assert isinstance(why, str) and why
+    if not torch.cuda.is_available():
+        assert not ok and "GPU" in why
+
+
+def test_ffn_forward_cpu_fallback_equals_dense():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 64, generator=g)
+    w, up, down_t = (torch.randn(40, 64, generator=g) for _ in range(3))
+    out = ffn.ffn_forward(x, w, up, down_t, kernels="auto")
+    assert torch.allclose(out, reference.dense_ffn_ref(x, w, up, down_t))
+
+
+def test_policy():
+    p = ffn.SparsePolicy(max_density=0.01, decode_max_density=0.05, decode_max_m=64)
+    assert p.choose_sparse(65536, 29, 5632)
+    assert not p.choose_sparse(65536, 112, 5632)
+    assert p.choose_sparse(8, 112, 5632)
+    assert not p.choose_sparse(8, 1000, 5632)
+    act = torch.tensor([[1.0, -1.0, 2.0], [0.0, 3.0, -2.0]])
+    assert ffn.estimate_nnz(act) == 1.5
+
+
+def test_imports_without_optional_deps():
+    import subprocess
+    import sys
+
+    code = ("import sys; import sparsify_cli.kernels, sparsify_cli.kernels.ops, sparsify_cli.bench.ffn; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('cupy', 'hydra', 'omegaconf', 'wandb')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
