@@ -46,7 +46,8 @@ class BatchSampler:
         """x, y: LongTensor (B, T) with y = x shifted left by one token."""
         # SeedSequence takes a list of non-negative ints; distinct (seed, k) pairs give independent streams.
         rng = np.random.default_rng([self.seed % 2**64, self.batches_drawn])
-        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)  # (B,); last start fits T+1
+        # (B,); the largest start, len - T - 1, still leaves room for T + 1 tokens
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
         self.batches_drawn += 1
         return _to_xy(self.tokens, starts, self.seq_len)
 

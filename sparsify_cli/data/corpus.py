@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Optional
 
 from sparsify_cli.config.schema import DataConfig
@@ -25,7 +26,7 @@ class Corpus:
     heldout_docs: list[str]
     name: str  # for one-line descriptions, e.g. "default corpus: 37 plays + 5 poems + KJV"
 
-    @property
+    @cached_property  # hashing the default corpus takes ~20 ms; prepare_data asks more than once
     def fingerprint(self) -> str:
         """sha256 of the text of every document, split by split (16 hex digits are plenty for a cache key)."""
         h = hashlib.sha256(CORPUS_FORMAT.encode())

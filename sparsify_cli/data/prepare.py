@@ -52,7 +52,8 @@ def prepare_data(cfg: DataConfig, tokenizer_path: Optional[str] = None, progress
 
 
 def _count(n: int) -> str:
-    """1234567 -> "1.23M", 80123 -> "80.1k"."""
-    if n >= 1_000_000:
-        return f"{n / 1e6:.2f}M"
-    return f"{n / 1e3:.1f}k" if n >= 1000 else str(n)
+    """Three significant digits: 2640395 -> "2.64M", 138041 -> "138k", 8012 -> "8.01k", 512 -> "512"."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= 0.9995 * scale:  # 999_999 is "1M", not "1e+03k"
+            return f"{n / scale:.3g}{suffix}"
+    return str(n)

@@ -27,8 +27,12 @@ def load_user_corpus(path: str, text_key: str, heldout_fraction: float, progress
         raise UserError(f"data.path={path!r} holds no text: every document is empty")
     train, heldout = _split(docs, heldout_fraction, path)
     held = f"{len(heldout)} held out" if len(docs) > 1 else f"last {heldout_fraction:.0%} of its text held out"
-    name = f"{root} ({len(files)} file{'s' * (len(files) > 1)}, {len(docs)} documents, {held})"
+    name = f"{root} ({_plural(len(files), 'file')}, {_plural(len(docs), 'document')}, {held})"
     return Corpus(train_docs=train, heldout_docs=heldout, name=name)
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def _corpus_files(root: Path) -> list[Path]:

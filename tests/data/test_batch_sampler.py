@@ -67,7 +67,10 @@ def test_too_few_tokens_is_a_user_error():
         next(eval_batches(np.arange(16, dtype=np.uint16), 2, 16, max_batches=1))
 
 
-@pytest.mark.parametrize("state", [{}, {"seed": 1}, {"seed": "1", "batches_drawn": 2}, {"seed": 1, "batches_drawn": -1}])
+BAD_STATES = [{}, {"seed": 1}, {"seed": "1", "batches_drawn": 2}, {"seed": 1, "batches_drawn": -1}, None]
+
+
+@pytest.mark.parametrize("state", BAD_STATES)
 def test_damaged_sampler_state_is_refused(state):
     with pytest.raises(UserError, match="sampler state"):
         BatchSampler(TOKENS, 2, 8, seed=0).load_state_dict(state)
