@@ -98,3 +98,17 @@ def test_bpe_training_is_deterministic_and_round_trips():
     assert first.get_vocab_size() == 320
     text = "Unseen bytes round-trip too: é, ß, 🦀."  # byte-level: no unknown token, ever
     assert first.decode(first.encode(text).ids) == text
+
+
+def test_resuming_with_the_saved_tokenizer_keeps_the_fingerprint(tmp_path, text_dir):
+    """A checkpoint stores the tokenizer; loading it back must give the same data id and reuse the cache."""
+    cfg = DataConfig(path=str(text_dir), vocab_size=280, cache_dir=str(tmp_path / "c"))
+    trained = prepare_data(cfg)
+    saved = tmp_path / "ckpt" / "tokenizer.json"
+    saved.parent.mkdir()
+    trained.tokenizer.save(str(saved))  # pretty-printed: not byte-equal to the cached file, same tokenizer
+    messages: list[str] = []
+    resumed = prepare_data(cfg, tokenizer_path=str(saved), progress=messages.append)
+    assert resumed.fingerprint == trained.fingerprint and resumed.eos_id == trained.eos_id
+    assert np.array_equal(resumed.train_tokens, trained.train_tokens)
+    assert not any("tokenizing" in m for m in messages)
