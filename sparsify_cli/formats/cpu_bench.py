@@ -9,6 +9,7 @@ warm-up; every timed output is checked against the dense one in the same run.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -38,7 +39,8 @@ def _rel_err(y, ref) -> float:
     return float((y - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
 
 
-def run(ms: list[int], nnzs: list[float], d_model: int, n_cols: int, reps: int) -> list[dict]:
+def run(ms: list[int], nnzs: list[float], d_model: int, n_cols: int, reps: int, threads: int) -> list[dict]:
+    torch.set_num_threads(threads)
     rows = []
     for nnz in nnzs:
         # One weight set per density, the largest M; smaller M take its first rows.
@@ -66,7 +68,7 @@ def run(ms: list[int], nnzs: list[float], d_model: int, n_cols: int, reps: int) 
                     twell=twell_path,
                 ), reps)
             rows.append(dict(
-                M=m, nnz_mean=float(per_tok.mean()), nnz_max=int(per_tok.max()),
+                threads=threads, M=m, nnz_mean=float(per_tok.mean()), nnz_max=int(per_tok.max()),
                 union=int((gate != 0).any(dim=0).sum()), dense=t["dense"], gate=t["gate"], sparse=t["sparse"],
                 pairs=t["pairs"], union_ms=t["union"], twell=t["twell"], err_sparse=err_s, err_twell=err_t,
             ))
@@ -80,16 +82,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d-model", type=int, default=2048)
     p.add_argument("--d-ffn", type=int, default=5632)
     p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, torch.get_num_threads()],
+                   help="torch intra-op threads (a busy machine punishes 2 threads on 2 cores: see FORMAT.md)")
     args = p.parse_args(argv)
-    rows = run(args.m, args.nnz, args.d_model, args.d_ffn, args.reps)
-    print(f"gated FFN fp32, D={args.d_model}, H={args.d_ffn}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, medians of {args.reps} reps (ms)")
-    head = ("M", "nnz mean/max", "|J|", "dense", "gate only", "sparse(auto)", "pairs", "union", "twell+pack",
+    load_before = os.getloadavg()[0]
+    rows = [r for th in dict.fromkeys(args.threads) for r in run(args.m, args.nnz, args.d_model, args.d_ffn, args.reps, th)]
+    print(f"gated FFN fp32, D={args.d_model}, H={args.d_ffn}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}, medians of {args.reps} reps (ms)")
+    head = ("threads", "M", "nnz mean/max", "|J|", "dense", "gate only", "sparse(auto)", "pairs", "union", "twell+pack",
             "speed-up", "rel err")
     print(" | ".join(head))
     for r in rows:
         print(" | ".join([
-            f"{r['M']}", f"{r['nnz_mean']:.1f}/{r['nnz_max']}", f"{r['union']}", f"{r['dense']:.3f}",
+            f"{r['threads']}", f"{r['M']}", f"{r['nnz_mean']:.1f}/{r['nnz_max']}", f"{r['union']}", f"{r['dense']:.3f}",
             f"{r['gate']:.3f}", f"{r['sparse']:.3f}", f"{r['pairs']:.3f}", f"{r['union_ms']:.3f}",
             f"{r['twell']:.3f}", f"{r['dense'] / r['sparse']:.2f}x",
             f"{r['err_sparse']:.1e}/{r['err_twell']:.1e}",

@@ -82,21 +82,24 @@ def _sparse_part(x: Tensor, m: Tensor, j: Tensor, a: Tensor, up_w: Optional[Tens
     if m.numel() == 0:
         return out
     a = a.to(x.dtype)
+    # Row gathers use index_select, not w[idx]: on the shared 2-core CPU the advanced-indexing kernel was measured
+    # at 8 ms for 30 rows with 2 threads under load (index_select: 8 µs).
     union, inv = torch.unique(j, return_inverse=True)  # (|J|,), (N,)
     if _pick(method, n_rows, union.numel(), m.numel()) == "union":
         h = torch.zeros(n_rows, union.numel(), dtype=x.dtype, device=x.device)  # (M, |J|)
         h[m, inv] = a
         if up_w is not None:
-            h = h * F.linear(x, up_w[union], None if up_b is None else up_b[union])  # (M, |J|)
-        return torch.mm(h, down_t[union], out=out) if n_rows else out
+            ub = None if up_b is None else up_b.index_select(0, union)
+            h = h * F.linear(x, up_w.index_select(0, union), ub)  # (M, |J|)
+        return torch.mm(h, down_t.index_select(0, union), out=out)
     for e0 in range(0, m.numel(), _PAIRS_CHUNK):
         mc, jc, hc = m[e0 : e0 + _PAIRS_CHUNK], j[e0 : e0 + _PAIRS_CHUNK], a[e0 : e0 + _PAIRS_CHUNK]  # (n,)
         if up_w is not None:
-            u = (x[mc] * up_w[jc]).sum(dim=1)  # (n,)
+            u = (x.index_select(0, mc) * up_w.index_select(0, jc)).sum(dim=1)  # (n,)
             if up_b is not None:
-                u = u + up_b[jc]
+                u = u + up_b.index_select(0, jc)
             hc = hc * u
-        out.index_add_(0, mc, hc.unsqueeze(1) * down_t[jc])  # (n, D) scattered to tokens
+        out.index_add_(0, mc, hc.unsqueeze(1) * down_t.index_select(0, jc))  # (n, D) scattered to tokens
     return out
 
 
