@@ -6,15 +6,17 @@
 //   2. down: each thread owns 16-byte column vectors of out_m and sums h_e * DownT_j over all entries, with all
 //            row loads independent so that many are in flight.
 // Only the active rows of U and DownT are read. Overflowed tiles (true count > K) are taken exactly from the
-// dense activation `act` (relu applied). Lists longer than CAP are processed in batches; partial sums live in
+// dense activation `act` (relu applied). FROM_ACT = true skips TwELL altogether: the entries come straight from
+// the dense activation row (for decode the row is only H * 2 bytes, so this saves the pack launch and two
+// dependent memory round trips; `words` is then unused). Lists longer than CAP are processed in batches; partial sums live in
 // an fp32 shared-memory row of D floats.
 #include "common.cuh"
 
 #define DECODE_THREADS 512
 #define DECODE_CAP 1024
 
-template <bool GATED>
-__global__ void __launch_bounds__(DECODE_THREADS) twell_decode_kernel(
+template <bool GATED, bool FROM_ACT>
+__global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
     const unsigned short* __restrict__ x,       // (M, D)
     const int* __restrict__ words,              // (M, NT, S)
     const unsigned short* __restrict__ up,      // (H, D)
@@ -35,7 +37,19 @@ __global__ void __launch_bounds__(DECODE_THREADS) twell_decode_kernel(
     const unsigned short* arow = act + m * (long long)H;
     const int nvec = D >> 3;
 
-    for (int t = tid; t < NT; t += DECODE_THREADS) offs[t] = __ldg(wrow + (long long)t * S);
+    if (FROM_ACT) {  // no TwELL words: count each tile's non-zeros straight from the dense activation
+        for (int t = warp; t < NT; t += nwarps) {
+            const int c_end = min(H, (t + 1) * T);
+            int r = 0;
+            for (int c = t * T; c < c_end; c += 32) {
+                const int col = c + lane;
+                r += __popc(__ballot_sync(SPARSIFY_FULL_MASK, col < c_end && relu_active(arow[col])));
+            }
+            if (lane == 0) offs[t] = r;
+        }
+    } else {
+        for (int t = tid; t < NT; t += DECODE_THREADS) offs[t] = __ldg(wrow + (long long)t * S);
+    }
     for (int i = tid; i < D; i += DECODE_THREADS) accrow[i] = 0.f;
     __syncthreads();
     if (warp == 0) {  // exclusive scan of the true counts
@@ -64,7 +78,7 @@ __global__ void __launch_bounds__(DECODE_THREADS) twell_decode_kernel(
             const int o = offs[t], n = offs[t + 1] - o;
             if (o >= lim || o + n <= base) continue;
             const int* tw = wrow + (long long)t * S;
-            if (n <= K) {
+            if (!FROM_ACT && n <= K) {
                 for (int i = lane; i < n; i += 32) {
                     const int e = o + i;
                     if (e >= base && e < lim) {
@@ -128,9 +142,11 @@ __global__ void __launch_bounds__(DECODE_THREADS) twell_decode_kernel(
     }
 }
 
-template __global__ void twell_decode_kernel<true>(const unsigned short*, const int*, const unsigned short*,
-                                                   const unsigned short*, const unsigned short*, unsigned short*,
-                                                   long long, int, int, int, int, int);
-template __global__ void twell_decode_kernel<false>(const unsigned short*, const int*, const unsigned short*,
-                                                    const unsigned short*, const unsigned short*, unsigned short*,
-                                                    long long, int, int, int, int, int);
+#define SPARSIFY_DECODE_INST(G, A)                                                                         \
+    template __global__ void twell_decode_kernel<G, A>(const unsigned short*, const int*, const unsigned short*, \
+                                                       const unsigned short*, const unsigned short*,           \
+                                                       unsigned short*, long long, int, int, int, int, int);
+SPARSIFY_DECODE_INST(true, false)
+SPARSIFY_DECODE_INST(false, false)
+SPARSIFY_DECODE_INST(true, true)
+SPARSIFY_DECODE_INST(false, true)

@@ -6,57 +6,49 @@
 // Accumulation is fp32, out is rounded to bf16 once.
 //
 // Mapping: one warp per token and D-chunk (blockIdx.y); lane l owns the 16-byte vectors l, l+32, ... of the
-// chunk, so every row read is one coalesced 512-byte sweep per 8 vectors. The warps of a block walk the tiles
-// in lockstep (one __syncthreads per tile) so that the rows of neurons co-active in the block's tokens are
-// served from L1 instead of L2.
+// chunk, so every row read is one coalesced 512-byte sweep per 8 vectors. Per batch of up to FFN_CAP entries:
+//   gather: tile counts for 32 tiles in one load, a warp prefix sum places each tile's entries in a per-warp
+//           shared-memory list (slot loads of 4 tiles in flight);
+//   phase A (gated): h_e = a_e * (x_m . U_j) for every listed entry (x_m re-read from L1);
+//   phase B: acc += h_e * DownT_j[chunk], two rows in flight; acc stays in registers across batches.
+// Splitting A and B keeps at most one set of row registers live beside the accumulators (128 registers,
+// 16 warps per SM, no spills), so the loads of many warps overlap.
 //
 // Overflowed tiles (true count > K = S - 1) are computed EXACTLY from `act`, the dense activation the words
-// were packed from (relu applied here): the warp scans that tile's T columns and uses every non-zero.
+// were packed from (relu applied here): the warp scans that tile's T columns and lists every non-zero.
 //
-// Template parameters: NV = 16-byte vectors per lane per chunk (chunk width DC = 256 * NV columns),
-// GATED, XREG = the whole of x_m fits the chunk (single chunk): x is held in registers; otherwise the up dot
-// loops over all of D reading x from global memory (L1-resident).
+// Template parameters: NV = 16-byte vectors per lane per chunk (chunk width DC = 256 * NV columns), GATED.
 #include "common.cuh"
 
-template <int NV, bool XREG>
-__device__ __forceinline__ float up_dot(const uint4* xr, const uint4* __restrict__ xg, const uint4* __restrict__ ug,
-                                        int nvec_d, int lane) {
+// x_m . U_j over all of D (x_m is L1-resident: the warp re-reads the same 2*D bytes for each entry).
+// The 8 row vectors of a 2048-column sweep are loaded before any arithmetic, so they are in flight together.
+__device__ __forceinline__ float up_dot(const uint4* __restrict__ xg, const uint4* __restrict__ ug, int nvec_d,
+                                        int lane) {
     float s = 0.f;
-    if (XREG) {
+    for (int base = 0; base < nvec_d; base += 256) {
+        uint4 u[8];
 #pragma unroll
-        for (int k = 0; k < NV; ++k) {
-            const int vi = k * 32 + lane;
-            if (vi < nvec_d) s = dot8(s, xr[k], __ldg(ug + vi));
+        for (int k = 0; k < 8; ++k) {
+            const int vi = base + k * 32 + lane;
+            u[k] = vi < nvec_d ? __ldg(ug + vi) : make_uint4(0u, 0u, 0u, 0u);
         }
-    } else {
-        for (int vi = lane; vi < nvec_d; vi += 32) s = dot8(s, __ldg(xg + vi), __ldg(ug + vi));
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int vi = base + k * 32 + lane;
+            if (vi < nvec_d) s = dot8(s, __ldg(xg + vi), u[k]);
+        }
     }
     return warp_sum(s);
 }
 
-template <int NV, bool GATED, bool XREG>
-__device__ __forceinline__ void ffn_entry(int j, float a, float* acc, const uint4* xr, const uint4* __restrict__ xg,
-                                          const unsigned short* __restrict__ up,
-                                          const unsigned short* __restrict__ down_t, int D, int d0, int nvec_d,
-                                          int nvec_c, int lane) {
-    const uint4* dg = reinterpret_cast<const uint4*>(down_t + (long long)j * D + d0);
-    uint4 dq[NV];
-#pragma unroll
-    for (int k = 0; k < NV; ++k) {
-        const int vi = k * 32 + lane;
-        dq[k] = vi < nvec_c ? __ldg(dg + vi) : make_uint4(0u, 0u, 0u, 0u);
-    }
-    float h = a;
-    if (GATED) {
-        const uint4* ug = reinterpret_cast<const uint4*>(up + (long long)j * D);
-        h = a * up_dot<NV, XREG>(xr, xg, ug, nvec_d, lane);
-    }
-#pragma unroll
-    for (int k = 0; k < NV; ++k) axpy8(acc + 8 * k, h, dq[k]);
-}
+#define FFN_WARPS 4
+#ifndef FFN_MIN_BLOCKS
+#define FFN_MIN_BLOCKS 3  // blocks per SM the register budget is cut for (3 x 4 warps: <= 168 registers)
+#endif
+#define FFN_CAP 1024  // entries gathered per warp and batch (>= any tile's count: T <= 1024)
 
-template <int NV, bool GATED, bool XREG>
-__global__ void __launch_bounds__(256) twell_ffn_kernel(
+template <int NV, bool GATED>
+__global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kernel(
     const unsigned short* __restrict__ x,       // (M, D)
     const int* __restrict__ words,              // (M, NT, S)
     const unsigned short* __restrict__ up,      // (H, D)   (unused when !GATED)
@@ -64,64 +56,129 @@ __global__ void __launch_bounds__(256) twell_ffn_kernel(
     const unsigned short* __restrict__ act,     // (M, H)   dense activation, read for overflowed tiles only
     unsigned short* __restrict__ out,           // (M, D)
     long long M, int D, int H, int NT, int S, int T) {
-    const int lane = threadIdx.x & 31;
-    const long long m = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const bool live = m < M;
-    const long long mm = live ? m : 0;
+    __shared__ unsigned int s_word[FFN_WARPS][FFN_CAP];
+    __shared__ float s_h[FFN_WARPS][FFN_CAP];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const long long m = (long long)blockIdx.x * FFN_WARPS + warp;
+    if (m >= M) return;
+    unsigned int* lw = s_word[warp];
+    float* lh = s_h[warp];
     const int DC = 256 * NV;
     const int d0 = blockIdx.y * DC;
-    const int nvec_d = D >> 3;                                   // 16-byte vectors in a row
-    const int nvec_c = min(DC, D - d0) >> 3;                     // ... in this chunk
+    const int nvec_d = D >> 3;                // 16-byte vectors in a row
+    const int nvec_c = min(DC, D - d0) >> 3;  // ... in this chunk
     const int K = S - 1;
 
-    const uint4* xg = reinterpret_cast<const uint4*>(x + mm * D);
-    uint4 xr[XREG ? NV : 1];
-    if (XREG) {
-#pragma unroll
-        for (int k = 0; k < (XREG ? NV : 1); ++k) {
-            const int vi = k * 32 + lane;
-            xr[k] = vi < nvec_d ? __ldg(xg + vi) : make_uint4(0u, 0u, 0u, 0u);
-        }
-    }
+    const uint4* xg = reinterpret_cast<const uint4*>(x + m * D);
     float acc[8 * NV];
 #pragma unroll
     for (int i = 0; i < 8 * NV; ++i) acc[i] = 0.f;
 
-    const int* wrow = words + mm * (long long)NT * S;
-    for (int t = 0; t < NT; ++t) {
-        if (live) {
-            const int* tw = wrow + (long long)t * S;
-            const int cnt = __ldg(tw);
-            if (cnt <= K) {
-                for (int g = 0; g < cnt; g += 32) {
-                    const int mine = (g + lane < cnt) ? __ldg(tw + 1 + g + lane) : 0;
-                    const int ng = min(32, cnt - g);
-                    for (int i = 0; i < ng; ++i) {
-                        const unsigned int w = (unsigned int)__shfl_sync(SPARSIFY_FULL_MASK, mine, i);
-                        ffn_entry<NV, GATED, XREG>((int)(w >> 16), bf16_to_f((unsigned short)(w & 0xffffu)), acc,
-                                                   xr, xg, up, down_t, D, d0, nvec_d, nvec_c, lane);
-                    }
+    const int* wrow = words + m * (long long)NT * S;
+    int t = 0;
+    while (t < NT) {
+        // ---- gather: the entries of the next tiles (up to FFN_CAP) into this warp's list, 32 tiles at a time.
+        // A tile's true count decides where its entries go; overflowed tiles are read from act (exact).
+        int E = 0;
+        bool full = false;
+        while (t < NT && !full) {
+            const int tl = t + lane;
+            const int n = tl < NT ? __ldg(wrow + (long long)tl * S) : 0;  // true count
+            int incl = n;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int y = __shfl_up_sync(SPARSIFY_FULL_MASK, incl, o);
+                if (lane >= o) incl += y;
+            }
+            const bool fits = tl < NT && E + incl <= FFN_CAP;  // monotone in lane
+            const int nfit = __popc(__ballot_sync(SPARSIFY_FULL_MASK, fits));
+            if (nfit < min(32, NT - t)) full = true;
+            const int off = E + incl - n;
+            for (int k0 = 0; k0 < nfit; k0 += 4) {  // common case: 4 tiles' slot loads in flight per step
+                unsigned int w[4];
+                int dst[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int k = k0 + u;
+                    const int nk = __shfl_sync(SPARSIFY_FULL_MASK, n, k & 31);
+                    const int ok = __shfl_sync(SPARSIFY_FULL_MASK, off, k & 31);
+                    dst[u] = (k < nfit && nk <= K && lane < nk) ? ok + lane : -1;
+                    w[u] = dst[u] >= 0 ? (unsigned int)__ldg(wrow + (long long)(t + k) * S + 1 + lane) : 0u;
                 }
-            } else {  // overflowed tile: exact, from the dense activation
-                const unsigned short* arow = act + mm * (long long)H;
-                const int c_end = min(H, (t + 1) * T);
-                for (int c = t * T; c < c_end; c += 32) {
-                    const int col = c + lane;
-                    const unsigned short b = col < c_end ? arow[col] : (unsigned short)0;
-                    unsigned int bal = __ballot_sync(SPARSIFY_FULL_MASK, relu_active(b));
-                    while (bal) {
-                        const int src = __ffs(bal) - 1;
-                        bal &= bal - 1;
-                        const unsigned short bb = (unsigned short)__shfl_sync(SPARSIFY_FULL_MASK, (int)b, src);
-                        ffn_entry<NV, GATED, XREG>(c + src, bf16_to_f(bb), acc, xr, xg, up, down_t, D, d0, nvec_d,
-                                                   nvec_c, lane);
+#pragma unroll
+                for (int u = 0; u < 4; ++u)
+                    if (dst[u] >= 0) lw[dst[u]] = w[u];
+            }
+            unsigned int rare = __ballot_sync(SPARSIFY_FULL_MASK, fits && n > 32);
+            while (rare) {  // tiles with more than 32 entries: stored ones beyond 32, or overflowed tiles
+                const int k = __ffs(rare) - 1;
+                rare &= rare - 1;
+                const int nk = __shfl_sync(SPARSIFY_FULL_MASK, n, k);
+                const int ok = __shfl_sync(SPARSIFY_FULL_MASK, off, k);
+                const int tt = t + k;
+                if (nk <= K) {
+                    for (int i = 32 + lane; i < nk; i += 32) lw[ok + i] = (unsigned int)__ldg(wrow + (long long)tt * S + 1 + i);
+                } else {
+                    const unsigned short* arow = act + m * (long long)H;
+                    const int c_end = min(H, (tt + 1) * T);
+                    int r = ok;
+                    for (int c = tt * T; c < c_end; c += 32) {
+                        const int col = c + lane;
+                        const unsigned short b = col < c_end ? arow[col] : (unsigned short)0;
+                        const bool nz = relu_active(b);
+                        const unsigned int bal = __ballot_sync(SPARSIFY_FULL_MASK, nz);
+                        const int pos = r + __popc(bal & ((1u << lane) - 1u));
+                        if (nz && pos < ok + nk) lw[pos] = ((unsigned int)col << 16) | (unsigned int)b;
+                        r += __popc(bal);
                     }
                 }
             }
+            if (nfit > 0) E = __shfl_sync(SPARSIFY_FULL_MASK, E + incl, nfit - 1);
+            t += nfit;
         }
-        __syncthreads();  // keep the block's warps on the same tile (L1 reuse of shared rows)
+        __syncwarp();
+        // ---- phase A: h_e = a_e * (x . U_j)   (plain: h_e = a_e)
+        if (GATED) {
+            for (int e = 0; e < E; ++e) {
+                const unsigned int w = lw[e];
+                const uint4* ug = reinterpret_cast<const uint4*>(up + (long long)(w >> 16) * D);
+                const float u = up_dot(xg, ug, nvec_d, lane);
+                if (lane == 0) lh[e] = bf16_to_f((unsigned short)(w & 0xffffu)) * u;
+            }
+        } else {
+            for (int e = lane; e < E; e += 32) lh[e] = bf16_to_f((unsigned short)(lw[e] & 0xffffu));
+        }
+        __syncwarp();
+        // ---- phase B: acc += h_e * DownT_j[chunk], two rows in flight
+        int e = 0;
+        for (; e + 2 <= E; e += 2) {
+            const uint4* d0g = reinterpret_cast<const uint4*>(down_t + (long long)(lw[e] >> 16) * D + d0);
+            const uint4* d1g = reinterpret_cast<const uint4*>(down_t + (long long)(lw[e + 1] >> 16) * D + d0);
+            uint4 q0[NV], q1[NV];
+#pragma unroll
+            for (int k = 0; k < NV; ++k) {
+                const int vi = k * 32 + lane;
+                q0[k] = vi < nvec_c ? __ldg(d0g + vi) : make_uint4(0u, 0u, 0u, 0u);
+                q1[k] = vi < nvec_c ? __ldg(d1g + vi) : make_uint4(0u, 0u, 0u, 0u);
+            }
+            const float h0 = lh[e], h1 = lh[e + 1];
+#pragma unroll
+            for (int k = 0; k < NV; ++k) {
+                axpy8(acc + 8 * k, h0, q0[k]);
+                axpy8(acc + 8 * k, h1, q1[k]);
+            }
+        }
+        if (e < E) {
+            const uint4* dg = reinterpret_cast<const uint4*>(down_t + (long long)(lw[e] >> 16) * D + d0);
+            const float h0 = lh[e];
+#pragma unroll
+            for (int k = 0; k < NV; ++k) {
+                const int vi = k * 32 + lane;
+                if (vi < nvec_c) axpy8(acc + 8 * k, h0, __ldg(dg + vi));
+            }
+        }
+        __syncwarp();
     }
-    if (!live) return;
     uint4* og = reinterpret_cast<uint4*>(out + m * D + d0);
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
@@ -134,11 +191,9 @@ __global__ void __launch_bounds__(256) twell_ffn_kernel(
     }
 }
 
-#define SPARSIFY_FFN_INST(NV, G, XR)                                                                        \
-    template __global__ void twell_ffn_kernel<NV, G, XR>(const unsigned short*, const int*, const unsigned short*, \
+#define SPARSIFY_FFN_INST(NV, G)                                                                            \
+    template __global__ void twell_ffn_kernel<NV, G>(const unsigned short*, const int*, const unsigned short*, \
                                                          const unsigned short*, const unsigned short*,          \
                                                          unsigned short*, long long, int, int, int, int, int);
-SPARSIFY_FFN_INST(8, true, true)
-SPARSIFY_FFN_INST(8, false, true)
-SPARSIFY_FFN_INST(8, true, false)
-SPARSIFY_FFN_INST(8, false, false)
+SPARSIFY_FFN_INST(8, true)
+SPARSIFY_FFN_INST(8, false)

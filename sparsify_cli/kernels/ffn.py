@@ -79,9 +79,12 @@ def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, d
     from sparsify_cli.kernels import ops
 
     act = x @ w_act.T  # (M, H) cuBLAS
+    decode = x.shape[0] <= policy.decode_max_m
     if mode == "auto":
         nnz = nnz_hint if nnz_hint is not None else estimate_nnz(act, policy.sample_rows)
         if not policy.choose_sparse(x.shape[0], nnz, w_act.shape[0]):
             return dense_ffn(x, w_act, up, down_t, act=act)
+    if decode:
+        return ops.relu_ffn_decode(x, act, up, down_t)
     words = ops.twell_pack(act, tile, slots)
     return ops.twell_ffn(x, words, up, down_t, act, tile)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 PACK_WARPS = 8  # warps (= (token, tile) pairs) per block
-FFN_WARPS = 8  # warps (= tokens) per block, prefill kernel
-FFN_XREG_MAX_D = 2048  # x held in registers when the whole row fits one chunk
+FFN_WARPS = 4  # warps (= tokens) per block, prefill kernel; must match kernels_cu/twell_ffn.cu
+FFN_CHUNK = 2048  # widest D-chunk one warp accumulates in registers
 DECODE_MAX_M = 64  # at or below this many tokens the decode kernel runs
 DECODE_THREADS = 512  # must match kernels_cu/twell_decode.cu
 DECODE_CAP = 1024  # must match kernels_cu/twell_decode.cu
@@ -115,22 +115,45 @@ def launch_twell_pack(act: torch.Tensor, words: torch.Tensor, tile: int, slots: 
     loader.launch(fn, grid, (32 * PACK_WARPS,), args)
 
 
-def ffn_instance(d: int, gated: bool, xreg: bool | None = None) -> tuple[str, int, int]:
+def ffn_instance(d: int, gated: bool) -> tuple[str, int, int]:
     """(kernel expression, chunk width, number of chunks) of the prefill kernel for this D."""
-    if xreg is None:
-        xreg = d <= FFN_XREG_MAX_D
-    nv = (d + 255) // 256 if xreg else 8
-    if xreg and nv > 8:
-        raise ValueError(f"x in registers needs D <= {FFN_XREG_MAX_D}, got D={d}")
-    g = "true" if gated else "false"
-    xr = "true" if xreg else "false"
+    nv = (d + 255) // 256 if d <= FFN_CHUNK else FFN_CHUNK // 256
     dc = 256 * nv
-    return f"twell_ffn_kernel<{nv}, {g}, {xr}>", dc, (d + dc - 1) // dc
+    return f"twell_ffn_kernel<{nv}, {'true' if gated else 'false'}>", dc, (d + dc - 1) // dc
+
+
+def _decode_launch(x, words, up, down_t, act, out, tile, from_act: bool, m, d, h, nt, s) -> None:
+    from sparsify_cli.kernels import loader
+
+    g = "true" if up is not None else "false"
+    fn = loader.get_function("twell_decode.cu", f"twell_decode_kernel<{g}, {'true' if from_act else 'false'}>")
+    smem = (nt + 1 + 2 * DECODE_CAP) * 4 + d * 4
+    if smem > 48 * 1024:
+        if smem > 227 * 1024:
+            raise ValueError(f"decode path: D={d}, H={h} need {smem} bytes of shared memory (> 227 KB)")
+        fn.max_dynamic_shared_size_bytes = smem
+    ptrs = (x.data_ptr(), words.data_ptr() if words is not None else 0, up.data_ptr() if up is not None else 0,
+            down_t.data_ptr(), act.data_ptr(), out.data_ptr())
+    tail = (_i64(m), _i32(d), _i32(h), _i32(nt), _i32(s), _i32(tile))
+    loader.launch(fn, (m,), (DECODE_THREADS,), ptrs + tail, shared_mem=smem)
+
+
+def launch_relu_ffn_decode(x, act, up, down_t, out, tile: int = 256) -> None:
+    """Decode path without TwELL: entries come straight from the dense activation ``act`` (relu applied);
+    reads only the active rows of U and DownT. One block per token: meant for M <= DECODE_MAX_M."""
+    if act.dim() != 2 or x.dim() != 2:
+        raise ValueError("x and act must be 2-D: x (M, D), act (M, H)")
+    m, h = act.shape
+    dummy = torch.empty(m, n_tiles(h, tile), 2, dtype=torch.int32, device=x.device)  # shape checks only
+    m, d, h, nt, _ = check_ffn_args(x, dummy, up, down_t, act, out, tile)
+    if m:
+        _decode_launch(x, None, up, down_t, act, out, tile, True, m, d, h, nt, 2)
 
 
 def launch_twell_ffn(x, words, up, down_t, act, out, tile: int, *, path: str = "auto",
-                     xreg: bool | None = None) -> None:
-    """out = sparse FFN up/down from TwELL words (gated when ``up`` is given). path: auto | prefill | decode."""
+                     defines: tuple[str, ...] = ()) -> None:
+    """out = sparse FFN up/down from TwELL words (gated when ``up`` is given). path: auto | prefill | decode.
+    ``defines``: tuning variants of the prefill kernel (e.g. ``("FFN_MIN_BLOCKS=4",)``)."""
     from sparsify_cli.kernels import loader
 
     m, d, h, nt, s = check_ffn_args(x, words, up, down_t, act, out, tile)
@@ -139,20 +162,14 @@ def launch_twell_ffn(x, words, up, down_t, act, out, tile: int, *, path: str = "
     gated = up is not None
     if path == "auto":
         path = "decode" if m <= DECODE_MAX_M else "prefill"
-    up_ptr = up.data_ptr() if gated else 0
-    tail = (_i64(m), _i32(d), _i32(h), _i32(nt), _i32(s), _i32(tile))
-    ptrs = (x.data_ptr(), words.data_ptr(), up_ptr, down_t.data_ptr(), act.data_ptr(), out.data_ptr())
     if path == "decode":
-        fn = loader.get_function("twell_decode.cu", f"twell_decode_kernel<{'true' if gated else 'false'}>")
-        smem = (nt + 1 + 2 * DECODE_CAP) * 4 + d * 4
-        if smem > 48 * 1024:
-            if smem > 227 * 1024:
-                raise ValueError(f"decode path: D={d}, H={h} need {smem} bytes of shared memory (> 227 KB)")
-            fn.max_dynamic_shared_size_bytes = smem
-        loader.launch(fn, (m,), (DECODE_THREADS,), ptrs + tail, shared_mem=smem)
+        _decode_launch(x, words, up, down_t, act, out, tile, False, m, d, h, nt, s)
     elif path == "prefill":
-        expr, _, chunks = ffn_instance(d, gated, xreg)
-        fn = loader.get_function("twell_ffn.cu", expr)
+        expr, _, chunks = ffn_instance(d, gated)
+        fn = loader.get_function("twell_ffn.cu", expr, defines)
+        ptrs = (x.data_ptr(), words.data_ptr(), up.data_ptr() if gated else 0, down_t.data_ptr(), act.data_ptr(),
+                out.data_ptr())
+        tail = (_i64(m), _i32(d), _i32(h), _i32(nt), _i32(s), _i32(tile))
         grid = ((m + FFN_WARPS - 1) // FFN_WARPS, chunks)
         loader.launch(fn, grid, (32 * FFN_WARPS,), ptrs + tail)
     else:

@@ -55,13 +55,14 @@ def device_arch(device_index: int | None = None) -> str:
     return f"sm_{major}{minor}"
 
 
-def get_module(name: str, name_expressions: tuple[str, ...], arch: str | None = None):
+def get_module(name: str, name_expressions: tuple[str, ...], arch: str | None = None,
+               defines: tuple[str, ...] = ()):
     """Compile (once per process; CuPy caches on disk) ``kernels_cu/<name>`` with the given template instances."""
     import cupy
 
     if arch is None:
         arch = device_arch()
-    key = (name, arch, name_expressions)
+    key = (name, arch, name_expressions, defines)
     mod = _modules.get(key)
     if mod is None:
         with _lock:
@@ -69,7 +70,7 @@ def get_module(name: str, name_expressions: tuple[str, ...], arch: str | None = 
             if mod is None:
                 mod = cupy.RawModule(
                     code=read_source(name),
-                    options=("-std=c++17",),
+                    options=("-std=c++17",) + tuple(f"-D{d}" for d in defines),
                     name_expressions=name_expressions,
                 )
                 mod.compile()
@@ -78,13 +79,14 @@ def get_module(name: str, name_expressions: tuple[str, ...], arch: str | None = 
 
 
 @functools.lru_cache(maxsize=None)
-def _function(name: str, expr: str, arch: str):
-    return get_module(name, (expr,), arch).get_function(expr)
+def _function(name: str, expr: str, arch: str, defines: tuple[str, ...]):
+    return get_module(name, (expr,), arch, defines).get_function(expr)
 
 
-def get_function(name: str, expr: str):
-    """The kernel ``expr`` (e.g. ``twell_pack_kernel<8>``) from ``kernels_cu/<name>``."""
-    return _function(name, expr, device_arch())
+def get_function(name: str, expr: str, defines: tuple[str, ...] = ()):
+    """The kernel ``expr`` (e.g. ``twell_pack_kernel<8>``) from ``kernels_cu/<name>``, optionally compiled
+    with preprocessor ``defines`` such as ``("FFN_MIN_BLOCKS=4",)`` (tuning variants)."""
+    return _function(name, expr, device_arch(), tuple(defines))
 
 
 def current_stream():

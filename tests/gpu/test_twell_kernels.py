@@ -70,7 +70,13 @@ def _ffn_case(m, d, h, density, gated, path, slots=32, tile=256, seed=0):
     act = inp.x @ inp.gate.T
     words = ops.twell_pack(act, tile, slots)
     out = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
-    launchers.launch_twell_ffn(inp.x, words, up, down_t, act, out, tile, path=path)
+    if path == "decode_act":
+        launchers.launch_relu_ffn_decode(inp.x, act, up, down_t, out, tile)
+    elif path == "prefill_mb4":
+        launchers.launch_twell_ffn(inp.x, words, up, down_t, act, out, tile, path="prefill",
+                                   defines=("FFN_MIN_BLOCKS=4",))
+    else:
+        launchers.launch_twell_ffn(inp.x, words, up, down_t, act, out, tile, path=path)
     torch.cuda.synchronize()
     # fp32 reference of the same function (same bf16 activation) and torch's own bf16 error
     a32 = reference.twell_unpack_ref(words, act, tile)
@@ -87,7 +93,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("m,d,h", SHAPES)
 @pytest.mark.parametrize("density", [0.1, 0.02, 0.005, 0.001])
 @pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize("path", ["auto", "prefill", "decode"])
+@pytest.mark.parametrize("path", ["auto", "prefill", "decode", "decode_act", "prefill_mb4"])
 def test_ffn_matches_reference(m, d, h, density, gated, path):
     out, ref32, t16, words = _ffn_case(m, d, h, density, gated, path, seed=m + d + h)
     assert not torch.isnan(out).any(), "unwritten (poisoned) output elements"
@@ -95,11 +101,13 @@ def test_ffn_matches_reference(m, d, h, density, gated, path):
     assert err <= 2 * terr + 1e-4, f"kernel rel err {err:.2e} vs torch bf16 {terr:.2e}"
 
 
-@pytest.mark.parametrize("path", ["prefill", "decode"])
+@pytest.mark.parametrize("path", ["prefill", "decode", "prefill_mb4"])
 @pytest.mark.parametrize("gated", [True, False])
 def test_ffn_overflow_exact(path, gated):
     """Tiles with more entries than slots (K=3 at slots=4) are computed from the dense activation, exactly."""
     m, d, h = (50, 512, 1100) if path == "decode" else (333, 512, 1100)
+    if path == "prefill_mb4":
+        m, d, h = 257, 2560, 3000  # chunked D, tiles of up to 256 entries in the list
     out, ref32, t16, words = _ffn_case(m, d, h, 0.05, gated, path, slots=4, seed=11)
     assert (words[:, :, 0] > 3).float().mean() > 0.2, "test must overflow many tiles"
     assert not torch.isnan(out).any()
@@ -111,7 +119,12 @@ def test_ffn_overflow_exact(path, gated):
 def test_ffn_forward_end_to_end_and_policy():
     from sparsify_cli.kernels import ffn
 
-    inp = make_ffn_inputs(700, 1024, 2816, 20, device=DEV, seed=3)
+    for m in (700, 3):
+        _end_to_end(m, ffn)
+
+
+def _end_to_end(m, ffn):
+    inp = make_ffn_inputs(m, 1024, 2816, 20, device=DEV, seed=3)
     down_t = inp.down.T.contiguous()
     ref = reference.dense_ffn_ref(inp.x, inp.gate, inp.up, down_t)
     dense = ffn.ffn_forward(inp.x, inp.gate, inp.up, down_t, mode="dense")
