@@ -25,10 +25,12 @@ from sparsify_cli.formats.twell import (
     encode_entries,
     pack_twell,
     unpack_twell,
+    validate_twell,
 )
 
 __all__ = [
     "FORMAT_VERSION", "TwELL", "TwELLOverflowError", "pack_twell", "unpack_twell", "encode_entries", "decode_entries",
+    "validate_twell",
     "HybridELL", "HybridT", "pack_hybrid", "unpack_hybrid", "transpose_hybrid", "unpack_hybrid_t",
     "dense_ffn_forward", "dense_plain_ffn_forward", "down_rows", "sparse_ffn_forward", "sparse_plain_ffn_forward",
     "twell_ffn_forward", "twell_plain_ffn_forward",

@@ -100,7 +100,7 @@ def pack_hybrid(a: Tensor, width: int = DEFAULT_WIDTH) -> HybridELL:
     cols[m, rank] = j.to(torch.int32)
     tail_rows = in_tail.nonzero().squeeze(1)  # (R,)
     return HybridELL(
-        values=values, cols=cols, counts=counts.to(torch.int32), tail_rows=tail_rows, tail=a[tail_rows].clone(),
+        values=values, cols=cols, counts=counts.to(torch.int32), tail_rows=tail_rows, tail=a.index_select(0, tail_rows),
         n_cols=n_cols,
     )
 

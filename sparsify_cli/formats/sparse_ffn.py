@@ -29,11 +29,31 @@ METHODS = ("auto", "pairs", "union")
 # At M = 1, M·|J| == nnz and union always wins.
 _UNION_FACTOR = 128
 _PAIRS_CHUNK = 8192  # pairs per gather step (bounds the (chunk, D) temporaries)
+# torch runs an index_select of at most this many elements on one thread (at::internal::GRAIN_SIZE).
+_SERIAL_GATHER_ELEMS = 32768
+_SERIAL_GATHER_MAX_PIECES = 64
 
 
 def down_rows(down_w: Tensor) -> Tensor:
     """Offline layout of Down for the sparse paths: (D, H) nn.Linear weight -> contiguous (H, D)."""
     return down_w.t().contiguous()
+
+
+def gather_rows(w: Tensor, idx: Tensor) -> Tensor:
+    """w.index_select(0, idx): (n, D). Small gathers (decode) are done in pieces that torch keeps on one thread.
+
+    Measured on the shared 2-core CPU under load: one index_select of 32 rows of 2048 floats with 2 threads took
+    ~5-8 ms (waking the second OpenMP thread while another process holds that core); in pieces of 16 rows, 8 µs
+    each. Large gathers keep the single parallel call, which amortizes the wake-up.
+    """
+    n, d = idx.numel(), w.shape[1]
+    rows = max(1, _SERIAL_GATHER_ELEMS // max(d, 1))
+    if n <= rows or n > rows * _SERIAL_GATHER_MAX_PIECES or torch.get_num_threads() == 1:
+        return w.index_select(0, idx)
+    out = w.new_empty(n, d)  # (n, D)
+    for r0 in range(0, n, rows):
+        torch.index_select(w, 0, idx[r0 : r0 + rows], out=out[r0 : r0 + rows])
+    return out
 
 
 def _check_ffn(x: Tensor, up_w: Tensor, down_t: Tensor, gate_w: Optional[Tensor] = None) -> None:
@@ -82,24 +102,23 @@ def _sparse_part(x: Tensor, m: Tensor, j: Tensor, a: Tensor, up_w: Optional[Tens
     if m.numel() == 0:
         return out
     a = a.to(x.dtype)
-    # Row gathers use index_select, not w[idx]: on the shared 2-core CPU the advanced-indexing kernel was measured
-    # at 8 ms for 30 rows with 2 threads under load (index_select: 8 µs).
+    # Row gathers go through gather_rows (index_select), never w[idx]: see gather_rows for the measurements.
     union, inv = torch.unique(j, return_inverse=True)  # (|J|,), (N,)
     if _pick(method, n_rows, union.numel(), m.numel()) == "union":
         h = torch.zeros(n_rows, union.numel(), dtype=x.dtype, device=x.device)  # (M, |J|)
         h[m, inv] = a
         if up_w is not None:
             ub = None if up_b is None else up_b.index_select(0, union)
-            h = h * F.linear(x, up_w.index_select(0, union), ub)  # (M, |J|)
-        return torch.mm(h, down_t.index_select(0, union), out=out)
+            h = h * F.linear(x, gather_rows(up_w, union), ub)  # (M, |J|)
+        return torch.mm(h, gather_rows(down_t, union), out=out)
     for e0 in range(0, m.numel(), _PAIRS_CHUNK):
         mc, jc, hc = m[e0 : e0 + _PAIRS_CHUNK], j[e0 : e0 + _PAIRS_CHUNK], a[e0 : e0 + _PAIRS_CHUNK]  # (n,)
         if up_w is not None:
-            u = (x.index_select(0, mc) * up_w.index_select(0, jc)).sum(dim=1)  # (n,)
+            u = (gather_rows(x, mc) * gather_rows(up_w, jc)).sum(dim=1)  # (n,)
             if up_b is not None:
                 u = u + up_b.index_select(0, jc)
             hc = hc * u
-        out.index_add_(0, mc, hc.unsqueeze(1) * down_t.index_select(0, jc))  # (n, D) scattered to tokens
+        out.index_add_(0, mc, hc.unsqueeze(1) * gather_rows(down_t, jc))  # (n, D) scattered to tokens
     return out
 
 

@@ -149,6 +149,32 @@ class TwELL:
         return rows, cols, values
 
 
+def validate_twell(tw: TwELL) -> None:
+    """Check every structural rule of TwELL v1 on tw.words; ValueError naming the first (row, tile) that breaks one.
+
+    Rules: 0 <= count <= tile; stored entries have columns inside their own tile and below H, strictly ascending;
+    slots past min(count, K) are 0. (pack_twell output always passes; use it on words a kernel wrote.)
+    """
+    counts = tw.counts  # (M, n_tiles)
+    cols, _ = decode_entries(tw.words[:, :, 1:])  # (M, n_tiles, K)
+    slot = torch.arange(tw.capacity, device=tw.words.device)  # (K,)
+    used = slot < counts.clamp(min=0, max=tw.capacity).unsqueeze(-1)  # (M, n_tiles, K)
+    first = (torch.arange(tw.n_tiles, device=tw.words.device) * tw.tile).view(1, -1, 1)  # (1, n_tiles, 1)
+    in_tile = (cols >= first) & (cols < (first + tw.tile).clamp(max=tw.n_cols))
+    ascending = torch.ones_like(used)
+    ascending[:, :, 1:] = cols[:, :, 1:] > cols[:, :, :-1]
+    problems = {
+        "count outside [0, tile]": (counts < 0) | (counts > tw.tile),
+        "entry column outside its tile or >= H": (used & ~in_tile).any(-1),
+        "entry columns not strictly ascending": (used & ~ascending).any(-1),
+        "unused slot not 0": (~used & (tw.words[:, :, 1:] != 0)).any(-1),
+    }
+    for what, bad in problems.items():
+        if bad.any():
+            m, t = bad.nonzero()[0].tolist()
+            raise ValueError(f"invalid TwELL words: {what} at row {m}, tile {t} ({int(bad.sum())} tile(s) in all)")
+
+
 def pack_twell(a: Tensor, tile: int = DEFAULT_TILE, compression: int = DEFAULT_COMPRESSION) -> TwELL:
     """Pack activations a (M, H) (any float dtype) into TwELL v1.
 

@@ -144,3 +144,13 @@ def test_synthetic_inputs_hit_the_requested_density():
     per_token = (torch.relu(inp.x @ inp.gate_w.T) != 0).sum(dim=1).float()
     assert 15 < float(per_token.mean()) < 25
     assert (inp.rates == 0).float().mean() > 0.2
+
+
+@pytest.mark.parametrize("n", [1, 3, 30, 300])
+def test_gather_rows_in_pieces_equals_index_select(monkeypatch, n):
+    from sparsify_cli.formats.sparse_ffn import gather_rows
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the piecewise path only runs with > 1 thread
+    w = torch.randn(100, 8192)  # 4 rows per serial piece
+    idx = torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(n))
+    assert torch.equal(gather_rows(w, idx), w[idx])

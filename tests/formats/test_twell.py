@@ -193,3 +193,38 @@ def test_corrupt_column_is_reported():
     tw = TwELL(words=words, n_cols=20, tile=32, compression=8)
     with pytest.raises(ValueError, match="corrupt"):
         unpack_twell(tw)
+
+
+def test_validate_accepts_packed_words_and_names_each_broken_rule():
+    from sparsify_cli.formats.twell import validate_twell
+
+    a = random_activations(6, 300, 0.1, seed=8)
+    good = pack_twell(a, tile=64, compression=4)
+    validate_twell(good)
+    validate_twell(pack_twell(random_activations(6, 300, 0.5, seed=8), tile=64, compression=8))  # with overflow
+    m, t = 3, 1
+    assert good.counts[m, t] >= 2
+
+    def broken(edit):
+        w = good.words.clone()
+        edit(w)
+        return TwELL(words=w, n_cols=300, tile=64, compression=4)
+
+    def set_entry(w, i, col):
+        w[m, t, 1 + i] = encode_entries(torch.tensor([col]), torch.tensor([1.0]))[0]
+
+    cases = {
+        "count outside": lambda w: w[m, t].__setitem__(0, 65),
+        "outside its tile": lambda w: set_entry(w, 0, 3),
+        "ascending": lambda w: set_entry(w, 1, int(decode_entries(w[m, t, 1])[0])),
+        "unused slot": lambda w: w[m, t].__setitem__(-1, 7),
+    }
+    for what, edit in cases.items():
+        with pytest.raises(ValueError, match=what):
+            validate_twell(broken(edit))
+    # a column in the padded part of the last tile (>= H) is invalid too
+    w = good.words.clone()
+    w[0, 4, 0], w[0, 4, 1] = 1, encode_entries(torch.tensor([310]), torch.tensor([1.0]))[0]
+    w[0, 4, 2:] = 0
+    with pytest.raises(ValueError, match=">= H"):
+        validate_twell(TwELL(words=w, n_cols=300, tile=64, compression=4))
