@@ -49,3 +49,75 @@ __device__ __forceinline__ bool relu_active(unsigned short b) {
     float f = bf16_to_f(b);
     return !(f <= 0.0f);
 }
+
+// x . u over D = 8 * nvec_d bf16 (x, u: rows of 16-byte vectors), summed over the warp (all lanes get it).
+// The 8 row vectors of a 2048-column sweep are loaded before any arithmetic, so they are in flight together;
+// x is expected to be L1-resident (re-read for every entry).
+__device__ __forceinline__ float warp_dot(const uint4* __restrict__ xg, const uint4* __restrict__ ug, int nvec_d,
+                                          int lane) {
+    float s = 0.f;
+    for (int base = 0; base < nvec_d; base += 256) {
+        uint4 u[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int vi = base + k * 32 + lane;
+            u[k] = vi < nvec_d ? __ldg(ug + vi) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int vi = base + k * 32 + lane;
+            if (vi < nvec_d) s = dot8(s, __ldg(xg + vi), u[k]);
+        }
+    }
+    return warp_sum(s);
+}
+
+// Load act[c0 .. c0+8) (bf16 bits) into v, zero past c_end; one 16-byte load when allowed.
+__device__ __forceinline__ void load8(const unsigned short* __restrict__ arow, int c0, int c_end, bool vec_ok,
+                                      unsigned short* v) {
+    if (vec_ok && c0 + 8 <= c_end) {
+        const uint4 q = __ldg(reinterpret_cast<const uint4*>(arow + c0));
+        const unsigned int w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            v[2 * e] = (unsigned short)(w[e] & 0xffffu);
+            v[2 * e + 1] = (unsigned short)(w[e] >> 16);
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = (c0 + e < c_end) ? arow[c0 + e] : (unsigned short)0;
+    }
+}
+
+// Visit the relu-active entries of act row columns [c_beg, c_end) in ascending column order, 512 columns
+// (two 16-byte loads per lane, both in flight) per step: f(rank, col, bits) with rank = 0, 1, ... in order.
+// Every lane of the warp must call it. c_beg must be a multiple of 8. Returns the number visited.
+template <typename F>
+__device__ __forceinline__ int warp_for_each_active(const unsigned short* __restrict__ arow, int c_beg, int c_end,
+                                                    bool vec_ok, int lane, F f) {
+    int r = 0;
+    for (int c = c_beg; c < c_end; c += 512) {
+        unsigned short v[2][8];
+        load8(arow, c + lane * 8, c_end, vec_ok, v[0]);
+        load8(arow, c + 256 + lane * 8, c_end, vec_ok, v[1]);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int c0 = c + 256 * h + lane * 8;
+            int n = 0;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) n += relu_active(v[h][e]) ? 1 : 0;
+            int incl = n;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int y = __shfl_up_sync(SPARSIFY_FULL_MASK, incl, o);
+                if (lane >= o) incl += y;
+            }
+            int rank = r + incl - n;
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                if (relu_active(v[h][e])) f(rank++, c0 + e, v[h][e]);
+            r += __shfl_sync(SPARSIFY_FULL_MASK, incl, 31);
+        }
+    }
+    return r;
+}

@@ -23,7 +23,7 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
     const unsigned short* __restrict__ down_t,  // (H, D)
     const unsigned short* __restrict__ act,     // (M, H)
     unsigned short* __restrict__ out,           // (M, D)
-    long long M, int D, int H, int NT, int S, int T) {
+    long long M, int D, int H, int NT, int S, int T, int vec_ok) {
     extern __shared__ int smem[];
     int* offs = smem;                                        // NT + 1
     int* ej = offs + NT + 1;                                 // DECODE_CAP
@@ -39,12 +39,8 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
 
     if (FROM_ACT) {  // no TwELL words: count each tile's non-zeros straight from the dense activation
         for (int t = warp; t < NT; t += nwarps) {
-            const int c_end = min(H, (t + 1) * T);
-            int r = 0;
-            for (int c = t * T; c < c_end; c += 32) {
-                const int col = c + lane;
-                r += __popc(__ballot_sync(SPARSIFY_FULL_MASK, col < c_end && relu_active(arow[col])));
-            }
+            const int r = warp_for_each_active(arow, t * T, min(H, (t + 1) * T), vec_ok != 0, lane,
+                                               [](int, int, unsigned short) {});
             if (lane == 0) offs[t] = r;
         }
     } else {
@@ -87,21 +83,15 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
                         eh[e - base] = bf16_to_f((unsigned short)(w & 0xffffu));
                     }
                 }
-            } else {
-                int r = 0;
-                const int c_end = min(H, (t + 1) * T);
-                for (int c = t * T; c < c_end; c += 32) {
-                    const int col = c + lane;
-                    const unsigned short b = col < c_end ? arow[col] : (unsigned short)0;
-                    const bool nz = relu_active(b);
-                    const unsigned int bal = __ballot_sync(SPARSIFY_FULL_MASK, nz);
-                    const int e = o + r + __popc(bal & ((1u << lane) - 1u));
-                    if (nz && e >= base && e < lim) {
-                        ej[e - base] = col;
-                        eh[e - base] = bf16_to_f(b);
-                    }
-                    r += __popc(bal);
-                }
+            } else {  // overflowed tile, or FROM_ACT: exact, from the dense activation
+                warp_for_each_active(arow, t * T, min(H, (t + 1) * T), vec_ok != 0, lane,
+                                     [&](int r, int col, unsigned short b) {
+                                         const int e = o + r;
+                                         if (r < n && e >= base && e < lim) {
+                                             ej[e - base] = col;
+                                             eh[e - base] = bf16_to_f(b);
+                                         }
+                                     });
             }
         }
         __syncthreads();
@@ -109,9 +99,7 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
         if (GATED) {
             for (int e = warp; e < nb; e += nwarps) {
                 const uint4* ug = reinterpret_cast<const uint4*>(up + (long long)ej[e] * D);
-                float s = 0.f;
-                for (int vi = lane; vi < nvec; vi += 32) s = dot8(s, __ldg(xg + vi), __ldg(ug + vi));
-                s = warp_sum(s);
+                const float s = warp_dot(xg, ug, nvec, lane);
                 if (lane == 0) eh[e] *= s;
             }
             __syncthreads();
@@ -145,7 +133,7 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
 #define SPARSIFY_DECODE_INST(G, A)                                                                         \
     template __global__ void twell_decode_kernel<G, A>(const unsigned short*, const int*, const unsigned short*, \
                                                        const unsigned short*, const unsigned short*,           \
-                                                       unsigned short*, long long, int, int, int, int, int);
+                                                       unsigned short*, long long, int, int, int, int, int, int);
 SPARSIFY_DECODE_INST(true, false)
 SPARSIFY_DECODE_INST(false, false)
 SPARSIFY_DECODE_INST(true, true)

@@ -17,29 +17,12 @@
 // Overflowed tiles (true count > K = S - 1) are computed EXACTLY from `act`, the dense activation the words
 // were packed from (relu applied here): the warp scans that tile's T columns and lists every non-zero.
 //
-// Template parameters: NV = 16-byte vectors per lane per chunk (chunk width DC = 256 * NV columns), GATED.
+// FROM_ACT = true fuses the packing: the list is built straight from the dense activation row (relu applied),
+// `words` is unused. (Without a GEMM epilogue that writes TwELL, this saves the pack kernel's pass.)
+//
+// Template parameters: NV = 16-byte vectors per lane per chunk (chunk width DC = 256 * NV columns), GATED,
+// FROM_ACT.
 #include "common.cuh"
-
-// x_m . U_j over all of D (x_m is L1-resident: the warp re-reads the same 2*D bytes for each entry).
-// The 8 row vectors of a 2048-column sweep are loaded before any arithmetic, so they are in flight together.
-__device__ __forceinline__ float up_dot(const uint4* __restrict__ xg, const uint4* __restrict__ ug, int nvec_d,
-                                        int lane) {
-    float s = 0.f;
-    for (int base = 0; base < nvec_d; base += 256) {
-        uint4 u[8];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            const int vi = base + k * 32 + lane;
-            u[k] = vi < nvec_d ? __ldg(ug + vi) : make_uint4(0u, 0u, 0u, 0u);
-        }
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            const int vi = base + k * 32 + lane;
-            if (vi < nvec_d) s = dot8(s, __ldg(xg + vi), u[k]);
-        }
-    }
-    return warp_sum(s);
-}
 
 #define FFN_WARPS 4
 #ifndef FFN_MIN_BLOCKS
@@ -47,7 +30,7 @@ __device__ __forceinline__ float up_dot(const uint4* __restrict__ xg, const uint
 #endif
 #define FFN_CAP 1024  // entries gathered per warp and batch (>= any tile's count: T <= 1024)
 
-template <int NV, bool GATED>
+template <int NV, bool GATED, bool FROM_ACT>
 __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kernel(
     const unsigned short* __restrict__ x,       // (M, D)
     const int* __restrict__ words,              // (M, NT, S)
@@ -55,7 +38,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
     const unsigned short* __restrict__ down_t,  // (H, D)
     const unsigned short* __restrict__ act,     // (M, H)   dense activation, read for overflowed tiles only
     unsigned short* __restrict__ out,           // (M, D)
-    long long M, int D, int H, int NT, int S, int T) {
+    long long M, int D, int H, int NT, int S, int T, int vec_ok) {
     __shared__ unsigned int s_word[FFN_WARPS][FFN_CAP];
     __shared__ float s_h[FFN_WARPS][FFN_CAP];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -75,13 +58,27 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
     for (int i = 0; i < 8 * NV; ++i) acc[i] = 0.f;
 
     const int* wrow = words + m * (long long)NT * S;
-    int t = 0;
-    while (t < NT) {
+    const unsigned short* arow = act + m * (long long)H;
+    int t = 0;      // next tile (TwELL)
+    int cnext = 0;  // next column (FROM_ACT)
+    while (FROM_ACT ? cnext < H : t < NT) {
         // ---- gather: the entries of the next tiles (up to FFN_CAP) into this warp's list, 32 tiles at a time.
         // A tile's true count decides where its entries go; overflowed tiles are read from act (exact).
         int E = 0;
         bool full = false;
-        while (t < NT && !full) {
+        if (FROM_ACT) {  // fused pack: list the row's non-zeros straight from act, 512 columns at a time
+            while (cnext < H && E <= FFN_CAP - 512) {
+                const int c_end = min(H, cnext + 512);
+                const int base = E;
+                E += warp_for_each_active(arow, cnext, c_end, vec_ok != 0, lane,
+                                          [&](int r, int col, unsigned short b) {
+                                              lw[base + r] = ((unsigned int)col << 16) | (unsigned int)b;
+                                          });
+                cnext = c_end;
+            }
+            full = true;
+        }
+        while (!FROM_ACT && t < NT && !full) {
             const int tl = t + lane;
             const int n = tl < NT ? __ldg(wrow + (long long)tl * S) : 0;  // true count
             int incl = n;
@@ -109,7 +106,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
                 for (int u = 0; u < 4; ++u)
                     if (dst[u] >= 0) lw[dst[u]] = w[u];
             }
-            unsigned int rare = __ballot_sync(SPARSIFY_FULL_MASK, fits && n > 32);
+            unsigned int rare = __ballot_sync(SPARSIFY_FULL_MASK, fits && (n > 32 || n > K));
             while (rare) {  // tiles with more than 32 entries: stored ones beyond 32, or overflowed tiles
                 const int k = __ffs(rare) - 1;
                 rare &= rare - 1;
@@ -119,18 +116,10 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
                 if (nk <= K) {
                     for (int i = 32 + lane; i < nk; i += 32) lw[ok + i] = (unsigned int)__ldg(wrow + (long long)tt * S + 1 + i);
                 } else {
-                    const unsigned short* arow = act + m * (long long)H;
-                    const int c_end = min(H, (tt + 1) * T);
-                    int r = ok;
-                    for (int c = tt * T; c < c_end; c += 32) {
-                        const int col = c + lane;
-                        const unsigned short b = col < c_end ? arow[col] : (unsigned short)0;
-                        const bool nz = relu_active(b);
-                        const unsigned int bal = __ballot_sync(SPARSIFY_FULL_MASK, nz);
-                        const int pos = r + __popc(bal & ((1u << lane) - 1u));
-                        if (nz && pos < ok + nk) lw[pos] = ((unsigned int)col << 16) | (unsigned int)b;
-                        r += __popc(bal);
-                    }
+                    warp_for_each_active(arow, tt * T, min(H, (tt + 1) * T), vec_ok != 0, lane,
+                                         [&](int r, int col, unsigned short b) {
+                                             if (r < nk) lw[ok + r] = ((unsigned int)col << 16) | (unsigned int)b;
+                                         });
                 }
             }
             if (nfit > 0) E = __shfl_sync(SPARSIFY_FULL_MASK, E + incl, nfit - 1);
@@ -142,7 +131,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
             for (int e = 0; e < E; ++e) {
                 const unsigned int w = lw[e];
                 const uint4* ug = reinterpret_cast<const uint4*>(up + (long long)(w >> 16) * D);
-                const float u = up_dot(xg, ug, nvec_d, lane);
+                const float u = warp_dot(xg, ug, nvec_d, lane);
                 if (lane == 0) lh[e] = bf16_to_f((unsigned short)(w & 0xffffu)) * u;
             }
         } else {
@@ -191,9 +180,11 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
     }
 }
 
-#define SPARSIFY_FFN_INST(NV, G)                                                                            \
-    template __global__ void twell_ffn_kernel<NV, G>(const unsigned short*, const int*, const unsigned short*, \
-                                                         const unsigned short*, const unsigned short*,          \
-                                                         unsigned short*, long long, int, int, int, int, int);
-SPARSIFY_FFN_INST(8, true)
-SPARSIFY_FFN_INST(8, false)
+#define SPARSIFY_FFN_INST(NV, G, A)                                                                        \
+    template __global__ void twell_ffn_kernel<NV, G, A>(const unsigned short*, const int*, const unsigned short*, \
+                                                        const unsigned short*, const unsigned short*,          \
+                                                        unsigned short*, long long, int, int, int, int, int, int);
+SPARSIFY_FFN_INST(8, true, false)
+SPARSIFY_FFN_INST(8, false, false)
+SPARSIFY_FFN_INST(8, true, true)
+SPARSIFY_FFN_INST(8, false, true)

@@ -92,7 +92,11 @@ def prefill_row(m: int, nnz: float, reps: int, err_rows: int = 4096) -> dict:
     }
     out = torch.empty_like(x)
 
-    def sparse():
+    def sparse():  # gate GEMM + fused list-building sparse kernel (what ffn_forward runs)
+        a = x @ gate.T
+        return ops.relu_ffn(x, a, up, down_t)
+
+    def sparse_twell():  # gate GEMM + TwELL pack + TwELL kernel
         a = x @ gate.T
         w = ops.twell_pack(a, TILE, SLOTS)
         return ops.twell_ffn(x, w, up, down_t, a, TILE)
@@ -103,13 +107,19 @@ def prefill_row(m: int, nnz: float, reps: int, err_rows: int = 4096) -> dict:
     for name, defs in (("ffn_kernel_ms", ()), ("ffn_kernel_mb4_ms", ("FFN_MIN_BLOCKS=4",))):
         row[name] = cuda_time(lambda: launchers.launch_twell_ffn(x, words, up, down_t, act, out, TILE, defines=defs),
                               reps)
+    for name, defs in (("fused_kernel_ms", ()), ("fused_kernel_mb4_ms", ("FFN_MIN_BLOCKS=4",))):
+        row[name] = cuda_time(lambda: launchers.launch_relu_ffn(x, act, up, down_t, out, defines=defs), reps)
     row["sparse_ms"] = cuda_time(sparse, reps)
+    row["sparse_twell_ms"] = cuda_time(sparse_twell, reps)
     row["auto_ms"] = cuda_time(lambda: ffn_forward(x, gate, up, down_t, mode="auto", kernels="cuda"), reps)
+    row["auto_hint_ms"] = cuda_time(
+        lambda: ffn_forward(x, gate, up, down_t, mode="auto", kernels="cuda", nnz_hint=row["nnz_mean"]), reps)
     row["speedup"] = row["dense_ms"] / row["sparse_ms"]
     row["speedup_auto"] = row["dense_ms"] / row["auto_ms"]
     r = slice(0, min(m, err_rows))
     ref32 = dense_block(x[r].float(), gate.float(), up.float(), down.float())
     row["rel_err_sparse"] = _rel(sparse()[r], ref32)
+    row["rel_err_sparse_twell"] = _rel(sparse_twell()[r], ref32)
     row["rel_err_torch_bf16"] = _rel(dense_block(x[r], gate, up, down), ref32)
     del inp, x, act, words, out
     torch.cuda.empty_cache()
@@ -130,7 +140,7 @@ def decode_row(m: int, reps: int, layers: int = 4) -> dict:
 
     def sparse_one(s, dt):  # the decode path ffn_forward takes: no TwELL, entries straight from act
         a = x @ s.gate.T
-        return ops.relu_ffn_decode(x, a, s.up, dt)
+        return ops.relu_ffn(x, a, s.up, dt)
 
     def sparse_all():
         for s, dt in zip(sets, downs_t):
@@ -184,15 +194,19 @@ def run(quick: bool = False, reps: int = 30) -> dict:
 
 
 def format_table(result: dict) -> str:
-    lines = ["| kind | M | nnz mean/max | max/tile | dense ms | sparse ms | speed-up | gate ms | pack ms | "
-             "ffn kernel ms (mb4 / decode via TwELL) | auto ms | rel err sparse / torch-bf16 |", "|" + "---|" * 12]
+    nan = float("nan")
+    lines = ["| kind | M | nnz mean/max | max/tile | dense ms | sparse ms | speed-up | via TwELL ms | gate ms | "
+             "pack ms | TwELL kernel ms (mb4) | fused kernel ms (mb4) | auto / auto+hint ms | rel err sparse / bf16 |",
+             "|" + "---|" * 14]
     for r in result["rows"]:
         lines.append(
             f"| {r['kind']} | {r['M']} | {r['nnz_mean']:.1f} / {r['nnz_max']} | {r['max_per_tile']} | "
-            f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}× | {r.get('gate_gemm_ms', 0):.3f} | "
-            f"{r.get('pack_ms', float('nan')):.3f} | {r.get('ffn_kernel_ms', float('nan')):.3f} "
-            f"({r.get('ffn_kernel_mb4_ms', r.get('sparse_twell_ms', float('nan'))):.3f}) | "
-            f"{r.get('auto_ms', float('nan')):.3f} | {r['rel_err_sparse']:.2e} / {r['rel_err_torch_bf16']:.2e} |"
+            f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}× | {r.get('sparse_twell_ms', nan):.3f} | "
+            f"{r.get('gate_gemm_ms', nan):.3f} | {r.get('pack_ms', nan):.3f} | "
+            f"{r.get('ffn_kernel_ms', nan):.3f} ({r.get('ffn_kernel_mb4_ms', nan):.3f}) | "
+            f"{r.get('fused_kernel_ms', nan):.3f} ({r.get('fused_kernel_mb4_ms', nan):.3f}) | "
+            f"{r.get('auto_ms', nan):.3f} / {r.get('auto_hint_ms', nan):.3f} | "
+            f"{r['rel_err_sparse']:.2e} / {r['rel_err_torch_bf16']:.2e} |"
         )
     return "\n".join(lines)
 

@@ -65,11 +65,14 @@ def dense_ffn(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, dow
 
 def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor, *,
                 kernels: str = "auto", mode: str = "auto", tile: int = DEFAULT_TILE, slots: int = DEFAULT_SLOTS,
-                policy: SparsePolicy = DEFAULT_POLICY, nnz_hint: float | None = None) -> torch.Tensor:
+                policy: SparsePolicy = DEFAULT_POLICY, nnz_hint: float | None = None,
+                via_twell: bool = False) -> torch.Tensor:
     """FFN block forward. kernels: auto|cuda|torch (backend); mode: auto|sparse|dense (path on the CUDA backend).
 
     ``nnz_hint``: mean active neurons per token if known (e.g. calibrated per layer); otherwise estimated from
-    a sample of the activation rows when mode is auto.
+    a sample of the activation rows when mode is auto. ``via_twell``: materialize TwELL words (pack kernel)
+    and run the TwELL kernels, instead of the fused kernels that list entries straight from the activation
+    (faster while the gate GEMM does not write TwELL itself; BENCHMARKS.md).
     """
     backend = availability.resolve_backend(kernels)
     if backend == "torch" or x.device.type != "cuda" or mode == "dense":
@@ -79,12 +82,11 @@ def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, d
     from sparsify_cli.kernels import ops
 
     act = x @ w_act.T  # (M, H) cuBLAS
-    decode = x.shape[0] <= policy.decode_max_m
     if mode == "auto":
         nnz = nnz_hint if nnz_hint is not None else estimate_nnz(act, policy.sample_rows)
         if not policy.choose_sparse(x.shape[0], nnz, w_act.shape[0]):
             return dense_ffn(x, w_act, up, down_t, act=act)
-    if decode:
-        return ops.relu_ffn_decode(x, act, up, down_t)
+    if not via_twell:
+        return ops.relu_ffn(x, act, up, down_t)
     words = ops.twell_pack(act, tile, slots)
     return ops.twell_ffn(x, words, up, down_t, act, tile)

@@ -115,11 +115,16 @@ def launch_twell_pack(act: torch.Tensor, words: torch.Tensor, tile: int, slots: 
     loader.launch(fn, grid, (32 * PACK_WARPS,), args)
 
 
-def ffn_instance(d: int, gated: bool) -> tuple[str, int, int]:
+def ffn_instance(d: int, gated: bool, from_act: bool = False) -> tuple[str, int, int]:
     """(kernel expression, chunk width, number of chunks) of the prefill kernel for this D."""
     nv = (d + 255) // 256 if d <= FFN_CHUNK else FFN_CHUNK // 256
     dc = 256 * nv
-    return f"twell_ffn_kernel<{nv}, {'true' if gated else 'false'}>", dc, (d + dc - 1) // dc
+    expr = f"twell_ffn_kernel<{nv}, {'true' if gated else 'false'}, {'true' if from_act else 'false'}>"
+    return expr, dc, (d + dc - 1) // dc
+
+
+def _vec_ok(act: torch.Tensor) -> int:
+    return int(act.shape[1] % 8 == 0 and act.data_ptr() % 16 == 0)
 
 
 def _decode_launch(x, words, up, down_t, act, out, tile, from_act: bool, m, d, h, nt, s) -> None:
@@ -134,20 +139,41 @@ def _decode_launch(x, words, up, down_t, act, out, tile, from_act: bool, m, d, h
         fn.max_dynamic_shared_size_bytes = smem
     ptrs = (x.data_ptr(), words.data_ptr() if words is not None else 0, up.data_ptr() if up is not None else 0,
             down_t.data_ptr(), act.data_ptr(), out.data_ptr())
-    tail = (_i64(m), _i32(d), _i32(h), _i32(nt), _i32(s), _i32(tile))
+    tail = (_i64(m), _i32(d), _i32(h), _i32(nt), _i32(s), _i32(tile), _i32(_vec_ok(act)))
     loader.launch(fn, (m,), (DECODE_THREADS,), ptrs + tail, shared_mem=smem)
 
 
-def launch_relu_ffn_decode(x, act, up, down_t, out, tile: int = 256) -> None:
-    """Decode path without TwELL: entries come straight from the dense activation ``act`` (relu applied);
-    reads only the active rows of U and DownT. One block per token: meant for M <= DECODE_MAX_M."""
+def _prefill_launch(x, words, up, down_t, act, out, tile, from_act: bool, defines, m, d, h, nt, s) -> None:
+    from sparsify_cli.kernels import loader
+
+    expr, _, chunks = ffn_instance(d, up is not None, from_act)
+    fn = loader.get_function("twell_ffn.cu", expr, defines)
+    ptrs = (x.data_ptr(), words.data_ptr() if words is not None else 0, up.data_ptr() if up is not None else 0,
+            down_t.data_ptr(), act.data_ptr(), out.data_ptr())
+    tail = (_i64(m), _i32(d), _i32(h), _i32(nt), _i32(s), _i32(tile), _i32(_vec_ok(act)))
+    loader.launch(fn, ((m + FFN_WARPS - 1) // FFN_WARPS, chunks), (32 * FFN_WARPS,), ptrs + tail)
+
+
+def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 256,
+                    defines: tuple[str, ...] = ()) -> None:
+    """The sparse FFN without materializing TwELL: each token's entries come straight from the dense activation
+    ``act`` (relu applied; packing fused into the FFN kernel). Reads only the active rows of U and DownT.
+    path: auto (decode kernel for M <= DECODE_MAX_M, else prefill) | prefill | decode."""
     if act.dim() != 2 or x.dim() != 2:
         raise ValueError("x and act must be 2-D: x (M, D), act (M, H)")
     m, h = act.shape
     dummy = torch.empty(m, n_tiles(h, tile), 2, dtype=torch.int32, device=x.device)  # shape checks only
     m, d, h, nt, _ = check_ffn_args(x, dummy, up, down_t, act, out, tile)
-    if m:
+    if m == 0:
+        return
+    if path == "auto":
+        path = "decode" if m <= DECODE_MAX_M else "prefill"
+    if path == "decode":
         _decode_launch(x, None, up, down_t, act, out, tile, True, m, d, h, nt, 2)
+    elif path == "prefill":
+        _prefill_launch(x, None, up, down_t, act, out, tile, True, defines, m, d, h, nt, 2)
+    else:
+        raise ValueError(f"path must be auto, prefill or decode, got {path!r}")
 
 
 def launch_twell_ffn(x, words, up, down_t, act, out, tile: int, *, path: str = "auto",
@@ -159,18 +185,11 @@ def launch_twell_ffn(x, words, up, down_t, act, out, tile: int, *, path: str = "
     m, d, h, nt, s = check_ffn_args(x, words, up, down_t, act, out, tile)
     if m == 0:
         return
-    gated = up is not None
     if path == "auto":
         path = "decode" if m <= DECODE_MAX_M else "prefill"
     if path == "decode":
         _decode_launch(x, words, up, down_t, act, out, tile, False, m, d, h, nt, s)
     elif path == "prefill":
-        expr, _, chunks = ffn_instance(d, gated)
-        fn = loader.get_function("twell_ffn.cu", expr, defines)
-        ptrs = (x.data_ptr(), words.data_ptr(), up.data_ptr() if gated else 0, down_t.data_ptr(), act.data_ptr(),
-                out.data_ptr())
-        tail = (_i64(m), _i32(d), _i32(h), _i32(nt), _i32(s), _i32(tile))
-        grid = ((m + FFN_WARPS - 1) // FFN_WARPS, chunks)
-        loader.launch(fn, grid, (32 * FFN_WARPS,), ptrs + tail)
+        _prefill_launch(x, words, up, down_t, act, out, tile, False, defines, m, d, h, nt, s)
     else:
         raise ValueError(f"path must be auto, prefill or decode, got {path!r}")

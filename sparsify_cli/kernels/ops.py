@@ -4,8 +4,9 @@
 - sparsify::twell_ffn(x, words, up, down_t, act, tile) -> out
       gated (up given): out = (a ⊙ (x·Uᵀ))·DownT; plain (up None): out = a·DownT, a = the words' activation;
       overflowed tiles are read from relu(act) exactly. M <= 64 runs the decode kernel.
-- sparsify::relu_ffn_decode(x, act, up, down_t) -> out
-      the same block for few tokens straight from the dense activation (no TwELL, no pack launch).
+- sparsify::relu_ffn(x, act, up, down_t) -> out
+      the same block straight from the dense activation (packing fused into the FFN kernel, no TwELL
+      materialized): the fast path while the gate GEMM has no TwELL-writing epilogue.
 Inference only: no autograd formula is registered (backward through these ops raises).
 """
 
@@ -46,13 +47,13 @@ def _(x, words, up, down_t, act, tile):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("sparsify::relu_ffn_decode", mutates_args=())
-def relu_ffn_decode(x: torch.Tensor, act: torch.Tensor, up: Optional[torch.Tensor], down_t: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("sparsify::relu_ffn", mutates_args=())
+def relu_ffn(x: torch.Tensor, act: torch.Tensor, up: Optional[torch.Tensor], down_t: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
-    launchers.launch_relu_ffn_decode(x, act, up, down_t, out)
+    launchers.launch_relu_ffn(x, act, up, down_t, out)
     return out
 
 
-@relu_ffn_decode.register_fake
+@relu_ffn.register_fake
 def _(x, act, up, down_t):
     return torch.empty_like(x)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the FFN benchmark on the device machine; logs and JSON go to $OUT (or ./gpu_out).
-# Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|all] [extra args for the bench]
+# Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|profile|all] [extra args for the bench]
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -12,5 +12,15 @@ if [[ $what == tests || $what == all ]]; then
 fi
 if [[ $what == bench || $what == all ]]; then
   python3 -m sparsify_cli.bench.ffn --out "$OUT/ffn_bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{' || rc=1
+fi
+if [[ $what == profile || $what == all ]]; then
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [[ -n $NCU ]]; then
+    timeout 240 "$NCU" --kernel-name regex:'twell_ffn_kernel|twell_pack' --launch-skip 0 --launch-count 3 \
+      --metrics gpu__time_duration.sum,lts__t_sector_hit_rate.pct,lts__t_bytes.sum.per_second,dram__bytes.sum.per_second,l1tex__t_sector_hit_rate.pct,sm__throughput.avg.pct_of_peak_sustained_elapsed,lts__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active \
+      python3 tests/gpu/profile_ffn.py > "$OUT/ncu.txt" 2>&1; tail -n 60 "$OUT/ncu.txt"
+  else
+    echo "ncu not found" | tee "$OUT/ncu.txt"
+  fi
 fi
 exit $rc

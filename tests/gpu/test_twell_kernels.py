@@ -70,8 +70,8 @@ def _ffn_case(m, d, h, density, gated, path, slots=32, tile=256, seed=0):
     act = inp.x @ inp.gate.T
     words = ops.twell_pack(act, tile, slots)
     out = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
-    if path == "decode_act":
-        launchers.launch_relu_ffn_decode(inp.x, act, up, down_t, out, tile)
+    if path in ("decode_act", "prefill_act"):
+        launchers.launch_relu_ffn(inp.x, act, up, down_t, out, path=path.split("_")[0], tile=tile)
     elif path == "prefill_mb4":
         launchers.launch_twell_ffn(inp.x, words, up, down_t, act, out, tile, path="prefill",
                                    defines=("FFN_MIN_BLOCKS=4",))
@@ -93,7 +93,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("m,d,h", SHAPES)
 @pytest.mark.parametrize("density", [0.1, 0.02, 0.005, 0.001])
 @pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize("path", ["auto", "prefill", "decode", "decode_act", "prefill_mb4"])
+@pytest.mark.parametrize("path", ["auto", "prefill", "decode", "decode_act", "prefill_act", "prefill_mb4"])
 def test_ffn_matches_reference(m, d, h, density, gated, path):
     out, ref32, t16, words = _ffn_case(m, d, h, density, gated, path, seed=m + d + h)
     assert not torch.isnan(out).any(), "unwritten (poisoned) output elements"
@@ -129,6 +129,8 @@ def _end_to_end(m, ffn):
     ref = reference.dense_ffn_ref(inp.x, inp.gate, inp.up, down_t)
     dense = ffn.ffn_forward(inp.x, inp.gate, inp.up, down_t, mode="dense")
     sparse = ffn.ffn_forward(inp.x, inp.gate, inp.up, down_t, mode="sparse", kernels="cuda")
+    twell = ffn.ffn_forward(inp.x, inp.gate, inp.up, down_t, mode="sparse", kernels="cuda", via_twell=True)
+    assert _rel(twell, ref) <= 2 * _rel(dense, ref) + 1e-4
     auto = ffn.ffn_forward(inp.x, inp.gate, inp.up, down_t, mode="auto", kernels="cuda")
     terr = _rel(dense, ref)
     assert _rel(sparse, ref) <= 2 * terr + 1e-4
@@ -140,6 +142,7 @@ def test_ops_on_side_stream_and_graph():
     down_t = inp.down.T.contiguous()
     act = inp.x @ inp.gate.T
     want = ops.twell_ffn(inp.x, ops.twell_pack(act, 256, 32), inp.up, down_t, act, 256)
+    assert torch.equal(ops.relu_ffn(inp.x, act, inp.up, down_t), want)  # same list order -> same sums
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
