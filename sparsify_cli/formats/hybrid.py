@@ -87,7 +87,7 @@ def pack_hybrid(a: Tensor, width: int = DEFAULT_WIDTH) -> HybridELL:
         raise ValueError(f"pack_hybrid width must be >= 1; got {width}")
     n_rows, n_cols = a.shape
     dev = a.device
-    m, j = (a != 0).nonzero(as_tuple=True)  # (N,), (N,) row-major, ascending column within a row
+    m, j = a.nonzero(as_tuple=True)  # (N,), (N,): a != 0 (NaN in, -0.0 out), row-major, ascending columns
     counts = torch.bincount(m, minlength=n_rows)  # (M,)
     starts = torch.cumsum(counts, 0) - counts  # (M,)
     rank = torch.arange(m.numel(), device=dev) - starts[m]  # (N,) position within the row
@@ -115,7 +115,7 @@ def hybrid_entries(hy: HybridELL) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     live = (torch.arange(width, device=hy.values.device) < hy.counts.unsqueeze(1)) & ~hy.in_tail.unsqueeze(1)
     m, k = live.nonzero(as_tuple=True)  # (N1,)
     ell_cols = hy.cols[m, k].to(torch.int64)
-    r, tj = (hy.tail != 0).nonzero(as_tuple=True)  # (N2,)
+    r, tj = hy.tail.nonzero(as_tuple=True)  # (N2,)
     rows = torch.cat([m, hy.tail_rows[r]])
     cols = torch.cat([ell_cols, tj])
     values = torch.cat([hy.values[m, k], hy.tail[r, tj]])

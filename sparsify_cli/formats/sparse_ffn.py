@@ -136,8 +136,8 @@ def sparse_ffn_forward(x: Tensor, gate_w: Tensor, up_w: Tensor, down_t: Tensor, 
     The gate is computed densely (it decides the pattern); U and Down are read only at active neurons.
     """
     _check_ffn(x, up_w, down_t, gate_w)
-    a = torch.relu(F.linear(x, gate_w, gate_b))  # (M, H)
-    m, j = (a != 0).nonzero(as_tuple=True)  # (N,) active pairs (NaN counts as active)
+    a = F.linear(x, gate_w, gate_b).relu_()  # (M, H)
+    m, j = a.nonzero(as_tuple=True)  # (N,) active pairs: a != 0, so NaN counts as active
     return _add_bias(_sparse_part(x, m, j, a[m, j], up_w, up_b, down_t, method), down_b)
 
 
@@ -145,8 +145,8 @@ def sparse_plain_ffn_forward(x: Tensor, up_w: Tensor, down_t: Tensor, up_b: Opti
                              down_b: Optional[Tensor] = None, method: str = "auto") -> Tensor:
     """Non-gated FFN: the up projection is dense (it decides the pattern); Down is read only at active neurons."""
     _check_ffn(x, up_w, down_t)
-    a = torch.relu(F.linear(x, up_w, up_b))  # (M, H)
-    m, j = (a != 0).nonzero(as_tuple=True)
+    a = F.linear(x, up_w, up_b).relu_()  # (M, H)
+    m, j = a.nonzero(as_tuple=True)
     return _add_bias(_sparse_part(x, m, j, a[m, j], None, None, down_t, method), down_b)
 
 

@@ -195,7 +195,8 @@ def pack_twell(a: Tensor, tile: int = DEFAULT_TILE, compression: int = DEFAULT_C
     rows_per_step = max(1, _PACK_CHUNK_ELEMS // n_cols)
     for r0 in range(0, n_rows, rows_per_step):  # row blocks only bound memory; everything inside is vectorized
         block = a[r0 : r0 + rows_per_step]  # (m, H)
-        m, j = (block != 0).nonzero(as_tuple=True)  # (N,), (N,) row-major: ascending column within a row
+        # nonzero() of a float tensor selects x != 0 (NaN in, -0.0 out) in row-major order: ascending columns.
+        m, j = block.nonzero(as_tuple=True)  # (N,), (N,)
         group = m * n_tiles + torch.div(j, tile, rounding_mode="floor")  # (N,) (token, tile) within the block
         counts = torch.bincount(group, minlength=block.shape[0] * n_tiles)  # (m * n_tiles,)
         words[r0 : r0 + block.shape[0], :, 0] = counts.view(-1, n_tiles).to(torch.int32)

@@ -58,8 +58,11 @@ def test_every_row_in_the_tail_and_none():
 def test_nan_is_kept():
     a = torch.zeros(2, 20)
     a[0, 3] = float("nan")
+    a[0, 4] = -0.0  # == 0: not an entry
     a[1, :5] = float("nan")
-    out = unpack_hybrid(pack_hybrid(a, width=2))
+    hy = pack_hybrid(a, width=2)
+    assert hy.counts.tolist() == [1, 5] and hy.tail_rows.tolist() == [1]
+    out = unpack_hybrid(hy)
     assert out.isnan().sum() == 6 and out[0, 3].isnan()
 
 
