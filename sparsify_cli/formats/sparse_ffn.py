@@ -39,20 +39,38 @@ def down_rows(down_w: Tensor) -> Tensor:
     return down_w.t().contiguous()
 
 
-def gather_rows(w: Tensor, idx: Tensor) -> Tensor:
-    """w.index_select(0, idx): (n, D). Small gathers (decode) are done in pieces that torch keeps on one thread.
+def _serial_rows(n: int, d: int) -> int:
+    """Rows per piece for a row op on (n, D) done in pieces that torch keeps on one thread; 0: one call is better.
 
     Measured on the shared 2-core CPU under load: one index_select of 32 rows of 2048 floats with 2 threads took
-    ~5-8 ms (waking the second OpenMP thread while another process holds that core); in pieces of 16 rows, 8 µs
-    each. Large gathers keep the single parallel call, which amortizes the wake-up.
+    ~5-8 ms (waking the second OpenMP thread while another process holds that core), index_add_ of 30 rows ~60 ms;
+    in pieces of 16 rows, under 10 µs each. Large ops keep the single parallel call, which amortizes the wake-up.
     """
-    n, d = idx.numel(), w.shape[1]
     rows = max(1, _SERIAL_GATHER_ELEMS // max(d, 1))
     if n <= rows or n > rows * _SERIAL_GATHER_MAX_PIECES or torch.get_num_threads() == 1:
+        return 0
+    return rows
+
+
+def gather_rows(w: Tensor, idx: Tensor) -> Tensor:
+    """w.index_select(0, idx): (n, D); small gathers (decode) run in single-threaded pieces (see _serial_rows)."""
+    n, d = idx.numel(), w.shape[1]
+    rows = _serial_rows(n, d)
+    if not rows:
         return w.index_select(0, idx)
     out = w.new_empty(n, d)  # (n, D)
     for r0 in range(0, n, rows):
         torch.index_select(w, 0, idx[r0 : r0 + rows], out=out[r0 : r0 + rows])
+    return out
+
+
+def add_rows(out: Tensor, idx: Tensor, src: Tensor) -> Tensor:
+    """out.index_add_(0, idx, src) for src (n, D); small ones in single-threaded pieces (see _serial_rows)."""
+    rows = _serial_rows(idx.numel(), src.shape[1])
+    if not rows:
+        return out.index_add_(0, idx, src)
+    for r0 in range(0, idx.numel(), rows):
+        out.index_add_(0, idx[r0 : r0 + rows], src[r0 : r0 + rows])
     return out
 
 
@@ -118,7 +136,7 @@ def _sparse_part(x: Tensor, m: Tensor, j: Tensor, a: Tensor, up_w: Optional[Tens
             if up_b is not None:
                 u = u + up_b.index_select(0, jc)
             hc = hc * u
-        out.index_add_(0, mc, hc.unsqueeze(1) * gather_rows(down_t, jc))  # (n, D) scattered to tokens
+        add_rows(out, mc, hc.unsqueeze(1) * gather_rows(down_t, jc))  # (n, D) scattered to tokens
     return out
 
 

@@ -148,9 +148,11 @@ def test_synthetic_inputs_hit_the_requested_density():
 
 @pytest.mark.parametrize("n", [1, 3, 30, 300])
 def test_gather_rows_in_pieces_equals_index_select(monkeypatch, n):
-    from sparsify_cli.formats.sparse_ffn import gather_rows
+    from sparsify_cli.formats.sparse_ffn import add_rows, gather_rows
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the piecewise path only runs with > 1 thread
     w = torch.randn(100, 8192)  # 4 rows per serial piece
     idx = torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(n))
     assert torch.equal(gather_rows(w, idx), w[idx])
+    src = torch.randn(n, 8192)
+    assert torch.equal(add_rows(torch.zeros(5, 8192), idx % 5, src), torch.zeros(5, 8192).index_add_(0, idx % 5, src))
