@@ -33,7 +33,7 @@ def _check_activation(a: Tensor, where: str) -> None:
         raise ValueError(f"{where} needs 1 <= H < 2**31 columns (int32 indices); got H={a.shape[1]}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compare fields explicitly
 class HybridELL:
     """Row-major activations: ELL of width W for rows with <= W non-zeros, the other rows whole in a dense tail."""
 
@@ -131,7 +131,7 @@ def unpack_hybrid(hy: HybridELL) -> Tensor:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compare fields explicitly
 class HybridT:
     """Neuron-major (transposed) pattern: CSC of a (M, H), i.e. CSR of aᵀ (H, M).
 

@@ -69,7 +69,7 @@ def decode_entries(words: Tensor) -> tuple[Tensor, Tensor]:
     return cols, bits.view(torch.bfloat16)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compare .words etc. explicitly
 class TwELL:
     """Packed activations of M tokens over n_cols neurons. words: int32 (M, n_tiles, S)."""
 
