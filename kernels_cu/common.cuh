@@ -121,3 +121,31 @@ __device__ __forceinline__ int warp_for_each_active(const unsigned short* __rest
     }
     return r;
 }
+
+// Two dots x.u0 and x.u1 at once (16 row loads in flight per lane); u1 may be null (then s1 = 0).
+__device__ __forceinline__ void warp_dot2(const uint4* __restrict__ xg, const uint4* __restrict__ u0,
+                                          const uint4* __restrict__ u1, int nvec_d, int lane, float& s0, float& s1) {
+    s0 = 0.f;
+    s1 = 0.f;
+    for (int base = 0; base < nvec_d; base += 256) {
+        uint4 a[8], b[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int vi = base + k * 32 + lane;
+            const bool ok = vi < nvec_d;
+            a[k] = ok ? __ldg(u0 + vi) : make_uint4(0u, 0u, 0u, 0u);
+            b[k] = (ok && u1 != nullptr) ? __ldg(u1 + vi) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int vi = base + k * 32 + lane;
+            if (vi < nvec_d) {
+                const uint4 xv = __ldg(xg + vi);
+                s0 = dot8(s0, xv, a[k]);
+                s1 = dot8(s1, xv, b[k]);
+            }
+        }
+    }
+    s0 = warp_sum(s0);
+    s1 = warp_sum(s1);
+}

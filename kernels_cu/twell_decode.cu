@@ -14,6 +14,8 @@
 
 #define DECODE_THREADS 512
 #define DECODE_CAP 1024
+#define DECODE_GROUPS 2                                     // entry groups in the down phase
+#define DECODE_VEC_THREADS (DECODE_THREADS / DECODE_GROUPS)  // column vectors per group and pass
 
 template <bool GATED, bool FROM_ACT>
 __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
@@ -96,29 +98,57 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
         }
         __syncthreads();
         const int nb = lim - base;
-        if (GATED) {
-            for (int e = warp; e < nb; e += nwarps) {
-                const uint4* ug = reinterpret_cast<const uint4*>(up + (long long)ej[e] * D);
-                const float s = warp_dot(xg, ug, nvec, lane);
-                if (lane == 0) eh[e] *= s;
+        if (GATED) {  // two entries per warp at a time: 16 row loads in flight per lane
+            for (int e = 2 * warp; e < nb; e += 2 * nwarps) {
+                const uint4* u0 = reinterpret_cast<const uint4*>(up + (long long)ej[e] * D);
+                const uint4* u1 = e + 1 < nb ? reinterpret_cast<const uint4*>(up + (long long)ej[e + 1] * D) : nullptr;
+                float s0, s1;
+                warp_dot2(xg, u0, u1, nvec, lane, s0, s1);
+                if (lane == 0) {
+                    eh[e] *= s0;
+                    if (e + 1 < nb) eh[e + 1] *= s1;
+                }
             }
             __syncthreads();
         }
-        for (int vi = tid; vi < nvec; vi += DECODE_THREADS) {
-            float acc[8];
+        // down: threads split into DECODE_GROUPS groups; group g owns a contiguous share of the entries for
+        // every column vector; 8 row loads in flight per thread; groups add their partials in a fixed order.
+        {
+            const int g = tid / DECODE_VEC_THREADS, v0 = tid % DECODE_VEC_THREADS;
+            const int per = (nb + DECODE_GROUPS - 1) / DECODE_GROUPS;
+            const int e_beg = min(nb, g * per), e_end = min(nb, e_beg + per);
+            for (int vi0 = 0; vi0 < nvec; vi0 += DECODE_VEC_THREADS) {
+                const int vi = vi0 + v0;
+                float acc[8];
 #pragma unroll
-            for (int i = 0; i < 8; ++i) acc[i] = accrow[8 * vi + i];
-            int e = 0;
-            for (; e + 4 <= nb; e += 4) {
-                uint4 q[4];
+                for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+                if (vi < nvec) {
+                    int e = e_beg;
+                    for (; e + 8 <= e_end; e += 8) {
+                        uint4 q[8];
 #pragma unroll
-                for (int u = 0; u < 4; ++u) q[u] = __ldg(reinterpret_cast<const uint4*>(down_t + (long long)ej[e + u] * D) + vi);
+                        for (int u = 0; u < 8; ++u)
+                            q[u] = __ldg(reinterpret_cast<const uint4*>(down_t + (long long)ej[e + u] * D) + vi);
 #pragma unroll
-                for (int u = 0; u < 4; ++u) axpy8(acc, eh[e + u], q[u]);
+                        for (int u = 0; u < 8; ++u) axpy8(acc, eh[e + u], q[u]);
+                    }
+                    uint4 q[8];
+#pragma unroll
+                    for (int u = 0; u < 8; ++u)
+                        q[u] = e + u < e_end ? __ldg(reinterpret_cast<const uint4*>(down_t + (long long)ej[e + u] * D) + vi)
+                                             : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+                    for (int u = 0; u < 8; ++u)
+                        if (e + u < e_end) axpy8(acc, eh[e + u], q[u]);
+                }
+                for (int gg = 0; gg < DECODE_GROUPS; ++gg) {
+                    if (gg == g && vi < nvec) {
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) accrow[8 * vi + i] += acc[i];
+                    }
+                    __syncthreads();
+                }
             }
-            for (; e < nb; ++e) axpy8(acc, eh[e], __ldg(reinterpret_cast<const uint4*>(down_t + (long long)ej[e] * D) + vi));
-#pragma unroll
-            for (int i = 0; i < 8; ++i) accrow[8 * vi + i] = acc[i];
         }
         __syncthreads();
     }

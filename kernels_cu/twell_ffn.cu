@@ -30,7 +30,7 @@
 #endif
 #define FFN_CAP 1024  // entries gathered per warp and batch (>= any tile's count: T <= 1024)
 
-template <int NV, bool GATED, bool FROM_ACT>
+template <int NV, bool GATED, bool FROM_ACT, bool HBUF>
 __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kernel(
     const unsigned short* __restrict__ x,       // (M, D)
     const int* __restrict__ words,              // (M, NT, S)
@@ -38,7 +38,8 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
     const unsigned short* __restrict__ down_t,  // (H, D)
     const unsigned short* __restrict__ act,     // (M, H)   dense activation, read for overflowed tiles only
     unsigned short* __restrict__ out,           // (M, D)
-    long long M, int D, int H, int NT, int S, int T, int vec_ok) {
+    long long M, int D, int H, int NT, int S, int T, int vec_ok,
+    const float* __restrict__ hbuf) {  // (M, NT, S) h per stored slot, from twell_up_kernel (HBUF only)
     __shared__ unsigned int s_word[FFN_WARPS][FFN_CAP];
     __shared__ float s_h[FFN_WARPS][FFN_CAP];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -58,6 +59,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
     for (int i = 0; i < 8 * NV; ++i) acc[i] = 0.f;
 
     const int* wrow = words + m * (long long)NT * S;
+    const float* hrow = hbuf + m * (long long)NT * S;  // only dereferenced when HBUF
     const unsigned short* arow = act + m * (long long)H;
     int t = 0;      // next tile (TwELL)
     int cnext = 0;  // next column (FROM_ACT)
@@ -93,6 +95,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
             const int off = E + incl - n;
             for (int k0 = 0; k0 < nfit; k0 += 4) {  // common case: 4 tiles' slot loads in flight per step
                 unsigned int w[4];
+                float hv[4];
                 int dst[4];
 #pragma unroll
                 for (int u = 0; u < 4; ++u) {
@@ -100,11 +103,16 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
                     const int nk = __shfl_sync(SPARSIFY_FULL_MASK, n, k & 31);
                     const int ok = __shfl_sync(SPARSIFY_FULL_MASK, off, k & 31);
                     dst[u] = (k < nfit && nk <= K && lane < nk) ? ok + lane : -1;
-                    w[u] = dst[u] >= 0 ? (unsigned int)__ldg(wrow + (long long)(t + k) * S + 1 + lane) : 0u;
+                    const long long slot = (long long)(t + k) * S + 1 + lane;
+                    w[u] = dst[u] >= 0 ? (unsigned int)__ldg(wrow + slot) : 0u;
+                    hv[u] = (HBUF && dst[u] >= 0) ? __ldg(hrow + slot) : 0.f;
                 }
 #pragma unroll
                 for (int u = 0; u < 4; ++u)
-                    if (dst[u] >= 0) lw[dst[u]] = w[u];
+                    if (dst[u] >= 0) {
+                        lw[dst[u]] = w[u];
+                        if (HBUF) lh[dst[u]] = hv[u];
+                    }
             }
             unsigned int rare = __ballot_sync(SPARSIFY_FULL_MASK, fits && (n > 32 || n > K));
             while (rare) {  // tiles with more than 32 entries: stored ones beyond 32, or overflowed tiles
@@ -114,20 +122,35 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
                 const int ok = __shfl_sync(SPARSIFY_FULL_MASK, off, k);
                 const int tt = t + k;
                 if (nk <= K) {
-                    for (int i = 32 + lane; i < nk; i += 32) lw[ok + i] = (unsigned int)__ldg(wrow + (long long)tt * S + 1 + i);
+                    for (int i = 32 + lane; i < nk; i += 32) {
+                        lw[ok + i] = (unsigned int)__ldg(wrow + (long long)tt * S + 1 + i);
+                        if (HBUF) lh[ok + i] = __ldg(hrow + (long long)tt * S + 1 + i);
+                    }
                 } else {
                     warp_for_each_active(arow, tt * T, min(H, (tt + 1) * T), vec_ok != 0, lane,
                                          [&](int r, int col, unsigned short b) {
                                              if (r < nk) lw[ok + r] = ((unsigned int)col << 16) | (unsigned int)b;
                                          });
+                    if (HBUF) {  // the up kernel skips overflowed tiles: their h are computed here
+                        __syncwarp();
+                        for (int e = ok; e < ok + nk; ++e) {
+                            const unsigned int w = lw[e];
+                            const float a = bf16_to_f((unsigned short)(w & 0xffffu));
+                            const float u = GATED ? warp_dot(xg, reinterpret_cast<const uint4*>(up + (long long)(w >> 16) * D),
+                                                             nvec_d, lane)
+                                                  : 1.f;
+                            if (lane == 0) lh[e] = a * u;
+                        }
+                    }
                 }
             }
             if (nfit > 0) E = __shfl_sync(SPARSIFY_FULL_MASK, E + incl, nfit - 1);
             t += nfit;
         }
         __syncwarp();
-        // ---- phase A: h_e = a_e * (x . U_j)   (plain: h_e = a_e)
-        if (GATED) {
+        // ---- phase A: h_e = a_e * (x . U_j)   (plain: h_e = a_e; HBUF: already gathered)
+        if (HBUF) {
+        } else if (GATED) {
             for (int e = 0; e < E; ++e) {
                 const unsigned int w = lw[e];
                 const uint4* ug = reinterpret_cast<const uint4*>(up + (long long)(w >> 16) * D);
@@ -180,11 +203,107 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
     }
 }
 
-#define SPARSIFY_FFN_INST(NV, G, A)                                                                        \
-    template __global__ void twell_ffn_kernel<NV, G, A>(const unsigned short*, const int*, const unsigned short*, \
-                                                        const unsigned short*, const unsigned short*,          \
-                                                        unsigned short*, long long, int, int, int, int, int, int);
-SPARSIFY_FFN_INST(8, true, false)
-SPARSIFY_FFN_INST(8, false, false)
-SPARSIFY_FFN_INST(8, true, true)
-SPARSIFY_FFN_INST(8, false, true)
+// Phase A alone, as its own kernel (the "split" variant): h = a * (x_m . U_j) for every STORED entry, written
+// to hbuf[m, t, 1 + i] (float). Overflowed tiles are skipped (twell_ffn_kernel<..., HBUF=true> computes them).
+// Without the accumulators this kernel needs few registers, so more warps and two rows per warp are in flight.
+#define UP_WARPS 4
+#ifndef UP_MIN_BLOCKS
+#define UP_MIN_BLOCKS 5
+#endif
+#define UP_CAP 1024
+
+__global__ void __launch_bounds__(UP_WARPS * 32, UP_MIN_BLOCKS) twell_up_kernel(
+    const unsigned short* __restrict__ x,   // (M, D)
+    const int* __restrict__ words,          // (M, NT, S)
+    const unsigned short* __restrict__ up,  // (H, D)
+    float* __restrict__ hbuf,               // (M, NT, S)  out: h per stored slot
+    long long M, int D, int NT, int S) {
+    __shared__ unsigned int s_word[UP_WARPS][UP_CAP];
+    __shared__ int s_slot[UP_WARPS][UP_CAP];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const long long m = (long long)blockIdx.x * UP_WARPS + warp;
+    if (m >= M) return;
+    unsigned int* lw = s_word[warp];
+    int* ls = s_slot[warp];
+    const int K = S - 1;
+    const int nvec_d = D >> 3;
+    const uint4* xg = reinterpret_cast<const uint4*>(x + m * D);
+    const int* wrow = words + m * (long long)NT * S;
+    float* hrow = hbuf + m * (long long)NT * S;
+    int t = 0;
+    while (t < NT) {
+        int E = 0;
+        bool full = false;
+        while (t < NT && !full) {
+            const int tl = t + lane;
+            const int cnt = tl < NT ? __ldg(wrow + (long long)tl * S) : 0;
+            const int n = cnt <= K ? cnt : 0;  // overflowed tiles: not here
+            int incl = n;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int y = __shfl_up_sync(SPARSIFY_FULL_MASK, incl, o);
+                if (lane >= o) incl += y;
+            }
+            const bool fits = tl < NT && E + incl <= UP_CAP;
+            const int nfit = __popc(__ballot_sync(SPARSIFY_FULL_MASK, fits));
+            if (nfit < min(32, NT - t)) full = true;
+            const int off = E + incl - n;
+            for (int k0 = 0; k0 < nfit; k0 += 4) {
+                unsigned int w[4];
+                int dst[4], slot[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int k = k0 + u;
+                    const int nk = __shfl_sync(SPARSIFY_FULL_MASK, n, k & 31);
+                    const int ok = __shfl_sync(SPARSIFY_FULL_MASK, off, k & 31);
+                    dst[u] = (k < nfit && lane < nk) ? ok + lane : -1;
+                    slot[u] = (t + k) * S + 1 + lane;
+                    w[u] = dst[u] >= 0 ? (unsigned int)__ldg(wrow + slot[u]) : 0u;
+                }
+#pragma unroll
+                for (int u = 0; u < 4; ++u)
+                    if (dst[u] >= 0) {
+                        lw[dst[u]] = w[u];
+                        ls[dst[u]] = slot[u];
+                    }
+            }
+            unsigned int rare = __ballot_sync(SPARSIFY_FULL_MASK, fits && n > 32);
+            while (rare) {
+                const int k = __ffs(rare) - 1;
+                rare &= rare - 1;
+                const int nk = __shfl_sync(SPARSIFY_FULL_MASK, n, k);
+                const int ok = __shfl_sync(SPARSIFY_FULL_MASK, off, k);
+                for (int i = 32 + lane; i < nk; i += 32) {
+                    lw[ok + i] = (unsigned int)__ldg(wrow + (long long)(t + k) * S + 1 + i);
+                    ls[ok + i] = (t + k) * S + 1 + i;
+                }
+            }
+            if (nfit > 0) E = __shfl_sync(SPARSIFY_FULL_MASK, E + incl, nfit - 1);
+            t += nfit;
+        }
+        __syncwarp();
+        for (int e = 0; e < E; e += 2) {
+            const unsigned int w0 = lw[e];
+            const unsigned int w1 = e + 1 < E ? lw[e + 1] : 0u;
+            float s0, s1;
+            warp_dot2(xg, reinterpret_cast<const uint4*>(up + (long long)(w0 >> 16) * D),
+                      e + 1 < E ? reinterpret_cast<const uint4*>(up + (long long)(w1 >> 16) * D) : nullptr, nvec_d,
+                      lane, s0, s1);
+            if (lane == 0) {
+                hrow[ls[e]] = bf16_to_f((unsigned short)(w0 & 0xffffu)) * s0;
+                if (e + 1 < E) hrow[ls[e + 1]] = bf16_to_f((unsigned short)(w1 & 0xffffu)) * s1;
+            }
+        }
+        __syncwarp();
+    }
+}
+
+#define SPARSIFY_FFN_INST(NV, G, A, HB)                                                                     \
+    template __global__ void twell_ffn_kernel<NV, G, A, HB>(                                                 \
+        const unsigned short*, const int*, const unsigned short*, const unsigned short*, const unsigned short*, \
+        unsigned short*, long long, int, int, int, int, int, int, const float*);
+SPARSIFY_FFN_INST(8, true, false, false)
+SPARSIFY_FFN_INST(8, false, false, false)
+SPARSIFY_FFN_INST(8, true, true, false)
+SPARSIFY_FFN_INST(8, false, true, false)
+SPARSIFY_FFN_INST(8, true, false, true)

@@ -104,11 +104,16 @@ def prefill_row(m: int, nnz: float, reps: int, err_rows: int = 4096) -> dict:
     row["dense_ms"] = cuda_time(lambda: dense_block(x, gate, up, down), reps)
     row["gate_gemm_ms"] = cuda_time(lambda: x @ gate.T, reps)
     row["pack_ms"] = cuda_time(lambda: launchers.launch_twell_pack(act, words, TILE, SLOTS), reps)
-    for name, defs in (("ffn_kernel_ms", ()), ("ffn_kernel_mb4_ms", ("FFN_MIN_BLOCKS=4",))):
-        row[name] = cuda_time(lambda: launchers.launch_twell_ffn(x, words, up, down_t, act, out, TILE, defines=defs),
-                              reps)
-    for name, defs in (("fused_kernel_ms", ()), ("fused_kernel_mb4_ms", ("FFN_MIN_BLOCKS=4",))):
-        row[name] = cuda_time(lambda: launchers.launch_relu_ffn(x, act, up, down_t, out, defines=defs), reps)
+    variants = {  # numbered versions of the prefill kernel, timed side by side (BENCHMARKS.md)
+        "ffn_kernel_mb3_ms": dict(defines=("FFN_MIN_BLOCKS=3",), split=False),
+        "ffn_kernel_mb4_ms": dict(defines=("FFN_MIN_BLOCKS=4",), split=False),
+        "ffn_kernel_split_ms": dict(defines=("FFN_MIN_BLOCKS=4",), split=True),
+        "ffn_kernel_split_mb3_ms": dict(defines=("FFN_MIN_BLOCKS=3",), split=True),
+    }
+    for name, kw in variants.items():
+        row[name] = cuda_time(lambda: launchers.launch_twell_ffn(x, words, up, down_t, act, out, TILE, **kw), reps)
+    row["ffn_kernel_ms"] = cuda_time(lambda: launchers.launch_twell_ffn(x, words, up, down_t, act, out, TILE), reps)
+    row["fused_kernel_ms"] = cuda_time(lambda: launchers.launch_relu_ffn(x, act, up, down_t, out), reps)
     row["sparse_ms"] = cuda_time(sparse, reps)
     row["sparse_twell_ms"] = cuda_time(sparse_twell, reps)
     row["auto_ms"] = cuda_time(lambda: ffn_forward(x, gate, up, down_t, mode="auto", kernels="cuda"), reps)
@@ -196,15 +201,15 @@ def run(quick: bool = False, reps: int = 30) -> dict:
 def format_table(result: dict) -> str:
     nan = float("nan")
     lines = ["| kind | M | nnz mean/max | max/tile | dense ms | sparse ms | speed-up | via TwELL ms | gate ms | "
-             "pack ms | TwELL kernel ms (mb4) | fused kernel ms (mb4) | auto / auto+hint ms | rel err sparse / bf16 |",
+             "pack ms | TwELL kernel ms (mb3 / split) | fused kernel ms | auto / auto+hint ms | rel err sparse / bf16 |",
              "|" + "---|" * 14]
     for r in result["rows"]:
         lines.append(
             f"| {r['kind']} | {r['M']} | {r['nnz_mean']:.1f} / {r['nnz_max']} | {r['max_per_tile']} | "
             f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}× | {r.get('sparse_twell_ms', nan):.3f} | "
             f"{r.get('gate_gemm_ms', nan):.3f} | {r.get('pack_ms', nan):.3f} | "
-            f"{r.get('ffn_kernel_ms', nan):.3f} ({r.get('ffn_kernel_mb4_ms', nan):.3f}) | "
-            f"{r.get('fused_kernel_ms', nan):.3f} ({r.get('fused_kernel_mb4_ms', nan):.3f}) | "
+            f"{r.get('ffn_kernel_ms', nan):.3f} ({r.get('ffn_kernel_mb3_ms', nan):.3f} / "
+            f"{r.get('ffn_kernel_split_ms', nan):.3f}) | {r.get('fused_kernel_ms', nan):.3f} | "
             f"{r.get('auto_ms', nan):.3f} / {r.get('auto_hint_ms', nan):.3f} | "
             f"{r['rel_err_sparse']:.2e} / {r['rel_err_torch_bf16']:.2e} |"
         )

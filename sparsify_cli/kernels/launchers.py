@@ -11,6 +11,11 @@ import torch
 PACK_WARPS = 8  # warps (= (token, tile) pairs) per block
 FFN_WARPS = 4  # warps (= tokens) per block, prefill kernel; must match kernels_cu/twell_ffn.cu
 FFN_CHUNK = 2048  # widest D-chunk one warp accumulates in registers
+UP_WARPS = 4  # warps (= tokens) per block of twell_up_kernel; must match kernels_cu/twell_ffn.cu
+# Compile-time variants of the prefill kernel used by default, chosen from bench_results/ (BENCHMARKS.md):
+# 16 instead of 12 warps per SM (128 registers, a few bytes of spills in the gather) measured faster.
+FFN_DEFAULT_DEFINES: tuple[str, ...] = ("FFN_MIN_BLOCKS=4",)
+FFN_DEFAULT_SPLIT = False  # run phase A (x . U_j) as its own kernel (twell_up_kernel)
 DECODE_MAX_M = 64  # at or below this many tokens the decode kernel runs
 DECODE_THREADS = 512  # must match kernels_cu/twell_decode.cu
 DECODE_CAP = 1024  # must match kernels_cu/twell_decode.cu
@@ -115,11 +120,15 @@ def launch_twell_pack(act: torch.Tensor, words: torch.Tensor, tile: int, slots: 
     loader.launch(fn, grid, (32 * PACK_WARPS,), args)
 
 
-def ffn_instance(d: int, gated: bool, from_act: bool = False) -> tuple[str, int, int]:
+def _b(v: bool) -> str:
+    return "true" if v else "false"
+
+
+def ffn_instance(d: int, gated: bool, from_act: bool = False, hbuf: bool = False) -> tuple[str, int, int]:
     """(kernel expression, chunk width, number of chunks) of the prefill kernel for this D."""
     nv = (d + 255) // 256 if d <= FFN_CHUNK else FFN_CHUNK // 256
     dc = 256 * nv
-    expr = f"twell_ffn_kernel<{nv}, {'true' if gated else 'false'}, {'true' if from_act else 'false'}>"
+    expr = f"twell_ffn_kernel<{nv}, {_b(gated)}, {_b(from_act)}, {_b(hbuf)}>"
     return expr, dc, (d + dc - 1) // dc
 
 
@@ -143,19 +152,30 @@ def _decode_launch(x, words, up, down_t, act, out, tile, from_act: bool, m, d, h
     loader.launch(fn, (m,), (DECODE_THREADS,), ptrs + tail, shared_mem=smem)
 
 
-def _prefill_launch(x, words, up, down_t, act, out, tile, from_act: bool, defines, m, d, h, nt, s) -> None:
+def _prefill_launch(x, words, up, down_t, act, out, tile, from_act: bool, defines, m, d, h, nt, s,
+                    split: bool = False) -> None:
     from sparsify_cli.kernels import loader
 
-    expr, _, chunks = ffn_instance(d, up is not None, from_act)
+    if defines is None:
+        defines = FFN_DEFAULT_DEFINES
+    hbuf = None
+    if split and up is not None and not from_act:
+        hbuf = torch.empty(m, nt, s, dtype=torch.float32, device=x.device)  # only stored slots are written
+        fn_up = loader.get_function("twell_ffn.cu", "twell_up_kernel", defines)
+        loader.launch(fn_up, ((m + UP_WARPS - 1) // UP_WARPS,), (32 * UP_WARPS,),
+                      (x.data_ptr(), words.data_ptr(), up.data_ptr(), hbuf.data_ptr(), _i64(m), _i32(d), _i32(nt),
+                       _i32(s)))
+    expr, _, chunks = ffn_instance(d, up is not None, from_act, hbuf is not None)
     fn = loader.get_function("twell_ffn.cu", expr, defines)
     ptrs = (x.data_ptr(), words.data_ptr() if words is not None else 0, up.data_ptr() if up is not None else 0,
             down_t.data_ptr(), act.data_ptr(), out.data_ptr())
-    tail = (_i64(m), _i32(d), _i32(h), _i32(nt), _i32(s), _i32(tile), _i32(_vec_ok(act)))
+    tail = (_i64(m), _i32(d), _i32(h), _i32(nt), _i32(s), _i32(tile), _i32(_vec_ok(act)),
+            hbuf.data_ptr() if hbuf is not None else 0)
     loader.launch(fn, ((m + FFN_WARPS - 1) // FFN_WARPS, chunks), (32 * FFN_WARPS,), ptrs + tail)
 
 
 def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 256,
-                    defines: tuple[str, ...] = ()) -> None:
+                    defines: tuple[str, ...] | None = None) -> None:
     """The sparse FFN without materializing TwELL: each token's entries come straight from the dense activation
     ``act`` (relu applied; packing fused into the FFN kernel). Reads only the active rows of U and DownT.
     path: auto (decode kernel for M <= DECODE_MAX_M, else prefill) | prefill | decode."""
@@ -177,9 +197,10 @@ def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 
 
 
 def launch_twell_ffn(x, words, up, down_t, act, out, tile: int, *, path: str = "auto",
-                     defines: tuple[str, ...] = ()) -> None:
+                     defines: tuple[str, ...] | None = None, split: bool | None = None) -> None:
     """out = sparse FFN up/down from TwELL words (gated when ``up`` is given). path: auto | prefill | decode.
-    ``defines``: tuning variants of the prefill kernel (e.g. ``("FFN_MIN_BLOCKS=4",)``)."""
+    Tuning variants of the prefill kernel: ``defines`` (e.g. ``("FFN_MIN_BLOCKS=3",)``; None = the default),
+    ``split`` (phase A in its own kernel; None = FFN_DEFAULT_SPLIT)."""
     from sparsify_cli.kernels import loader
 
     m, d, h, nt, s = check_ffn_args(x, words, up, down_t, act, out, tile)
@@ -190,6 +211,7 @@ def launch_twell_ffn(x, words, up, down_t, act, out, tile: int, *, path: str = "
     if path == "decode":
         _decode_launch(x, words, up, down_t, act, out, tile, False, m, d, h, nt, s)
     elif path == "prefill":
-        _prefill_launch(x, words, up, down_t, act, out, tile, False, defines, m, d, h, nt, s)
+        _prefill_launch(x, words, up, down_t, act, out, tile, False, defines, m, d, h, nt, s,
+                        FFN_DEFAULT_SPLIT if split is None else split)
     else:
         raise ValueError(f"path must be auto, prefill or decode, got {path!r}")

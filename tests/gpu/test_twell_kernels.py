@@ -72,9 +72,11 @@ def _ffn_case(m, d, h, density, gated, path, slots=32, tile=256, seed=0):
     out = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
     if path in ("decode_act", "prefill_act"):
         launchers.launch_relu_ffn(inp.x, act, up, down_t, out, path=path.split("_")[0], tile=tile)
-    elif path == "prefill_mb4":
+    elif path == "prefill_mb3":
         launchers.launch_twell_ffn(inp.x, words, up, down_t, act, out, tile, path="prefill",
-                                   defines=("FFN_MIN_BLOCKS=4",))
+                                   defines=("FFN_MIN_BLOCKS=3",))
+    elif path == "prefill_split":
+        launchers.launch_twell_ffn(inp.x, words, up, down_t, act, out, tile, path="prefill", split=True)
     else:
         launchers.launch_twell_ffn(inp.x, words, up, down_t, act, out, tile, path=path)
     torch.cuda.synchronize()
@@ -93,7 +95,8 @@ def _rel(a, b):
 @pytest.mark.parametrize("m,d,h", SHAPES)
 @pytest.mark.parametrize("density", [0.1, 0.02, 0.005, 0.001])
 @pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize("path", ["auto", "prefill", "decode", "decode_act", "prefill_act", "prefill_mb4"])
+@pytest.mark.parametrize("path", ["auto", "prefill", "decode", "decode_act", "prefill_act", "prefill_mb3",
+                                  "prefill_split"])
 def test_ffn_matches_reference(m, d, h, density, gated, path):
     out, ref32, t16, words = _ffn_case(m, d, h, density, gated, path, seed=m + d + h)
     assert not torch.isnan(out).any(), "unwritten (poisoned) output elements"
@@ -101,12 +104,12 @@ def test_ffn_matches_reference(m, d, h, density, gated, path):
     assert err <= 2 * terr + 1e-4, f"kernel rel err {err:.2e} vs torch bf16 {terr:.2e}"
 
 
-@pytest.mark.parametrize("path", ["prefill", "decode", "prefill_mb4"])
+@pytest.mark.parametrize("path", ["prefill", "decode", "prefill_mb3", "prefill_split", "prefill_act", "decode_act"])
 @pytest.mark.parametrize("gated", [True, False])
 def test_ffn_overflow_exact(path, gated):
     """Tiles with more entries than slots (K=3 at slots=4) are computed from the dense activation, exactly."""
     m, d, h = (50, 512, 1100) if path == "decode" else (333, 512, 1100)
-    if path == "prefill_mb4":
+    if path in ("prefill_mb3", "prefill_split"):
         m, d, h = 257, 2560, 3000  # chunked D, tiles of up to 256 entries in the list
     out, ref32, t16, words = _ffn_case(m, d, h, 0.05, gated, path, slots=4, seed=11)
     assert (words[:, :, 0] > 3).float().mean() > 0.2, "test must overflow many tiles"

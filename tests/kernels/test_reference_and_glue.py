@@ -88,9 +88,9 @@ def test_launcher_checks_raise_clear_errors():
 
 
 def test_ffn_instance_choice():
-    assert launchers.ffn_instance(2048, True) == ("twell_ffn_kernel<8, true, false>", 2048, 1)
-    assert launchers.ffn_instance(64, False) == ("twell_ffn_kernel<1, false, false>", 256, 1)
-    assert launchers.ffn_instance(4096, True) == ("twell_ffn_kernel<8, true, false>", 2048, 2)
+    assert launchers.ffn_instance(2048, True) == ("twell_ffn_kernel<8, true, false, false>", 2048, 1)
+    assert launchers.ffn_instance(64, False) == ("twell_ffn_kernel<1, false, false, false>", 256, 1)
+    assert launchers.ffn_instance(4096, True) == ("twell_ffn_kernel<8, true, false, false>", 2048, 2)
     assert launchers.ffn_instance(2112, True)[2] == 2
 
 
