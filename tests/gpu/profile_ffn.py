@@ -12,5 +12,5 @@ words = ops.twell_pack(act, 256, 32)
 out = torch.empty_like(inp.x)
 for _ in range(2):
     launchers.launch_twell_ffn(inp.x, words, inp.up, down_t, act, out, 256)
-    launchers.launch_relu_ffn(inp.x, act, inp.up, down_t, out)
+    launchers.launch_twell_ffn(inp.x, words, inp.up, down_t, act, out, 256, split=True)
 torch.cuda.synchronize()

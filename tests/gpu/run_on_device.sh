@@ -16,7 +16,7 @@ fi
 if [[ $what == profile || $what == all ]]; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   if [[ -n $NCU ]]; then
-    timeout 240 "$NCU" --kernel-name regex:'twell_ffn_kernel|twell_pack' --launch-skip 0 --launch-count 3 \
+    timeout 240 "$NCU" --kernel-name regex:'twell_ffn_kernel|twell_pack|twell_up' --launch-skip 0 --launch-count 4 \
       --metrics gpu__time_duration.sum,lts__t_sector_hit_rate.pct,lts__t_bytes.sum.per_second,dram__bytes.sum.per_second,l1tex__t_sector_hit_rate.pct,sm__throughput.avg.pct_of_peak_sustained_elapsed,lts__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active \
       python3 tests/gpu/profile_ffn.py > "$OUT/ncu.txt" 2>&1; tail -n 60 "$OUT/ncu.txt"
   else
