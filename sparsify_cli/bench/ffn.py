@@ -131,10 +131,11 @@ def prefill_row(m: int, nnz: float, reps: int, err_rows: int = 4096) -> dict:
     return row
 
 
-def decode_row(m: int, reps: int, layers: int = 4) -> dict:
+def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> dict:
     from sparsify_cli.kernels import ops
 
-    nnz = (1 - DECODE_SPARSITY) * HIDDEN
+    if nnz is None:
+        nnz = (1 - DECODE_SPARSITY) * HIDDEN
     sets = [make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=100 + i) for i in range(layers)]
     downs_t = [s.down.T.contiguous() for s in sets]
     x = sets[0].x
@@ -169,7 +170,7 @@ def decode_row(m: int, reps: int, layers: int = 4) -> dict:
         return g.replay
 
     counts = ops.twell_pack(x @ sets[0].gate.T, TILE, SLOTS)[:, :, 0]
-    row = {"kind": "decode", "M": m, "D": D_MODEL, "H": HIDDEN, "sparsity": DECODE_SPARSITY,
+    row = {"kind": "decode", "M": m, "D": D_MODEL, "H": HIDDEN, "sparsity": 1 - nnz / HIDDEN,
            "nnz_target": nnz, "nnz_mean": counts.sum(1).float().mean().item(),
            "nnz_max": int(counts.sum(1).max().item()), "max_per_tile": int(counts.max().item()),
            "layers_per_replay": layers}
@@ -185,7 +186,35 @@ def decode_row(m: int, reps: int, layers: int = 4) -> dict:
     return row
 
 
-def run(quick: bool = False, reps: int = 30) -> dict:
+def calibrate(reps: int = 20) -> dict:
+    """Where the sparse path stops paying, measured: dense vs sparse over a sweep of densities, for prefill
+    (M = 16384) and decode (M = 64). Returns the sweep and the largest measured density at which sparse took
+    at most 0.97 x dense time (a 3% margin for noise), i.e. the value for SparsePolicy."""
+    from sparsify_cli.kernels.ops import relu_ffn
+
+    out: dict = {"prefill": [], "decode": []}
+    m = 16384
+    for nnz in (16, 29, 40, 48, 56, 72, 96):
+        inp = make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=7 + nnz)
+        x, gate, up, down = inp.x, inp.gate, inp.up, inp.down
+        down_t = down.T.contiguous()
+        measured = ((x @ gate.T) > 0).sum(1).float().mean().item()
+        dense = cuda_time(lambda: dense_block(x, gate, up, down), reps)
+        sparse = cuda_time(lambda: relu_ffn(x, x @ gate.T, up, down_t), reps)
+        out["prefill"].append({"M": m, "nnz_mean": measured, "density": measured / HIDDEN, "dense_ms": dense,
+                               "sparse_ms": sparse})
+        del inp, x
+    for nnz in (28, 56, 112, 169, 225):
+        r = decode_row(64, reps, nnz=nnz)
+        out["decode"].append({"M": 64, "nnz_mean": r["nnz_mean"], "density": r["nnz_mean"] / HIDDEN,
+                              "dense_ms": r["dense_ms"], "sparse_ms": r["sparse_ms"]})
+    for kind in ("prefill", "decode"):
+        ok = [p["density"] for p in out[kind] if p["sparse_ms"] <= 0.97 * p["dense_ms"]]
+        out[f"{kind}_max_density"] = max(ok) if ok else 0.0
+    return out
+
+
+def run(quick: bool = False, reps: int = 30, calib: bool = True) -> dict:
     ms = (4096,) if quick else PREFILL_M
     rows = []
     for m in ms:
@@ -195,7 +224,11 @@ def run(quick: bool = False, reps: int = 30) -> dict:
     for m in DECODE_M:
         rows.append(decode_row(m, reps))
         print(json.dumps(rows[-1]), flush=True)
-    return {"environment": environment(), "timing": f"CUDA events, 5 warm-up, median of {reps}", "rows": rows}
+    result = {"environment": environment(), "timing": f"CUDA events, 5 warm-up, median of {reps}", "rows": rows}
+    if calib:
+        result["calibration"] = calibrate()
+        print(json.dumps(result["calibration"]), flush=True)
+    return result
 
 
 def format_table(result: dict) -> str:
@@ -221,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--quick", action="store_true", help="one small prefill size (smoke test)")
     p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--no-calibrate", action="store_true", help="skip the dense/sparse crossover sweep")
     args = p.parse_args(argv)
     from sparsify_cli.kernels.availability import cuda_kernels_status
 
@@ -228,12 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     if not ok:
         print(f"bench needs the CUDA kernels: {why}", file=sys.stderr)
         return 2
-    result = run(args.quick, args.reps)
+    result = run(args.quick, args.reps, calib=not args.no_calibrate)
     result["environment"]["bench"] = "sparsify_cli.bench.ffn"
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     print(format_table(result))
+    if "calibration" in result:
+        c = result["calibration"]
+        print(f"calibration: sparse pays up to density {c['prefill_max_density']:.4f} (prefill, M=16384), "
+              f"{c['decode_max_density']:.4f} (decode, M=64)")
     return 0
 
 

@@ -17,7 +17,7 @@ UP_WARPS = 4  # warps (= tokens) per block of twell_up_kernel; must match kernel
 FFN_DEFAULT_DEFINES: tuple[str, ...] = ("FFN_MIN_BLOCKS=4",)
 FFN_DEFAULT_SPLIT = False  # run phase A (x . U_j) as its own kernel (twell_up_kernel)
 DECODE_MAX_M = 64  # at or below this many tokens the decode kernel runs
-DECODE_THREADS = 512  # must match kernels_cu/twell_decode.cu
+DECODE_THREADS = 1024  # must match kernels_cu/twell_decode.cu
 DECODE_CAP = 1024  # must match kernels_cu/twell_decode.cu
 MAX_HIDDEN = 65536  # column index is 16 bits
 
@@ -117,7 +117,7 @@ def launch_twell_pack(act: torch.Tensor, words: torch.Tensor, tile: int, slots: 
     pairs = m * nt
     grid = ((pairs + PACK_WARPS - 1) // PACK_WARPS,)
     args = (act.data_ptr(), words.data_ptr(), _i64(m), _i32(h), _i32(nt), _i32(slots), _i32(vec_ok))
-    loader.launch(fn, grid, (32 * PACK_WARPS,), args)
+    loader.launch(fn, grid, (32 * PACK_WARPS,), args, shared_mem=PACK_WARPS * slots * 4)
 
 
 def _b(v: bool) -> str:
