@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from sparsify_cli.cli import pack as pack_cmd
 from sparsify_cli.cli import train as train_cmd
 
 app = typer.Typer(
@@ -28,6 +29,8 @@ app.command(
     context_settings={"allow_extra_args": False, "ignore_unknown_options": True},
     help=train_cmd.HELP,
 )(train_cmd.train)
+
+app.command("pack", help=pack_cmd.HELP)(pack_cmd.pack)
 
 
 def main() -> None:

@@ -93,6 +93,24 @@ def to_run_config(cfg: Any, value_overrides: list[str] | None = None) -> RunConf
         raise UserError(f"invalid configuration: {_one_line(exc)}") from exc
 
 
+def data_config(saved: dict[str, Any], overrides: list[str]) -> "DataConfig":
+    """A checkpoint's saved data config with `data.key=value` overrides applied, validated by the schema."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sparsify_cli.config.schema import DataConfig
+
+    bad = [ov for ov in overrides if not ov.startswith("data.") or "=" not in ov]
+    if bad:
+        raise UserError(f"bad override {bad[0]!r}: only data.key=value overrides apply here")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(DataConfig), saved)
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([ov[len("data."):] for ov in overrides]))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"invalid data configuration: {_one_line(exc)}") from exc
+
+
 def compose(recipe: str = DEFAULT_RECIPE, overrides: list[str] | None = None) -> RunConfig:
     groups, values = split_overrides(list(overrides or []))
     return to_run_config(compose_dict(recipe, groups), values)

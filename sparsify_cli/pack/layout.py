@@ -1,0 +1,83 @@
+"""Decisions `sparsify pack` takes per layer: which neurons stay, in which order, and the format parameters.
+
+- Dead neurons (no activation on any calibration token) are removed from G, U and Down: the layer gets narrower.
+- Order "balance" deals the surviving neurons into TwELL tiles so that every tile carries about the same total
+  firing rate (greedy, most frequent first, to the tile with the least load so far). A tile's slot count must
+  cover its busiest token, so evening out the load lets a higher compression factor fit. "none" keeps the
+  trained order.
+- The compression factor C is the largest whose capacity (T/C − 1 entries) covers the 99.9th percentile of the
+  calibration's per-(token, tile) counts times a safety margin. Covering the maximum instead would let one
+  outlier token (often the first of a sequence, which lights up most of layer 0) force C = 2 on a layer that
+  needs C = 16 everywhere else. A tile that overflows is computed exactly by the dense fallback for its row,
+  so the percentile trades a rare slow row for a fast common case, never accuracy; the manifest records the
+  overflow rate on the calibration set.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+import torch
+
+COMPRESSIONS = (16, 8, 4, 2)  # tried from the most compact
+REORDERS = ("balance", "none")
+
+
+def choose_tile(width: int, preferred: int = 256) -> int:
+    """The TwELL tile width: `preferred`, or the layer's width rounded up to 32 when the layer is narrower."""
+    return min(preferred, max(32, math.ceil(width / 32) * 32))
+
+
+def neuron_order(fires: torch.Tensor, tile: int, reorder: str) -> torch.Tensor:
+    """Indices of the surviving (ever-firing) neurons in their new order: (H',) int64."""
+    alive = (fires > 0).nonzero().flatten()
+    if reorder == "none" or alive.numel() == 0:
+        return alive
+    if reorder != "balance":
+        raise ValueError(f"reorder must be one of {', '.join(REORDERS)}, got {reorder!r}")
+    width = alive.numel()
+    n_tiles = math.ceil(width / tile)
+    room = [min(tile, width - t * tile) for t in range(n_tiles)]  # the last tile may be narrower
+    heap = [(0, t) for t in range(n_tiles)]  # (load, tile)
+    members: list[list[int]] = [[] for _ in range(n_tiles)]
+    by_rate = alive[torch.argsort(fires[alive], descending=True, stable=True)].tolist()
+    for neuron in by_rate:
+        load, t = heapq.heappop(heap)
+        members[t].append(neuron)
+        if len(members[t]) < room[t]:
+            heapq.heappush(heap, (load + int(fires[neuron]), t))
+    # Within a tile keep the trained order: neighbouring rows of U/Down stay neighbours in memory.
+    return torch.tensor([n for tile_members in members for n in sorted(tile_members)], dtype=torch.int64)
+
+
+COVER_QUANTILE = 0.999
+
+
+def hist_quantile(hist: torch.Tensor, q: float) -> int:
+    """Smallest k such that a fraction >= q of the (token, tile) pairs have at most k active neurons."""
+    total = int(hist.sum())
+    if total == 0:
+        return 0
+    cdf = torch.cumsum(hist, 0).double() / total
+    return int((cdf >= q - 1e-12).nonzero()[0])
+
+
+def choose_compression(tile: int, hist: torch.Tensor, margin: float) -> int:
+    """The most compact C whose capacity covers ceil(q99.9·margin) entries per tile; C = 2 if none does."""
+    need = math.ceil(hist_quantile(hist, COVER_QUANTILE) * margin)
+    for c in COMPRESSIONS:
+        if tile % c == 0 and tile // c >= 2 and tile // c - 1 >= need:
+            return c
+    return 2
+
+
+def overflow_fraction(hist: torch.Tensor, capacity: int) -> float:
+    """Share of (token, tile) pairs with more active neurons than `capacity`."""
+    total = int(hist.sum())
+    return float(hist[capacity + 1:].sum()) / total if total else 0.0
+
+
+def ell_width(max_per_token: int, margin: float) -> int:
+    """Hybrid-ELL row width for training: the busiest token times the margin, rounded up to 32."""
+    return max(32, math.ceil(max_per_token * margin / 32) * 32)

@@ -1,0 +1,192 @@
+"""A packed model: the directory `sparsify pack` writes, and the modules that run it.
+
+    PACKED/
+        manifest.json       format + version, model config, per-layer layout/format/statistics, source
+                            checkpoint and its hash, calibration set, agreement, weights hash, manifest hash
+        model.safetensors   non-FFN weights under their checkpoint names; per FFN layer i:
+                            blocks.i.ffn.{gate_w, up_w, down_t} (H_i, D) — Downᵀ stored row-major, so that one
+                            active neuron is one contiguous row of each — optional {gate_b, up_b, down_b}, and
+                            neuron_index (H_i,) int64: the neuron's index in the source checkpoint
+        tokenizer.json
+
+Loading swaps each FFN for a PackedFFN (offline conversion, run-time module swap). On a GPU with the CUDA
+kernels it runs them; elsewhere it runs the pure-torch gather path of formats/, which computes the same function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from sparsify_cli.config.schema import ModelConfig
+from sparsify_cli.errors import UserError
+from sparsify_cli.model.ffn import ActivationObserver
+from sparsify_cli.model.transformer import SparseLlama
+
+PACKED_FORMAT = "sparsify-packed"
+PACKED_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+
+
+class PackedFFN(nn.Module):
+    """A pruned, reordered FFN layer whose forward touches only active neurons."""
+
+    def __init__(self, layer_index: int, gated: bool, weights: dict[str, torch.Tensor], layout: dict[str, Any]):
+        super().__init__()
+        self.layer_index, self.gated = layer_index, gated
+        for name in ("gate_w", "up_w", "down_t", "gate_b", "up_b", "down_b", "neuron_index"):
+            t = weights.get(name)
+            self.register_buffer(name, t if t is not None else None)
+        self.tile, self.compression = int(layout["tile"]), int(layout["compression"])
+        self.nnz_hint = float(layout["stats"]["mean_active"])
+        self.backend = "torch"
+        self.observer: Optional[ActivationObserver] = None
+
+    @property
+    def width(self) -> int:
+        return self.up_w.shape[0]
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense h (…, H_i): only for observers (statistics); the forward itself never builds it."""
+        if self.gated:
+            return torch.relu(nn.functional.linear(x, self.gate_w, self.gate_b)) * nn.functional.linear(x, self.up_w, self.up_b)
+        return torch.relu(nn.functional.linear(x, self.up_w, self.up_b))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape  # (B, T, D)
+        flat = x.reshape(-1, shape[-1])  # (M, D)
+        if self.observer is not None:
+            self.observer(self.layer_index, self.activations(x))
+        if self.width == 0:  # every neuron was dead: the block adds only its bias
+            out = torch.zeros_like(flat) if self.down_b is None else self.down_b.expand_as(flat).clone()
+        elif self.backend == "cuda" and flat.is_cuda and self.gate_b is None and self.up_b is None:
+            out = self._cuda_forward(flat)
+        else:
+            out = self._torch_forward(flat)
+        return out.reshape(shape)
+
+    def _torch_forward(self, flat: torch.Tensor) -> torch.Tensor:
+        from sparsify_cli.formats import sparse_ffn_forward, sparse_plain_ffn_forward
+
+        dt = self.up_w.dtype
+        if self.gated:
+            out = sparse_ffn_forward(flat.to(dt), self.gate_w, self.up_w, self.down_t, self.gate_b, self.up_b, self.down_b)
+        else:
+            out = sparse_plain_ffn_forward(flat.to(dt), self.up_w, self.down_t, self.up_b, self.down_b)
+        return out.to(flat.dtype)
+
+    def _cuda_forward(self, flat: torch.Tensor) -> torch.Tensor:
+        from sparsify_cli.kernels import ffn_forward
+
+        w_act = self.gate_w if self.gated else self.up_w
+        up = self.up_w if self.gated else None
+        out = ffn_forward(
+            flat.to(self.up_w.dtype), w_act, up, self.down_t, kernels="cuda", nnz_hint=self.nnz_hint,
+            tile=self.tile, slots=self.tile // self.compression,
+        )
+        if self.down_b is not None:
+            out = out + self.down_b
+        return out.to(flat.dtype)
+
+
+def is_packed_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON, without its own digest field."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    if not is_packed_dir(path):
+        raise UserError(f"{path} is not a packed directory (no {MANIFEST}); make one with `sparsify pack`")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path / MANIFEST} is unreadable: {exc}") from exc
+    if manifest.get("format") != PACKED_FORMAT:
+        raise UserError(f"{path / MANIFEST} is not a {PACKED_FORMAT} manifest")
+    if manifest.get("format_version") != PACKED_VERSION:
+        raise UserError(
+            f"{path} is packed with format version {manifest.get('format_version')}; this sparsify reads version "
+            f"{PACKED_VERSION}: pack the checkpoint again"
+        )
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise UserError(f"{path / MANIFEST} was modified after packing (its digest does not match): pack again")
+    return manifest
+
+
+def load_packed(
+    path: str | Path, device: str | torch.device = "cpu", kernels: str = "auto", verify_weights: bool = True
+) -> tuple[SparseLlama, dict[str, Any]]:
+    """Load PACKED as a SparseLlama whose FFNs are PackedFFNs; return (model, manifest).
+
+    kernels: auto | cuda | torch. `auto` takes the CUDA kernels on a GPU where they can run, else torch;
+    the backend chosen is in model.ffn_backend (and the reason in model.ffn_backend_reason).
+    """
+    from sparsify_cli.kernels import cuda_kernels_status, resolve_backend
+    from sparsify_cli.train.checkpoint import load_safetensors
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    if verify_weights and manifest.get("weights_sha256") != file_digest(path / WEIGHTS):
+        raise UserError(f"{path / WEIGHTS} does not match the manifest's hash (changed or corrupt): pack again")
+    cfg = ModelConfig(**manifest["model"])
+    state = load_safetensors(path / WEIGHTS)
+    # Build the non-FFN part at its real size; the FFNs are replaced below, so build them minimal.
+    model = SparseLlama(dataclasses.replace(cfg, d_ffn=1))
+    model.cfg = cfg
+    ffn_state: dict[int, dict[str, torch.Tensor]] = {}
+    rest = {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        if len(parts) == 4 and parts[0] == "blocks" and parts[2] == "ffn":
+            ffn_state.setdefault(int(parts[1]), {})[parts[3]] = tensor
+        else:
+            rest[key] = tensor
+    if cfg.tie_embeddings:
+        rest["lm_head.weight"] = rest.get("embed.weight")
+    for i, block in enumerate(model.blocks):
+        if i not in ffn_state:
+            raise UserError(f"{path / WEIGHTS} lacks the FFN weights of layer {i}")
+        block.ffn = PackedFFN(i, cfg.ffn == "gated", ffn_state[i], manifest["layers"][i])
+    missing = [k for k in model.state_dict() if k not in rest and ".ffn." not in k]
+    if missing:
+        raise UserError(f"{path / WEIGHTS} lacks {missing[0]} (and {len(missing) - 1} more)")
+    model.load_state_dict(rest, strict=False)
+    backend = resolve_backend(kernels)
+    device = torch.device(device)
+    if backend == "cuda" and device.type != "cuda":
+        backend = "torch"
+    for ffn in model.ffns:
+        ffn.backend = backend
+    model.ffn_backend = backend
+    model.ffn_backend_reason = cuda_kernels_status()[1]
+    model = model.to(device)
+    if backend == "cuda":
+        for ffn in model.ffns:  # the kernels read bf16 weights
+            for name in ("gate_w", "up_w", "down_t"):
+                t = getattr(ffn, name)
+                if t is not None:
+                    setattr(ffn, name, t.to(torch.bfloat16))
+    return model.eval(), manifest
