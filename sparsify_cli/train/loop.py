@@ -272,7 +272,12 @@ class Trainer:
                     window_tokens += tc.batch_size * tc.seq_len
                     if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                         elapsed = max(time.perf_counter() - window_start, 1e-9)
-                        metrics.update(summarize(self.tracker.layer_stats()))
+                        layer_stats = self.tracker.layer_stats()
+                        metrics.update(summarize(layer_stats))
+                        for i, ls in enumerate(layer_stats):
+                            metrics[f"layer{i}/active_mean"] = ls.mean_active
+                            metrics[f"layer{i}/active_max"] = ls.max_active
+                            metrics[f"layer{i}/dead_fraction"] = ls.dead_fraction
                         metrics["tokens_per_s"] = window_tokens / elapsed
                         self.tracker.reset_window_stats()
                         window_tokens, window_start = 0, time.perf_counter()

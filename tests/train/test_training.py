@@ -23,6 +23,7 @@ def test_short_run_lowers_the_loss_and_writes_a_checkpoint(small_overrides, tmp_
     ces = [l["ce"] for l in lines if "ce" in l]
     assert ces[-1] < ces[0] - 0.5, ces
     assert "sparsity" in lines[0] and "tokens_per_s" in lines[0]
+    assert {"layer0/active_mean", "layer1/active_max", "layer1/dead_fraction"} <= set(lines[0])
     assert result.heldout_ce < ces[0]
     model, config = ckpt.load_model(tmp_path / "run")
     assert config["model"]["d_ffn"] == 64 and config["format_version"] == ckpt.FORMAT_VERSION
