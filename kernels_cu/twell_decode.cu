@@ -12,9 +12,9 @@
 // an fp32 shared-memory row of D floats.
 #include "common.cuh"
 
-#define DECODE_THREADS 1024
+#define DECODE_THREADS 512
 #define DECODE_CAP 1024
-#define DECODE_GROUPS 4                                     // entry groups in the down phase
+#define DECODE_GROUPS 2                                     // entry groups in the down phase
 #define DECODE_VEC_THREADS (DECODE_THREADS / DECODE_GROUPS)  // column vectors per group and pass
 
 template <bool GATED, bool FROM_ACT>
@@ -98,10 +98,16 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
         }
         __syncthreads();
         const int nb = lim - base;
-        if (GATED) {  // one entry per warp and round (32 warps: one round for up to 32 entries)
-            for (int e = warp; e < nb; e += nwarps) {
-                const float s0 = warp_dot(xg, reinterpret_cast<const uint4*>(up + (long long)ej[e] * D), nvec, lane);
-                if (lane == 0) eh[e] *= s0;
+        if (GATED) {  // two entries per warp at a time: 16 row loads in flight per lane
+            for (int e = 2 * warp; e < nb; e += 2 * nwarps) {
+                const uint4* u0 = reinterpret_cast<const uint4*>(up + (long long)ej[e] * D);
+                const uint4* u1 = e + 1 < nb ? reinterpret_cast<const uint4*>(up + (long long)ej[e + 1] * D) : nullptr;
+                float s0, s1;
+                warp_dot2(xg, u0, u1, nvec, lane, s0, s1);
+                if (lane == 0) {
+                    eh[e] *= s0;
+                    if (e + 1 < nb) eh[e + 1] *= s1;
+                }
             }
             __syncthreads();
         }

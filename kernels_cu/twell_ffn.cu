@@ -19,6 +19,8 @@
 //
 // FROM_ACT = true fuses the packing: the list is built straight from the dense activation row (relu applied),
 // `words` is unused. (Without a GEMM epilogue that writes TwELL, this saves the pack kernel's pass.)
+// Hybrid use (neurons permuted hot-first at pack time): FROM_ACT lists only columns >= c_start, and `init`
+// (the hot neurons' part, computed densely by cuBLAS) is added to the accumulators.
 //
 // Template parameters: NV = 16-byte vectors per lane per chunk (chunk width DC = 256 * NV columns), GATED,
 // FROM_ACT.
@@ -39,7 +41,9 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
     const unsigned short* __restrict__ act,     // (M, H)   dense activation, read for overflowed tiles only
     unsigned short* __restrict__ out,           // (M, D)
     long long M, int D, int H, int NT, int S, int T, int vec_ok,
-    const float* __restrict__ hbuf) {  // (M, NT, S) h per stored slot, from twell_up_kernel (HBUF only)
+    const float* __restrict__ hbuf,              // (M, NT, S) h per stored slot, from twell_up_kernel (HBUF only)
+    int c_start,                                 // FROM_ACT: first column listed (hybrid: hot columns before it)
+    const unsigned short* __restrict__ init) {   // (M, D) or null: added to the result (hybrid: the hot part)
     __shared__ unsigned int s_word[FFN_WARPS][FFN_CAP];
     __shared__ float s_h[FFN_WARPS][FFN_CAP];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -57,12 +61,26 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
     float acc[8 * NV];
 #pragma unroll
     for (int i = 0; i < 8 * NV; ++i) acc[i] = 0.f;
+    if (init != nullptr) {
+        const uint4* ig = reinterpret_cast<const uint4*>(init + m * D + d0);
+#pragma unroll
+        for (int k = 0; k < NV; ++k) {
+            const int vi = k * 32 + lane;
+            if (vi < nvec_c) {
+                const uint4 q = __ldg(ig + vi);
+                acc[8 * k + 0] = bf16_lo(q.x); acc[8 * k + 1] = bf16_hi(q.x);
+                acc[8 * k + 2] = bf16_lo(q.y); acc[8 * k + 3] = bf16_hi(q.y);
+                acc[8 * k + 4] = bf16_lo(q.z); acc[8 * k + 5] = bf16_hi(q.z);
+                acc[8 * k + 6] = bf16_lo(q.w); acc[8 * k + 7] = bf16_hi(q.w);
+            }
+        }
+    }
 
     const int* wrow = words + m * (long long)NT * S;
     const float* hrow = hbuf + m * (long long)NT * S;  // only dereferenced when HBUF
     const unsigned short* arow = act + m * (long long)H;
     int t = 0;      // next tile (TwELL)
-    int cnext = 0;  // next column (FROM_ACT)
+    int cnext = c_start;  // next column (FROM_ACT)
     while (FROM_ACT ? cnext < H : t < NT) {
         // ---- gather: the entries of the next tiles (up to FFN_CAP) into this warp's list, 32 tiles at a time.
         // A tile's true count decides where its entries go; overflowed tiles are read from act (exact).
@@ -301,7 +319,7 @@ __global__ void __launch_bounds__(UP_WARPS * 32, UP_MIN_BLOCKS) twell_up_kernel(
 #define SPARSIFY_FFN_INST(NV, G, A, HB)                                                                     \
     template __global__ void twell_ffn_kernel<NV, G, A, HB>(                                                 \
         const unsigned short*, const int*, const unsigned short*, const unsigned short*, const unsigned short*, \
-        unsigned short*, long long, int, int, int, int, int, int, const float*);
+        unsigned short*, long long, int, int, int, int, int, int, const float*, int, const unsigned short*);
 SPARSIFY_FFN_INST(8, true, false, false)
 SPARSIFY_FFN_INST(8, false, false, false)
 SPARSIFY_FFN_INST(8, true, true, false)

@@ -6,21 +6,13 @@
 // unused slots are zeroed. Columns >= H (the padded last tile) count as zero.
 #include "common.cuh"
 
-#define PACK_WARPS 8
-#define PACK_MAX_SLOTS 1024
-
 template <int EPL>
-__global__ void __launch_bounds__(PACK_WARPS * 32) twell_pack_kernel(
-    const unsigned short* __restrict__ act,  // (M, H) bf16 bits
-    int* __restrict__ words,                 // (M, NT, S)
-    long long M, int H, int NT, int S, int vec_ok) {
-    // Entries are compacted in shared memory first, then every slot of the (token, tile) row is written by one
-    // coalesced sweep (count, entries, zeros): one global store per lane instead of one per candidate entry.
-    extern __shared__ int s_rows[];  // PACK_WARPS * S
+__global__ void twell_pack_kernel(const unsigned short* __restrict__ act,  // (M, H) bf16 bits
+                                  int* __restrict__ words,                // (M, NT, S)
+                                  long long M, int H, int NT, int S, int vec_ok) {
     const int lane = threadIdx.x & 31;
-    const long long gw = (long long)blockIdx.x * PACK_WARPS + (threadIdx.x >> 5);
+    const long long gw = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (gw >= M * NT) return;
-    int* srow = s_rows + (threadIdx.x >> 5) * S;
     const long long m = gw / NT;
     const int t = (int)(gw - m * NT);
     const int K = S - 1;
@@ -29,8 +21,8 @@ __global__ void __launch_bounds__(PACK_WARPS * 32) twell_pack_kernel(
 
     unsigned short v[EPL];
     if (EPL == 8 && vec_ok && c0 + EPL <= H) {
-        const uint4 q = __ldg(reinterpret_cast<const uint4*>(row + c0));
-        const unsigned int w[4] = {q.x, q.y, q.z, q.w};
+        uint4 q = *reinterpret_cast<const uint4*>(row + c0);
+        unsigned int w[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             v[2 * e] = (unsigned short)(w[e] & 0xffffu);
@@ -42,29 +34,30 @@ __global__ void __launch_bounds__(PACK_WARPS * 32) twell_pack_kernel(
     }
 
     unsigned int nzmask = 0;
+    int n = 0;
 #pragma unroll
-    for (int e = 0; e < EPL; ++e)
-        if (relu_active(v[e])) nzmask |= 1u << e;
-    const int n = __popc(nzmask);
+    for (int e = 0; e < EPL; ++e) {
+        if (relu_active(v[e])) { nzmask |= 1u << e; ++n; }
+    }
     int incl = n;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(SPARSIFY_FULL_MASK, incl, o);
+        int y = __shfl_up_sync(SPARSIFY_FULL_MASK, incl, o);
         if (lane >= o) incl += y;
     }
     const int total = __shfl_sync(SPARSIFY_FULL_MASK, incl, 31);
     int slot = 1 + incl - n;
+    int* out = words + gw * (long long)S;
 #pragma unroll
     for (int e = 0; e < EPL; ++e) {
         if (nzmask & (1u << e)) {
-            if (slot <= K) srow[slot] = (int)(((unsigned int)(c0 + e) << 16) | (unsigned int)v[e]);
+            if (slot <= K) out[slot] = (int)(((unsigned int)(c0 + e) << 16) | (unsigned int)v[e]);
             ++slot;
         }
     }
-    __syncwarp();
     const int stored = total < K ? total : K;
-    int* out = words + gw * (long long)S;
-    for (int s = lane; s < S; s += 32) out[s] = s == 0 ? total : (s <= stored ? srow[s] : 0);
+    for (int s = 1 + stored + lane; s < S; s += 32) out[s] = 0;
+    if (lane == 0) out[0] = total;
 }
 
 template __global__ void twell_pack_kernel<1>(const unsigned short*, int*, long long, int, int, int, int);

@@ -119,12 +119,28 @@ def prefill_row(m: int, nnz: float, reps: int, err_rows: int = 4096) -> dict:
     row["auto_ms"] = cuda_time(lambda: ffn_forward(x, gate, up, down_t, mode="auto", kernels="cuda"), reps)
     row["auto_hint_ms"] = cuda_time(
         lambda: ffn_forward(x, gate, up, down_t, mode="auto", kernels="cuda", nnz_hint=row["nnz_mean"]), reps)
+    # hybrid: hot-first neuron order from firing rates measured on a calibration slice (pack time, untimed)
+    from sparsify_cli.kernels.ffn import hot_first_order, hybrid_ffn
+
+    rates = (act[: min(m, 8192)] > 0).float().mean(0)
+    perm, n_hot = hot_first_order(rates)
+    gate_p, up_p, down_t_p = gate[perm].contiguous(), up[perm].contiguous(), down_t[perm].contiguous()
+    row["n_hot"] = n_hot
+    row["hot_entry_share"] = (rates[perm[:n_hot]].sum() / rates.sum()).item()
+
+    def hybrid():
+        a = x @ gate_p.T
+        return hybrid_ffn(x, a, up_p, down_t_p, n_hot)
+
+    row["hybrid_ms"] = cuda_time(hybrid, reps)
     row["speedup"] = row["dense_ms"] / row["sparse_ms"]
+    row["speedup_hybrid"] = row["dense_ms"] / row["hybrid_ms"]
     row["speedup_auto"] = row["dense_ms"] / row["auto_ms"]
     r = slice(0, min(m, err_rows))
     ref32 = dense_block(x[r].float(), gate.float(), up.float(), down.float())
     row["rel_err_sparse"] = _rel(sparse()[r], ref32)
     row["rel_err_sparse_twell"] = _rel(sparse_twell()[r], ref32)
+    row["rel_err_hybrid"] = _rel(hybrid()[r], ref32)
     row["rel_err_torch_bf16"] = _rel(dense_block(x[r], gate, up, down), ref32)
     del inp, x, act, words, out
     torch.cuda.empty_cache()
@@ -233,13 +249,15 @@ def run(quick: bool = False, reps: int = 30, calib: bool = True) -> dict:
 
 def format_table(result: dict) -> str:
     nan = float("nan")
-    lines = ["| kind | M | nnz mean/max | max/tile | dense ms | sparse ms | speed-up | via TwELL ms | gate ms | "
+    lines = ["| kind | M | nnz mean/max | max/tile | dense ms | sparse ms | speed-up | hybrid ms (n_hot) | "
+             "hybrid speed-up | via TwELL ms | gate ms | "
              "pack ms | TwELL kernel ms (mb3 / split) | fused kernel ms | auto / auto+hint ms | rel err sparse / bf16 |",
-             "|" + "---|" * 14]
+             "|" + "---|" * 16]
     for r in result["rows"]:
         lines.append(
             f"| {r['kind']} | {r['M']} | {r['nnz_mean']:.1f} / {r['nnz_max']} | {r['max_per_tile']} | "
-            f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}× | {r.get('sparse_twell_ms', nan):.3f} | "
+            f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}× | {r.get('hybrid_ms', nan):.3f} "
+            f"({r.get('n_hot', 0)}) | {r.get('speedup_hybrid', nan):.2f}× | {r.get('sparse_twell_ms', nan):.3f} | "
             f"{r.get('gate_gemm_ms', nan):.3f} | {r.get('pack_ms', nan):.3f} | "
             f"{r.get('ffn_kernel_ms', nan):.3f} ({r.get('ffn_kernel_mb3_ms', nan):.3f} / "
             f"{r.get('ffn_kernel_split_ms', nan):.3f}) | {r.get('fused_kernel_ms', nan):.3f} | "

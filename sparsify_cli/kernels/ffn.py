@@ -27,11 +27,13 @@ class SparsePolicy:
     """When the sparse path beats dense (measured on an H100, bench_results/; BENCHMARKS.md explains).
 
     Sparse is chosen when the mean active neurons per token, as a fraction of H, is at most ``max_density``
-    for prefill (M > decode_max_m) or ``decode_max_density`` for decode.
+    for prefill (M > decode_max_m) or ``decode_max_density`` for decode. Defaults: the largest densities at
+    which the sparse path (no hybrid) took <= 0.97x dense time in the calibration sweep of
+    ``python -m sparsify_cli.bench.ffn`` (D=2048, H=5632, M=16384 resp. 64): 0.0071 and 0.030.
     """
 
-    max_density: float = 0.012
-    decode_max_density: float = 0.05
+    max_density: float = 0.0075
+    decode_max_density: float = 0.03
     decode_max_m: int = 64
     sample_rows: int = 256
 
@@ -63,16 +65,49 @@ def dense_ffn(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, dow
     return h @ down_t
 
 
+def hot_first_order(rates: torch.Tensor, threshold: float = 0.011, multiple: int = 128) -> tuple[torch.Tensor, int]:
+    """Neuron order for the hybrid path and the number of hot neurons, from per-neuron firing rates (H,).
+
+    Returns (perm, n_hot): perm sorts neurons by decreasing rate; the first n_hot (those firing on more than
+    ``threshold`` of tokens, rounded up to ``multiple``) go through cuBLAS densely, the rest through the sparse
+    kernel. The threshold is the measured break-even on an H100 (BENCHMARKS.md): a dense neuron costs
+    M * 4 * D flops at ~600 TFLOP/s, a sparse entry ~8 KB of L2 traffic at ~6.5 TB/s, so dense pays above ~1.1%.
+    Apply perm offline (pack time) to gate/up rows, down_t rows (and Down's columns).
+    """
+    perm = torch.argsort(rates, descending=True, stable=True)
+    n = int((rates > threshold).sum().item())
+    n_hot = min(rates.numel() - rates.numel() % 8, -(-n // multiple) * multiple) if n else 0
+    return perm, n_hot
+
+
+def hybrid_ffn(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor,
+               n_hot: int) -> torch.Tensor:
+    """Hybrid FFN tail for hot-first neuron order: neurons [0, n_hot) densely (cuBLAS), the rest sparsely.
+
+    act = x·w_actᵀ (M, H) already computed; out = Σ_{j<n_hot} dense + Σ_{j>=n_hot} sparse (one fp32 sum in the
+    sparse kernel, which starts from the dense part's bf16 result).
+    """
+    from sparsify_cli.kernels import ops
+
+    if n_hot <= 0:
+        return ops.relu_ffn(x, act, up, down_t)
+    a_hot = torch.relu(act[:, :n_hot])  # (M, n_hot)
+    h_hot = a_hot * (x @ up[:n_hot].T) if up is not None else a_hot
+    hot_out = h_hot @ down_t[:n_hot]  # (M, D)
+    return ops.relu_ffn(x, act, up, down_t, n_hot, hot_out)
+
+
 def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor, *,
                 kernels: str = "auto", mode: str = "auto", tile: int = DEFAULT_TILE, slots: int = DEFAULT_SLOTS,
                 policy: SparsePolicy = DEFAULT_POLICY, nnz_hint: float | None = None,
-                via_twell: bool = False) -> torch.Tensor:
+                via_twell: bool = False, n_hot: int = 0) -> torch.Tensor:
     """FFN block forward. kernels: auto|cuda|torch (backend); mode: auto|sparse|dense (path on the CUDA backend).
 
     ``nnz_hint``: mean active neurons per token if known (e.g. calibrated per layer); otherwise estimated from
     a sample of the activation rows when mode is auto. ``via_twell``: materialize TwELL words (pack kernel)
     and run the TwELL kernels, instead of the fused kernels that list entries straight from the activation
-    (faster while the gate GEMM does not write TwELL itself; BENCHMARKS.md).
+    (faster while the gate GEMM does not write TwELL itself; BENCHMARKS.md). ``n_hot`` > 0: the weights are in
+    hot-first order (hot_first_order) and prefill runs the hybrid path (hybrid_ffn).
     """
     backend = availability.resolve_backend(kernels)
     if backend == "torch" or x.device.type != "cuda" or mode == "dense":
@@ -86,6 +121,8 @@ def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, d
         nnz = nnz_hint if nnz_hint is not None else estimate_nnz(act, policy.sample_rows)
         if not policy.choose_sparse(x.shape[0], nnz, w_act.shape[0]):
             return dense_ffn(x, w_act, up, down_t, act=act)
+    if n_hot > 0 and x.shape[0] > policy.decode_max_m and not via_twell:
+        return hybrid_ffn(x, act, up, down_t, n_hot)
     if not via_twell:
         return ops.relu_ffn(x, act, up, down_t)
     words = ops.twell_pack(act, tile, slots)

@@ -17,7 +17,7 @@ UP_WARPS = 4  # warps (= tokens) per block of twell_up_kernel; must match kernel
 FFN_DEFAULT_DEFINES: tuple[str, ...] = ("FFN_MIN_BLOCKS=4",)
 FFN_DEFAULT_SPLIT = False  # run phase A (x . U_j) as its own kernel (twell_up_kernel)
 DECODE_MAX_M = 64  # at or below this many tokens the decode kernel runs
-DECODE_THREADS = 1024  # must match kernels_cu/twell_decode.cu
+DECODE_THREADS = 512  # must match kernels_cu/twell_decode.cu
 DECODE_CAP = 1024  # must match kernels_cu/twell_decode.cu
 MAX_HIDDEN = 65536  # column index is 16 bits
 
@@ -117,7 +117,7 @@ def launch_twell_pack(act: torch.Tensor, words: torch.Tensor, tile: int, slots: 
     pairs = m * nt
     grid = ((pairs + PACK_WARPS - 1) // PACK_WARPS,)
     args = (act.data_ptr(), words.data_ptr(), _i64(m), _i32(h), _i32(nt), _i32(slots), _i32(vec_ok))
-    loader.launch(fn, grid, (32 * PACK_WARPS,), args, shared_mem=PACK_WARPS * slots * 4)
+    loader.launch(fn, grid, (32 * PACK_WARPS,), args)
 
 
 def _b(v: bool) -> str:
@@ -153,7 +153,7 @@ def _decode_launch(x, words, up, down_t, act, out, tile, from_act: bool, m, d, h
 
 
 def _prefill_launch(x, words, up, down_t, act, out, tile, from_act: bool, defines, m, d, h, nt, s,
-                    split: bool = False) -> None:
+                    split: bool = False, c_start: int = 0, init: torch.Tensor | None = None) -> None:
     from sparsify_cli.kernels import loader
 
     if defines is None:
@@ -170,28 +170,40 @@ def _prefill_launch(x, words, up, down_t, act, out, tile, from_act: bool, define
     ptrs = (x.data_ptr(), words.data_ptr() if words is not None else 0, up.data_ptr() if up is not None else 0,
             down_t.data_ptr(), act.data_ptr(), out.data_ptr())
     tail = (_i64(m), _i32(d), _i32(h), _i32(nt), _i32(s), _i32(tile), _i32(_vec_ok(act)),
-            hbuf.data_ptr() if hbuf is not None else 0)
+            hbuf.data_ptr() if hbuf is not None else 0, _i32(c_start), init.data_ptr() if init is not None else 0)
     loader.launch(fn, ((m + FFN_WARPS - 1) // FFN_WARPS, chunks), (32 * FFN_WARPS,), ptrs + tail)
 
 
 def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 256,
-                    defines: tuple[str, ...] | None = None) -> None:
+                    defines: tuple[str, ...] | None = None, c_start: int = 0,
+                    init: torch.Tensor | None = None) -> None:
     """The sparse FFN without materializing TwELL: each token's entries come straight from the dense activation
     ``act`` (relu applied; packing fused into the FFN kernel). Reads only the active rows of U and DownT.
-    path: auto (decode kernel for M <= DECODE_MAX_M, else prefill) | prefill | decode."""
+    path: auto (decode kernel for M <= DECODE_MAX_M, else prefill) | prefill | decode.
+    Hybrid (prefill only): only columns >= ``c_start`` are used (a multiple of 8), and ``init`` (M, D) bf16 is
+    added to the result (the hot neurons' dense part)."""
     if act.dim() != 2 or x.dim() != 2:
         raise ValueError("x and act must be 2-D: x (M, D), act (M, H)")
     m, h = act.shape
     dummy = torch.empty(m, n_tiles(h, tile), 2, dtype=torch.int32, device=x.device)  # shape checks only
     m, d, h, nt, _ = check_ffn_args(x, dummy, up, down_t, act, out, tile)
+    hybrid = c_start != 0 or init is not None
+    if not (0 <= c_start <= h and c_start % 8 == 0):
+        raise ValueError(f"c_start must be a multiple of 8 in [0, H={h}], got {c_start}")
+    if init is not None:
+        _check(init, "init", torch.bfloat16, (m, d), x.device)
+        if init.data_ptr() % 16 != 0:
+            raise ValueError("init must be 16-byte aligned (data_ptr % 16 == 0)")
     if m == 0:
         return
     if path == "auto":
-        path = "decode" if m <= DECODE_MAX_M else "prefill"
+        path = "prefill" if hybrid or m > DECODE_MAX_M else "decode"
     if path == "decode":
+        if hybrid:
+            raise ValueError("the decode kernel has no hybrid (c_start/init) mode; use path='prefill'")
         _decode_launch(x, None, up, down_t, act, out, tile, True, m, d, h, nt, 2)
     elif path == "prefill":
-        _prefill_launch(x, None, up, down_t, act, out, tile, True, defines, m, d, h, nt, 2)
+        _prefill_launch(x, None, up, down_t, act, out, tile, True, defines, m, d, h, nt, 2, False, c_start, init)
     else:
         raise ValueError(f"path must be auto, prefill or decode, got {path!r}")
 

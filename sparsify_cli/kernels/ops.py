@@ -6,7 +6,8 @@
       overflowed tiles are read from relu(act) exactly. M <= 64 runs the decode kernel.
 - sparsify::relu_ffn(x, act, up, down_t) -> out
       the same block straight from the dense activation (packing fused into the FFN kernel, no TwELL
-      materialized): the fast path while the gate GEMM has no TwELL-writing epilogue.
+      materialized): the fast path while the gate GEMM has no TwELL-writing epilogue. With c_start/init it
+      is the sparse half of the hybrid path (ffn.hybrid_ffn): columns < c_start are done densely elsewhere.
 Inference only: no autograd formula is registered (backward through these ops raises).
 """
 
@@ -48,12 +49,13 @@ def _(x, words, up, down_t, act, tile):
 
 
 @torch.library.custom_op("sparsify::relu_ffn", mutates_args=())
-def relu_ffn(x: torch.Tensor, act: torch.Tensor, up: Optional[torch.Tensor], down_t: torch.Tensor) -> torch.Tensor:
+def relu_ffn(x: torch.Tensor, act: torch.Tensor, up: Optional[torch.Tensor], down_t: torch.Tensor,
+             c_start: int = 0, init: Optional[torch.Tensor] = None) -> torch.Tensor:
     out = torch.empty_like(x)
-    launchers.launch_relu_ffn(x, act, up, down_t, out)
+    launchers.launch_relu_ffn(x, act, up, down_t, out, c_start=c_start, init=init)
     return out
 
 
 @relu_ffn.register_fake
-def _(x, act, up, down_t):
+def _(x, act, up, down_t, c_start=0, init=None):
     return torch.empty_like(x)

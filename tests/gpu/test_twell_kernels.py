@@ -179,3 +179,41 @@ def test_launcher_rejects_bad_shapes_on_gpu():
         launchers.launch_twell_ffn(x, torch.zeros(4, 1, 32, dtype=torch.int32, device=DEV), None,
                                    torch.zeros(8, 100, dtype=torch.bfloat16, device=DEV),
                                    torch.zeros(4, 8, dtype=torch.bfloat16, device=DEV), torch.empty_like(x), 256)
+
+
+@pytest.mark.parametrize("m,d,h,nnz", [(300, 512, 1536, 40), (1029, 2048, 5632, 29), (100, 2560, 700, 20)])
+@pytest.mark.parametrize("gated", [True, False])
+def test_hybrid_matches_reference(m, d, h, nnz, gated):
+    """Hot-first order: hot neurons through cuBLAS, the rest through the sparse kernel (c_start/init)."""
+    from sparsify_cli.kernels import ffn
+
+    inp = make_ffn_inputs(m, d, h, nnz, device=DEV, seed=m + h)
+    act0 = inp.x @ inp.gate.T
+    perm, n_hot = ffn.hot_first_order((act0 > 0).float().mean(0), threshold=0.005, multiple=64)
+    assert 0 < n_hot < h
+    gate, up, down_t = inp.gate[perm], inp.up[perm], inp.down.T[perm].contiguous()
+    up = up if gated else None
+    act = inp.x @ gate.T
+    out = ffn.hybrid_ffn(inp.x, act, up, down_t, n_hot)
+    a = torch.relu(act.float())
+    ref32 = ((a * (inp.x.float() @ up.float().T)) if gated else a) @ down_t.float()
+    a16 = torch.relu(act)
+    t16 = ((a16 * (inp.x @ up.T)) if gated else a16) @ down_t
+    assert not torch.isnan(out).any()
+    assert _rel(out, ref32) <= 2 * _rel(t16, ref32) + 1e-4, (_rel(out, ref32), _rel(t16, ref32))
+
+
+def test_relu_ffn_c_start_and_init_semantics():
+    """c_start skips columns exactly; init is added."""
+    inp = make_ffn_inputs(200, 256, 640, 30, device=DEV, seed=4)
+    down_t = inp.down.T.contiguous()
+    act = inp.x @ inp.gate.T
+    init = torch.randn(200, 256, device=DEV).to(torch.bfloat16)
+    out = _poison(torch.empty(200, 256, dtype=torch.bfloat16, device=DEV))
+    launchers.launch_relu_ffn(inp.x, act, inp.up, down_t, out, c_start=128, init=init)
+    a = torch.relu(act.float())
+    a[:, :128] = 0
+    ref = init.float() + (a * (inp.x.float() @ inp.up.float().T)) @ down_t.float()
+    assert _rel(out, ref) < 5e-3
+    with pytest.raises(ValueError, match="multiple of 8"):
+        launchers.launch_relu_ffn(inp.x, act, inp.up, down_t, out, c_start=3)

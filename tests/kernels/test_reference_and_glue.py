@@ -141,3 +141,13 @@ def test_imports_without_optional_deps():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('cupy', 'hydra', 'omegaconf', 'wandb')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_hot_first_order():
+    rates = torch.tensor([0.0, 0.5, 0.02, 0.001, 0.012] * 8)
+    perm, n_hot = ffn.hot_first_order(rates, threshold=0.011, multiple=8)
+    assert sorted(perm.tolist()) == list(range(40))
+    assert rates[perm].tolist() == sorted(rates.tolist(), reverse=True)
+    assert n_hot == 24  # 24 neurons above 1.1%, already a multiple of 8
+    assert ffn.hot_first_order(torch.zeros(16))[1] == 0
+    assert ffn.hot_first_order(torch.full((100,), 0.5), multiple=128)[1] == 96  # capped, multiple of 8
