@@ -32,6 +32,28 @@ FFN_KINDS = ("gated", "plain")
 # FFN implementations training can use. The sparse CUDA training kernels add "cuda" here when they land.
 TRAIN_KERNEL_CHOICES = ("auto", "torch")
 WANDB_MODES = ("offline", "online", "disabled")
+# How rotary frequencies are stretched for long contexts (what imported checkpoints use; model/hf.py maps them).
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
+@dataclass
+class RopeScalingConfig:
+    """none: plain RoPE. linear: every frequency divided by `factor`. llama3 (Llama 3.1+): frequencies whose
+    wavelength exceeds original_max_seq_len / low_freq_factor divided by `factor`, those below
+    original_max_seq_len / high_freq_factor kept, a smooth blend in between."""
+
+    type: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+    def __post_init__(self) -> None:
+        _check_choice("model.rope_scaling.type", self.type, ROPE_SCALINGS)
+        _check_positive("model.rope_scaling.factor", self.factor)
+        _check_positive("model.rope_scaling.original_max_seq_len", self.original_max_seq_len)
+        if self.type == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise UserError("model.rope_scaling: llama3 needs 0 < low_freq_factor < high_freq_factor")
 
 
 @dataclass
@@ -52,9 +74,12 @@ class ModelConfig:
     mlp_bias: bool = False
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):  # from a checkpoint's config.json
+            self.rope_scaling = RopeScalingConfig(**self.rope_scaling)
         _check_choice("model.ffn", self.ffn, FFN_KINDS)
         _check_choice("model.activation", self.activation, ACTIVATIONS)
         for name in ("d_model", "n_layers", "n_heads", "d_ffn", "max_seq_len"):
@@ -155,6 +180,10 @@ class TrainConfig:
     eval_batches: int = 8
     save_every: int = 0  # 0: only at the end
     out_dir: str = "runs/${run_name}"
+    # Start from these weights: a local Hugging Face directory or a sparsify run/checkpoint. The model's shape,
+    # and the tokenizer, come from it; of model.*, only model.activation applies (relu: "relufication").
+    init: Optional[str] = None
+    allow_torch_bin: bool = False  # let init read pytorch_model.bin (torch.load with weights_only=True)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_batches"):

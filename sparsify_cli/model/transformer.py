@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sparsify_cli.config.schema import ModelConfig
+from sparsify_cli.config.schema import ModelConfig, RopeScalingConfig
 from sparsify_cli.model.ffn import ActivationObserver, FeedForward
 
 
@@ -27,9 +27,26 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
-def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    head_dim: int, max_len: int, theta: float, scaling: RopeScalingConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (max_len, head_dim/2), for the "rotate halves" convention Llama checkpoints use."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (hd/2,)
+    if scaling is not None and scaling.type == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif scaling is not None and scaling.type == "llama3":
+        # Long wavelengths (> original / low_freq_factor) slow down by `factor`, short ones (< original /
+        # high_freq_factor) stay, and the band between blends the two linearly in original / wavelength.
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+        inv_freq = torch.where(
+            wavelen > scaling.original_max_seq_len / scaling.low_freq_factor,
+            inv_freq / scaling.factor,
+            torch.where(wavelen < scaling.original_max_seq_len / scaling.high_freq_factor, inv_freq, blended),
+        )
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (L, hd/2)
     return angles.cos().float(), angles.sin().float()
 
@@ -91,7 +108,7 @@ class SparseLlama(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         # Not saved in checkpoints: they are a function of the config.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
