@@ -133,11 +133,21 @@ def prefill_row(m: int, nnz: float, reps: int, err_rows: int = 4096) -> dict:
         return hybrid_ffn(x, a, up_p, down_t_p, n_hot)
 
     row["hybrid_ms"] = cuda_time(hybrid, reps)
+    sweep = []  # the hot threshold's sensitivity (the default is hot_first_order's)
+    for th in (0.004, 0.007, 0.016, 0.025):
+        p2, n2 = hot_first_order(rates, threshold=th)
+        g2, u2, d2 = gate[p2].contiguous(), up[p2].contiguous(), down_t[p2].contiguous()
+        ms = cuda_time(lambda: hybrid_ffn(x, x @ g2.T, u2, d2, n2), reps)
+        sweep.append({"threshold": th, "n_hot": n2, "ms": ms})
+        del g2, u2, d2
+    row["hybrid_threshold_sweep"] = sweep
     row["speedup"] = row["dense_ms"] / row["sparse_ms"]
     row["speedup_hybrid"] = row["dense_ms"] / row["hybrid_ms"]
     row["speedup_auto"] = row["dense_ms"] / row["auto_ms"]
     r = slice(0, min(m, err_rows))
     ref32 = dense_block(x[r].float(), gate.float(), up.float(), down.float())
+    row["auto_hybrid_ms"] = cuda_time(
+        lambda: ffn_forward(x, gate_p, up_p, down_t_p, mode="auto", kernels="cuda", n_hot=n_hot), reps)
     row["rel_err_sparse"] = _rel(sparse()[r], ref32)
     row["rel_err_sparse_twell"] = _rel(sparse_twell()[r], ref32)
     row["rel_err_hybrid"] = _rel(hybrid()[r], ref32)
@@ -194,6 +204,9 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
     row["sparse_ms"] = cuda_time(graphed(sparse_all), reps) / layers
     row["sparse_twell_ms"] = cuda_time(graphed(twell_all), reps) / layers
     row["gate_gemm_ms"] = cuda_time(graphed(lambda: [x @ s.gate.T for s in sets]), reps) / layers
+    acts = [x @ s.gate.T for s in sets]
+    row["decode_kernel_ms"] = cuda_time(
+        graphed(lambda: [ops.relu_ffn(x, a, s.up, dt) for a, s, dt in zip(acts, sets, downs_t)]), reps) / layers
     row["speedup"] = row["dense_ms"] / row["sparse_ms"]
     s0 = sets[0]
     ref32 = dense_block(x.float(), s0.gate.float(), s0.up.float(), s0.down.float())

@@ -103,8 +103,8 @@ def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, d
                 via_twell: bool = False, n_hot: int = 0) -> torch.Tensor:
     """FFN block forward. kernels: auto|cuda|torch (backend); mode: auto|sparse|dense (path on the CUDA backend).
 
-    ``nnz_hint``: mean active neurons per token if known (e.g. calibrated per layer); otherwise estimated from
-    a sample of the activation rows when mode is auto. ``via_twell``: materialize TwELL words (pack kernel)
+    ``nnz_hint``: mean active neurons per token if known (e.g. calibrated per layer; with n_hot > 0: those of
+    the cold neurons >= n_hot); otherwise estimated from a sample of the activation rows when mode is auto. ``via_twell``: materialize TwELL words (pack kernel)
     and run the TwELL kernels, instead of the fused kernels that list entries straight from the activation
     (faster while the gate GEMM does not write TwELL itself; BENCHMARKS.md). ``n_hot`` > 0: the weights are in
     hot-first order (hot_first_order) and prefill runs the hybrid path (hybrid_ffn).
@@ -117,11 +117,13 @@ def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, d
     from sparsify_cli.kernels import ops
 
     act = x @ w_act.T  # (M, H) cuBLAS
-    if mode == "auto":
-        nnz = nnz_hint if nnz_hint is not None else estimate_nnz(act, policy.sample_rows)
+    hybrid = n_hot > 0 and x.shape[0] > policy.decode_max_m and not via_twell
+    if mode == "auto":  # with the hybrid path, what matters is the density left to the sparse kernel
+        nnz = nnz_hint if nnz_hint is not None else estimate_nnz(act[:, n_hot:] if hybrid else act,
+                                                                 policy.sample_rows)
         if not policy.choose_sparse(x.shape[0], nnz, w_act.shape[0]):
             return dense_ffn(x, w_act, up, down_t, act=act)
-    if n_hot > 0 and x.shape[0] > policy.decode_max_m and not via_twell:
+    if hybrid:
         return hybrid_ffn(x, act, up, down_t, n_hot)
     if not via_twell:
         return ops.relu_ffn(x, act, up, down_t)
