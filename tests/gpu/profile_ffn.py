@@ -13,4 +13,9 @@ out = torch.empty_like(inp.x)
 for _ in range(2):
     launchers.launch_twell_ffn(inp.x, words, inp.up, down_t, act, out, 256)
     launchers.launch_twell_ffn(inp.x, words, inp.up, down_t, act, out, 256, split=True)
+dec = make_ffn_inputs(1, 2048, 5632, 28, device="cuda", seed=2)
+dec_down_t = dec.down.T.contiguous()
+dec_act = dec.x @ dec.gate.T
+for _ in range(2):
+    ops.relu_ffn(dec.x, dec_act, dec.up, dec_down_t)
 torch.cuda.synchronize()

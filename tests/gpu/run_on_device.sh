@@ -19,6 +19,9 @@ if [[ $what == profile || $what == all ]]; then
     timeout 240 "$NCU" --kernel-name regex:'twell_ffn_kernel|twell_pack|twell_up' --launch-skip 0 --launch-count 4 \
       --metrics gpu__time_duration.sum,lts__t_sector_hit_rate.pct,lts__t_bytes.sum.per_second,dram__bytes.sum.per_second,l1tex__t_sector_hit_rate.pct,sm__throughput.avg.pct_of_peak_sustained_elapsed,lts__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active \
       python3 tests/gpu/profile_ffn.py > "$OUT/ncu.txt" 2>&1; tail -n 60 "$OUT/ncu.txt"
+    timeout 120 "$NCU" --kernel-name regex:'twell_decode' --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+      python3 tests/gpu/profile_ffn.py > "$OUT/ncu_decode.txt" 2>&1; grep -v "^==PROF==" "$OUT/ncu_decode.txt" | tail -n 70
   else
     echo "ncu not found" | tee "$OUT/ncu.txt"
   fi
