@@ -1,0 +1,146 @@
+"""PNG plots of an eval report (needs matplotlib: the `plots` extra).
+
+    active_per_layer.png   mean (solid) and p99 (dashed) active FFN neurons per token, per layer, per model
+    active_hist.png        distribution of active neurons per token (all layers), per model
+    tile_overflow.png      share of (token, tile) pairs over the TwELL capacity at C = 8, 4, 2, per model
+    tradeoff.png           (2+ models) held-out CE against FFN sparsity: the paper's trade-off curve
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sparsify_cli.errors import UserError
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("--plots needs matplotlib: pip install 'sparsify-cli[plots]'") from None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def require_matplotlib() -> None:
+    _pyplot()
+
+
+def _name(m: dict[str, Any]) -> str:
+    lam = m.get("l1_coeff")
+    tag = f" (λ={lam:g})" if isinstance(lam, (int, float)) else ""
+    return f"{m['label']}{tag}" if m["kind"] == "checkpoint" else f"{m['label']} [packed]{tag}"
+
+
+def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    plt = _pyplot()
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the plot folder {out}: {exc.strerror or exc}") from None
+    models = report["models"]
+    written = [_active_per_layer(plt, models, out), _active_hist(plt, models, out), _tile_overflow(plt, report, out)]
+    if len(models) >= 2:
+        written.append(_tradeoff(plt, models, out))
+    return written
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _active_per_layer(plt, models, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, m in enumerate(models):
+        layers = m["sparsity"]["layers"]
+        xs = [layer["layer"] for layer in layers]
+        color = f"C{i % 10}"
+        ax.plot(xs, [max(layer["mean_active"], 1e-2) for layer in layers], "o-", color=color, label=f"{_name(m)} mean")
+        ax.plot(xs, [max(layer["p99_active"], 1e-2) for layer in layers], "x--", color=color, alpha=0.7)
+    d_ffn = models[0]["sparsity"]["layers"][0]["d_ffn"]
+    ax.axhline(d_ffn, color="grey", lw=0.8, ls=":")
+    ax.text(0, d_ffn, f"H = {d_ffn}", va="bottom", fontsize=8, color="grey")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("active FFN neurons per token")
+    ax.set_title("Active neurons per layer (solid: mean, dashed: p99)")
+    ax.set_xticks(sorted({layer["layer"] for m in models for layer in m["sparsity"]["layers"]}))
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    return _save(plt, fig, out / "active_per_layer.png")
+
+
+def _active_hist(plt, models, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, m in enumerate(models):
+        pooled: list[int] = []
+        for layer in m["sparsity"]["layers"]:
+            hist = layer["active_hist"]
+            pooled += [0] * (len(hist) - len(pooled))
+            for k, c in enumerate(hist):
+                pooled[k] += c
+        total = sum(pooled)
+        # Log-spaced bins over 0..H (0 gets its own bin at 0.5 so it shows on the log axis).
+        xs = [max(k, 0.5) for k in range(len(pooled))]
+        ax.hist(xs, bins=_log_bins(len(pooled)), weights=[c / total for c in pooled], histtype="step", lw=1.6,
+                color=f"C{i % 10}", label=_name(m))
+    ax.set_xscale("log")
+    ax.set_xlabel("active FFN neurons per token (all layers; 0 drawn at 0.5)")
+    ax.set_ylabel("share of (token, layer) pairs")
+    ax.set_title("How many neurons each token uses")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, out / "active_hist.png")
+
+
+def _log_bins(n: int) -> list[float]:
+    edges, e = [0.4, 0.75], 0.75
+    while e < n:
+        e *= 1.35
+        edges.append(e)
+    return edges
+
+
+def _tile_overflow(plt, report, out: Path) -> Path:
+    models = report["models"]
+    comps = [str(c) for c in report["settings"]["compressions"]]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    width = 0.8 / len(models)
+    for i, m in enumerate(models):
+        fracs = [100 * m["sparsity"]["overflow_tile_fraction"][c] for c in comps]
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(comps))]
+        ax.bar(xs, [max(f, 1e-4) for f in fracs], width, color=f"C{i % 10}", label=_name(m))
+    layer0 = models[0]["sparsity"]["layers"][0]["tiles"]
+    caps = [layer0["overflow"][c]["capacity"] for c in comps]
+    ax.set_xticks(range(len(comps)), [f"C={c}\n(K={k} of {layer0['tile']})" for c, k in zip(comps, caps)])
+    ax.set_yscale("log")
+    ax.set_ylabel("% of (token, tile) pairs over capacity")
+    ax.set_title(f"TwELL tile overflow (tile {layer0['tile']}; bars at 1e-4 % mean none)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y", which="both")
+    return _save(plt, fig, out / "tile_overflow.png")
+
+
+def _tradeoff(plt, models, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    xs = [100 * m["sparsity"]["sparsity"] for m in models]
+    ys = [m["quality"]["heldout_ce"] for m in models]
+    order = sorted(range(len(models)), key=lambda i: xs[i])
+    ax.plot([xs[i] for i in order], [ys[i] for i in order], "-", color="grey", lw=0.8)
+    for i, m in enumerate(models):
+        ax.plot(xs[i], ys[i], "o", color=f"C{i % 10}")
+        lam = m.get("l1_coeff")
+        ax.annotate(f"λ={lam:g}" if isinstance(lam, (int, float)) else m["label"], (xs[i], ys[i]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("FFN activation sparsity (% of neurons exactly zero, held-out)")
+    ax.set_ylabel("held-out cross-entropy (nats/token)")
+    ax.set_title("Quality against sparsity")
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, out / "tradeoff.png")
