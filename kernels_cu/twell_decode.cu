@@ -1,6 +1,6 @@
 // Sparse FFN up/down projection reading TwELL, decode path (few tokens, M ~ 1..64): memory-latency bound.
 //
-// One block per token. The token's entries are gathered into a shared-memory list (an exclusive scan over the
+// One block per token and D-chunk (see below). The token's entries are gathered into a shared-memory list (an exclusive scan over the
 // tiles' counts gives each tile its offset, so the list order is deterministic), then
 //   1. up:   the block's warps share the entries: h_e = a_e * (x_m . U_j)      (gated; plain: h_e = a_e)
 //   2. down: each thread owns 16-byte column vectors of out_m and sums h_e * DownT_j over all entries, with all
@@ -9,13 +9,11 @@
 // dense activation `act` (relu applied). FROM_ACT = true skips TwELL altogether: the entries come straight from
 // the dense activation row (for decode the row is only H * 2 bytes, so this saves the pack launch and two
 // dependent memory round trips; `words` is then unused). Lists longer than CAP are processed in batches; partial sums live in
-// an fp32 shared-memory row of D floats.
+// an fp32 shared-memory row of the chunk.
 #include "common.cuh"
 
 #define DECODE_THREADS 512
 #define DECODE_CAP 1024
-#define DECODE_GROUPS 2                                     // entry groups in the down phase
-#define DECODE_VEC_THREADS (DECODE_THREADS / DECODE_GROUPS)  // column vectors per group and pass
 
 template <bool GATED, bool FROM_ACT>
 __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
@@ -30,14 +28,22 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
     int* offs = smem;                                        // NT + 1
     int* ej = offs + NT + 1;                                 // DECODE_CAP
     float* eh = reinterpret_cast<float*>(ej + DECODE_CAP);   // DECODE_CAP
-    float* accrow = eh + DECODE_CAP;                         // D
+    // D is split into gridDim.y chunks of CV column vectors (8 columns each), one block per (token, chunk):
+    // every block lists the token's entries and computes all of h (the U rows are re-read from L2), and
+    // accumulates only its chunk, so a single token's down projection is spread over several SMs.
+    const int nvec = D >> 3;
+    const int CV = (nvec + gridDim.y - 1) / gridDim.y;
+    const int CVr = (CV + 31) & ~31;  // <= DECODE_THREADS / 2 (launcher)
+    const int G = DECODE_THREADS / CVr;  // entry groups in the down phase
+    const int v_beg = blockIdx.y * CV, v_end = min(nvec, v_beg + CV);
+    float* accrow = eh + DECODE_CAP;  // CVr * 8: this chunk's fp32 sums
+    float* part = accrow + CVr * 8;   // G * CVr * 8 = DECODE_THREADS * 8: per-group partials
 
     const long long m = blockIdx.x;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = DECODE_THREADS / 32;
     const int K = S - 1;
     const int* wrow = words + m * (long long)NT * S;
     const unsigned short* arow = act + m * (long long)H;
-    const int nvec = D >> 3;
 
     if (FROM_ACT) {  // no TwELL words: count each tile's non-zeros straight from the dense activation
         for (int t = warp; t < NT; t += nwarps) {
@@ -48,7 +54,7 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
     } else {
         for (int t = tid; t < NT; t += DECODE_THREADS) offs[t] = __ldg(wrow + (long long)t * S);
     }
-    for (int i = tid; i < D; i += DECODE_THREADS) accrow[i] = 0.f;
+    for (int i = tid; i < CVr * 8; i += DECODE_THREADS) accrow[i] = 0.f;
     __syncthreads();
     if (warp == 0) {  // exclusive scan of the true counts
         int carry = 0;
@@ -111,50 +117,50 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
             }
             __syncthreads();
         }
-        // down: threads split into DECODE_GROUPS groups; group g owns a contiguous share of the entries for
-        // every column vector; 8 row loads in flight per thread; groups add their partials in a fixed order.
+        // down: G groups of CVr threads; group g owns a contiguous share of the entries, thread v of a group
+        // one column vector of the chunk; 8 row loads in flight per thread; partials summed in group order.
         {
-            const int g = tid / DECODE_VEC_THREADS, v0 = tid % DECODE_VEC_THREADS;
-            const int per = (nb + DECODE_GROUPS - 1) / DECODE_GROUPS;
+            const int g = tid / CVr, v = tid % CVr, vi = v_beg + v;
+            const int per = (nb + G - 1) / G;
             const int e_beg = min(nb, g * per), e_end = min(nb, e_beg + per);
-            for (int vi0 = 0; vi0 < nvec; vi0 += DECODE_VEC_THREADS) {
-                const int vi = vi0 + v0;
-                float acc[8];
+            float acc[8];
 #pragma unroll
-                for (int i = 0; i < 8; ++i) acc[i] = 0.f;
-                if (vi < nvec) {
-                    int e = e_beg;
-                    for (; e + 8 <= e_end; e += 8) {
-                        uint4 q[8];
-#pragma unroll
-                        for (int u = 0; u < 8; ++u)
-                            q[u] = __ldg(reinterpret_cast<const uint4*>(down_t + (long long)ej[e + u] * D) + vi);
-#pragma unroll
-                        for (int u = 0; u < 8; ++u) axpy8(acc, eh[e + u], q[u]);
-                    }
+            for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+            if (g < G && vi < v_end) {
+                int e = e_beg;
+                for (; e + 8 <= e_end; e += 8) {
                     uint4 q[8];
 #pragma unroll
                     for (int u = 0; u < 8; ++u)
-                        q[u] = e + u < e_end ? __ldg(reinterpret_cast<const uint4*>(down_t + (long long)ej[e + u] * D) + vi)
-                                             : make_uint4(0u, 0u, 0u, 0u);
+                        q[u] = __ldg(reinterpret_cast<const uint4*>(down_t + (long long)ej[e + u] * D) + vi);
 #pragma unroll
-                    for (int u = 0; u < 8; ++u)
-                        if (e + u < e_end) axpy8(acc, eh[e + u], q[u]);
+                    for (int u = 0; u < 8; ++u) axpy8(acc, eh[e + u], q[u]);
                 }
-                for (int gg = 0; gg < DECODE_GROUPS; ++gg) {
-                    if (gg == g && vi < nvec) {
+                uint4 q[8];
 #pragma unroll
-                        for (int i = 0; i < 8; ++i) accrow[8 * vi + i] += acc[i];
-                    }
-                    __syncthreads();
-                }
+                for (int u = 0; u < 8; ++u)
+                    q[u] = e + u < e_end ? __ldg(reinterpret_cast<const uint4*>(down_t + (long long)ej[e + u] * D) + vi)
+                                         : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+                for (int u = 0; u < 8; ++u)
+                    if (e + u < e_end) axpy8(acc, eh[e + u], q[u]);
+            }
+            if (g < G) {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) part[(g * CVr + v) * 8 + i] = acc[i];
+            }
+            __syncthreads();
+            for (int idx = tid; idx < CVr * 8; idx += DECODE_THREADS) {
+                float sum = accrow[idx];
+                for (int gg = 0; gg < G; ++gg) sum += part[gg * CVr * 8 + idx];
+                accrow[idx] = sum;
             }
         }
         __syncthreads();
     }
     uint4* og = reinterpret_cast<uint4*>(out + m * D);
-    for (int vi = tid; vi < nvec; vi += DECODE_THREADS) {
-        const float* a8 = accrow + 8 * vi;
+    for (int vi = v_beg + tid; vi < v_end; vi += DECODE_THREADS) {
+        const float* a8 = accrow + 8 * (vi - v_beg);
         og[vi] = make_uint4(pack_bf16x2(a8[0], a8[1]), pack_bf16x2(a8[2], a8[3]), pack_bf16x2(a8[4], a8[5]),
                             pack_bf16x2(a8[6], a8[7]));
     }

@@ -136,12 +136,26 @@ def _vec_ok(act: torch.Tensor) -> int:
     return int(act.shape[1] % 8 == 0 and act.data_ptr() % 16 == 0)
 
 
+DECODE_MAX_CHUNKS = 8  # blocks per token in the decode kernel (D split for the down projection)
+
+
+def decode_chunks(d: int) -> tuple[int, int]:
+    """(chunks, vectors per chunk rounded up to 32) for the decode kernel: as many chunks as fit
+    DECODE_MAX_CHUNKS with >= 32 column vectors each, and chunks of at most DECODE_THREADS / 2 vectors."""
+    nvec = d // 8
+    c = max(1, min(DECODE_MAX_CHUNKS, nvec // 32))
+    c = max(c, -(-nvec // (DECODE_THREADS // 2)))
+    cv = -(-nvec // c)
+    return c, -(-cv // 32) * 32
+
+
 def _decode_launch(x, words, up, down_t, act, out, tile, from_act: bool, m, d, h, nt, s) -> None:
     from sparsify_cli.kernels import loader
 
     g = "true" if up is not None else "false"
     fn = loader.get_function("twell_decode.cu", f"twell_decode_kernel<{g}, {'true' if from_act else 'false'}>")
-    smem = (nt + 1 + 2 * DECODE_CAP) * 4 + d * 4
+    chunks, cvr = decode_chunks(d)
+    smem = (nt + 1 + 2 * DECODE_CAP) * 4 + cvr * 8 * 4 + DECODE_THREADS * 8 * 4
     if smem > 48 * 1024:
         if smem > 227 * 1024:
             raise ValueError(f"decode path: D={d}, H={h} need {smem} bytes of shared memory (> 227 KB)")
@@ -149,7 +163,7 @@ def _decode_launch(x, words, up, down_t, act, out, tile, from_act: bool, m, d, h
     ptrs = (x.data_ptr(), words.data_ptr() if words is not None else 0, up.data_ptr() if up is not None else 0,
             down_t.data_ptr(), act.data_ptr(), out.data_ptr())
     tail = (_i64(m), _i32(d), _i32(h), _i32(nt), _i32(s), _i32(tile), _i32(_vec_ok(act)))
-    loader.launch(fn, (m,), (DECODE_THREADS,), ptrs + tail, shared_mem=smem)
+    loader.launch(fn, (m, chunks), (DECODE_THREADS,), ptrs + tail, shared_mem=smem)
 
 
 def _prefill_launch(x, words, up, down_t, act, out, tile, from_act: bool, defines, m, d, h, nt, s,
