@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from sparsify_cli.cli import eval as eval_cmd
+from sparsify_cli.cli import export as export_cmd
 from sparsify_cli.cli import pack as pack_cmd
 from sparsify_cli.cli import train as train_cmd
 
@@ -31,6 +33,8 @@ app.command(
 )(train_cmd.train)
 
 app.command("pack", help=pack_cmd.HELP)(pack_cmd.pack)
+app.command("export", help=export_cmd.HELP)(export_cmd.export)
+app.command("eval", help=eval_cmd.HELP)(eval_cmd.eval)
 
 
 def main() -> None:
