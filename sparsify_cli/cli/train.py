@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import List, Optional
 
@@ -26,6 +27,9 @@ Configuration is a recipe (a complete experiment from recipes/) plus Hydra-style
 
   sparsify train --out runs/tiny --resume           # continue an interrupted run exactly
 
+  sparsify train --recipe relufy --init /models/SmolLM2-135M --out runs/smol data.path=/data/corpus
+                                                    # fine-tune a local Hugging Face model into a ReLU one
+
 Groups (key=option): model, data, optim, sparsity, train, logger. Common keys: train.max_steps,
 train.batch_size, train.seq_len, optim.lr, sparsity.l1_coeff, model.*, data.path, logger.wandb.mode
 (offline|online|disabled). `sparsify train --show-config` prints every key with its value.
@@ -37,15 +41,31 @@ def train(
     recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", "-r", help="Recipe name (see --list-recipes) or a .yaml path."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: train.out_dir, runs/<run_name>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in the run directory."),
+    init: Optional[str] = typer.Option(
+        None, "--init", help="Start from a local Hugging Face directory or a sparsify run (same as train.init=PATH)."
+    ),
     multirun: bool = typer.Option(False, "--multirun", "-m", help="Sweep: comma-separated values run one job each."),
     show_config: bool = typer.Option(False, "--show-config", help="Print the composed configuration and exit."),
     list_recipes: bool = typer.Option(False, "--list-recipes", help="List the recipes and exit."),
 ) -> None:
-    _train(list(overrides or []), recipe, out, resume, multirun, show_config, list_recipes)
+    _train(list(overrides or []), recipe, out, resume, multirun, show_config, list_recipes, init)
+
+
+def _quoted(path: str) -> str:
+    """A path as an override value: quoted when it holds characters the override grammar reads (, = space …)."""
+    if re.fullmatch(r"[\w/.~+@-]+", path):
+        return path
+    if "'" in path or "\\" in path:
+        from sparsify_cli.errors import UserError
+
+        raise UserError(f"--init {path!r}: a path with quotes or backslashes cannot be passed on; rename or link it")
+    return f"'{path}'"
 
 
 @user_errors_exit
-def _train(overrides, recipe, out, resume, multirun, show_config, list_recipes) -> None:
+def _train(overrides, recipe, out, resume, multirun, show_config, list_recipes, init=None) -> None:
+    if init:
+        overrides = overrides + [f"train.init={_quoted(init)}"]
     if list_recipes:
         console.print("\n".join(available_recipes()))
         return

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from sparsify_cli.config.schema import RunConfig
 from sparsify_cli.errors import UserError
+from sparsify_cli.model import hf
 from sparsify_cli.model.transformer import SparseLlama
 from sparsify_cli.sparsity import SparsityTracker, l1_coefficient, summarize
 from sparsify_cli.sparsity.dead import reinit_dead_neurons
@@ -55,6 +56,17 @@ def autocast_for(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def load_init(path: str, allow_torch_bin: bool = False, weights: bool = True) -> hf.Imported:
+    """train.init: a local Hugging Face directory, or a run/checkpoint directory of ours."""
+    if hf.is_hf_dir(path):
+        return hf.load_hf(path, allow_torch_bin, weights)
+    if not Path(path).expanduser().exists():
+        raise UserError(f"train.init={path} does not exist")
+    ckpt_dir = ckpt.resolve_checkpoint_dir(Path(path).expanduser())
+    model, _ = ckpt.load_model(ckpt_dir)
+    return hf.Imported(model.cfg, model.state_dict() if weights else None, str(ckpt_dir / "tokenizer.json"))
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, console=None):
         from sparsify_cli.data import BatchSampler, prepare_data
@@ -63,17 +75,26 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         tc = cfg.train
         resume_ckpt = self._checkpoint_to_resume() if resume else None
-        tokenizer_path = str(resume_ckpt / "tokenizer.json") if resume_ckpt else None
+        # train.init: shape, weights and tokenizer from a checkpoint (its weights are not needed to resume).
+        init = load_init(tc.init, tc.allow_torch_bin, weights=resume_ckpt is None) if tc.init else None
+        tokenizer_path = str(resume_ckpt / "tokenizer.json") if resume_ckpt else (init.tokenizer_path if init else None)
+        if init and tokenizer_path is None and cfg.data.tokenizer_path is None:
+            raise UserError(f"train.init={tc.init} has no tokenizer.json; give its tokenizer as data.tokenizer_path")
         self.data = prepare_data(cfg.data, tokenizer_path=tokenizer_path, progress=self._say)
         self._say(self.data.description)
 
         torch.manual_seed(tc.seed)
-        model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or self.data.vocab_size)
+        base_cfg = dataclasses.replace(init.config, activation=cfg.model.activation) if init else cfg.model
+        model_cfg = dataclasses.replace(base_cfg, vocab_size=base_cfg.vocab_size or self.data.vocab_size)
         if model_cfg.vocab_size < self.data.vocab_size:
             raise UserError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {self.data.vocab_size}")
         if tc.seq_len > model_cfg.max_seq_len:
             raise UserError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
-        self.model = SparseLlama(model_cfg).to(self.device)
+        self.model = SparseLlama(model_cfg)
+        if init and init.state_dict is not None:
+            self.model.load_state_dict(init.state_dict)
+            self._say(f"initialized from {tc.init} (FFN activation {model_cfg.activation})")
+        self.model.to(self.device)
         self.model.activation_checkpointing = tc.activation_checkpointing
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.tracker = SparsityTracker(model_cfg.n_layers, model_cfg.d_ffn, cfg.sparsity.dead_window_tokens, self.device)
@@ -103,7 +124,7 @@ class Trainer:
         config = ckpt.read_config(path)
         saved_model = config["model"]
         current = dataclasses.asdict(self.model.cfg)
-        diffs = [k for k in current if saved_model.get(k) != current[k]]
+        diffs = [k for k in current if saved_model.get(k, current[k]) != current[k]]  # absent: newer than the checkpoint
         if diffs:
             k = diffs[0]
             raise UserError(f"--resume: model.{k} is {current[k]!r} now but {saved_model.get(k)!r} in {path}; the model cannot change")
