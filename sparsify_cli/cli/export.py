@@ -36,7 +36,7 @@ def _export(checkpoint: Path, out: Path, dtype: str) -> None:
     model, _ = ckpt.load_model(checkpoint)
     tokenizer_file = ckpt.resolve_checkpoint_dir(checkpoint) / "tokenizer.json"
     tokenizer_json = tokenizer_file.read_text(encoding="utf-8") if tokenizer_file.is_file() else None
-    path = export_hf(model, out, tokenizer_json, dtype, eos_token_id=_eos_id(tokenizer_json))
+    path = export_hf(model, out, tokenizer_json, dtype, eos=_eos(tokenizer_json))
     cfg = model.cfg
     console.print(
         f"exported {checkpoint} → {path}: {cfg.n_layers} layers, D {cfg.d_model}, FFN {cfg.activation} H={cfg.d_ffn}, "
@@ -45,14 +45,15 @@ def _export(checkpoint: Path, out: Path, dtype: str) -> None:
     )
 
 
-def _eos_id(tokenizer_json: str | None) -> int | None:
-    """The document separator's id (config.json's eos_token_id), if the tokenizer has one."""
+def _eos(tokenizer_json: str | None) -> tuple[int, str] | None:
+    """(id, token) of the tokenizer's document separator, if it has one."""
     from tokenizers import Tokenizer
 
     from sparsify_cli.data.tokenizer import eos_id
-    from sparsify_cli.errors import UserError
 
     try:
-        return eos_id(Tokenizer.from_str(tokenizer_json), "tokenizer.json") if tokenizer_json else None
-    except UserError:
+        tokenizer = Tokenizer.from_str(tokenizer_json) if tokenizer_json else None
+        eos = eos_id(tokenizer, "tokenizer.json") if tokenizer else None
+    except Exception:  # no separator, or a tokenizer.json `tokenizers` cannot read: the export just omits it
         return None
+    return None if eos is None else (eos, tokenizer.id_to_token(eos))

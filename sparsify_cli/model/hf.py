@@ -344,9 +344,16 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32", eos_token_id: Optional[i
 
 
 def export_hf(
-    model: SparseLlama, out: str | Path, tokenizer_json: Optional[str] = None, dtype: str = "float32", eos_token_id: Optional[int] = None
+    model: SparseLlama,
+    out: str | Path,
+    tokenizer_json: Optional[str] = None,
+    dtype: str = "float32",
+    eos: Optional[tuple[int, str]] = None,
 ) -> Path:
     """Write `model` as a Hugging Face directory (config.json, model.safetensors, tokenizer.json); return it.
+
+    eos: (id, token) of the document separator, for config.json's eos_token_id and a tokenizer_config.json that
+    lets AutoTokenizer load tokenizer.json as it is (PreTrainedTokenizerFast) with its eos_token set.
 
     The directory is assembled under a temporary name beside `out` and renamed into place, so `out` is either
     complete or absent. `out` must not exist or be empty.
@@ -356,7 +363,7 @@ def export_hf(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not an empty directory; choose another output directory")
-    config = hf_config(model.cfg, dtype, eos_token_id)
+    config = hf_config(model.cfg, dtype, eos[0] if eos else None)
     state = {}
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight" and model.cfg.tie_embeddings:
@@ -371,6 +378,8 @@ def export_hf(
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer_json is not None:
             (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+            tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **({"eos_token": eos[1]} if eos else {})}
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
         if out.exists():
             out.rmdir()  # empty, checked above
         tmp.rename(out)
