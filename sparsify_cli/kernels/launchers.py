@@ -137,13 +137,15 @@ def _vec_ok(act: torch.Tensor) -> int:
 
 
 DECODE_MAX_CHUNKS = 8  # blocks per token in the decode kernel (D split for the down projection)
+DECODE_TARGET_BLOCKS = 132  # about one block per SM (H100): more chunks only repeat the up dots
 
 
-def decode_chunks(d: int) -> tuple[int, int]:
-    """(chunks, vectors per chunk rounded up to 32) for the decode kernel: as many chunks as fit
-    DECODE_MAX_CHUNKS with >= 32 column vectors each, and chunks of at most DECODE_THREADS / 2 vectors."""
+def decode_chunks(d: int, m: int = 1) -> tuple[int, int]:
+    """(chunks, vectors per chunk rounded up to 32) for the decode kernel: every chunk block repeats the
+    token's up dots, so split D only while the grid (m * chunks) is under ~one block per SM; at most
+    DECODE_MAX_CHUNKS chunks of >= 32 column vectors, and chunks of at most DECODE_THREADS / 2 vectors."""
     nvec = d // 8
-    c = max(1, min(DECODE_MAX_CHUNKS, nvec // 32))
+    c = max(1, min(DECODE_MAX_CHUNKS, nvec // 32, DECODE_TARGET_BLOCKS // max(m, 1)))
     c = max(c, -(-nvec // (DECODE_THREADS // 2)))
     cv = -(-nvec // c)
     return c, -(-cv // 32) * 32
@@ -154,7 +156,7 @@ def _decode_launch(x, words, up, down_t, act, out, tile, from_act: bool, m, d, h
 
     g = "true" if up is not None else "false"
     fn = loader.get_function("twell_decode.cu", f"twell_decode_kernel<{g}, {'true' if from_act else 'false'}>")
-    chunks, cvr = decode_chunks(d)
+    chunks, cvr = decode_chunks(d, m)
     smem = (nt + 1 + 2 * DECODE_CAP) * 4 + cvr * 8 * 4 + DECODE_THREADS * 8 * 4
     if smem > 48 * 1024:
         if smem > 227 * 1024:
