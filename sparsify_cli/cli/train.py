@@ -27,6 +27,8 @@ Configuration is a recipe (a complete experiment from recipes/) plus Hydra-style
 
   sparsify train --out runs/tiny --resume           # continue an interrupted run exactly
 
+  sparsify train --nproc 2 train.parallel=fsdp      # 2 processes via torchrun (or launch under torchrun yourself)
+
   sparsify train --recipe relufy --init /models/SmolLM2-135M --out runs/smol data.path=/data/corpus
                                                     # fine-tune a local Hugging Face model into a ReLU one
 
@@ -47,8 +49,9 @@ def train(
     multirun: bool = typer.Option(False, "--multirun", "-m", help="Sweep: comma-separated values run one job each."),
     show_config: bool = typer.Option(False, "--show-config", help="Print the composed configuration and exit."),
     list_recipes: bool = typer.Option(False, "--list-recipes", help="List the recipes and exit."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes to launch with torchrun (data parallel, train.parallel)."),
 ) -> None:
-    _train(list(overrides or []), recipe, out, resume, multirun, show_config, list_recipes, init)
+    _train(list(overrides or []), recipe, out, resume, multirun, show_config, list_recipes, init, nproc)
 
 
 def _quoted(path: str) -> str:
@@ -63,7 +66,7 @@ def _quoted(path: str) -> str:
 
 
 @user_errors_exit
-def _train(overrides, recipe, out, resume, multirun, show_config, list_recipes, init=None) -> None:
+def _train(overrides, recipe, out, resume, multirun, show_config, list_recipes, init=None, nproc=1) -> None:
     if init:
         overrides = overrides + [f"train.init={_quoted(init)}"]
     if list_recipes:
@@ -79,6 +82,8 @@ def _train(overrides, recipe, out, resume, multirun, show_config, list_recipes, 
         for cfg in configs:
             console.print(to_yaml(cfg), highlight=False)
         return
+    if nproc > 1:
+        return _launch(nproc, configs, overrides, recipe, out, resume, multirun)
     for i, (job, cfg) in enumerate(zip(jobs, configs)):
         run_dir = _run_dir(cfg, out, job, overrides, i) if multirun else (out or Path(cfg.train.out_dir))
         if multirun:
@@ -93,10 +98,56 @@ def _run_dir(cfg, out: Optional[Path], job: list[str], overrides: list[str], ind
     return base / (f"{index}_" + ",".join(swept).replace("/", "_"))
 
 
+def _launch(nproc: int, configs, overrides, recipe, out, resume, multirun) -> None:
+    """Re-run this command under torchrun with nproc processes, after checking what can be checked here."""
+    import subprocess
+    import sys
+
+    import torch
+    import torch.distributed
+
+    from sparsify_cli.data import prepare_data
+    from sparsify_cli.errors import UserError
+    from sparsify_cli.train.distributed import check_batch_split, env_world
+
+    if env_world().active:
+        raise UserError("--nproc is for launching; this process already runs under torchrun")
+    if not torch.distributed.is_available():
+        raise UserError("this torch build has no torch.distributed: --nproc cannot work")
+    for cfg in configs:
+        check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, nproc)
+        uses_gpu = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
+        if uses_gpu and torch.cuda.device_count() < nproc:
+            raise UserError(f"--nproc {nproc} needs {nproc} GPUs; {torch.cuda.device_count()} visible")
+        if not resume and not cfg.train.init:
+            prepare_data(cfg.data, progress=console.print)  # tokenize once here, not in every worker
+    args = ["train", "--recipe", recipe, *(["--out", str(out)] if out else []), *(["--resume"] if resume else []),
+            *(["-m"] if multirun else []), *overrides]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "sparsify_cli.cli.app", *args]
+    console.print(f"launching {nproc} processes: torchrun --nproc_per_node={nproc} -m sparsify_cli.cli.app {' '.join(args)}",
+                  highlight=False)
+    code = subprocess.call(cmd)
+    if code:
+        raise UserError(f"a training process failed (exit status {code}); its error is printed above")
+
+
 def _run_one(cfg, run_dir: Path, resume: bool) -> None:
+    from sparsify_cli.train import distributed
+
+    try:
+        _train_and_report(cfg, run_dir, resume)
+    finally:
+        distributed.shutdown()
+
+
+def _train_and_report(cfg, run_dir: Path, resume: bool) -> None:
     from sparsify_cli.train.loop import Trainer
 
     trainer = Trainer(cfg, run_dir, resume=resume, console=console)
+    if not trainer.dist.is_main:  # rank 0 speaks for the run
+        trainer.run()
+        return
     n_params = trainer.model.num_parameters()
     console.print(
         f"[bold]{cfg.run_name}[/]: {n_params / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, "

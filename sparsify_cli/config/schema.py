@@ -175,6 +175,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     activation_checkpointing: bool = False
     kernels: str = "auto"  # FFN implementation (TRAIN_KERNEL_CHOICES); auto picks the fastest available
+    parallel: str = "auto"  # under torchrun: ddp | fsdp (FSDP2 fully_shard); auto = ddp
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 8
@@ -194,6 +195,7 @@ class TrainConfig:
             )
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("train.kernels", self.kernels, TRAIN_KERNEL_CHOICES)
+        _check_choice("train.parallel", self.parallel, ("auto", "ddp", "fsdp"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise UserError(f"train.device={self.device!r} is not valid; choose auto, cpu, cuda or cuda:N")
 

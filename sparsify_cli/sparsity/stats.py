@@ -25,8 +25,13 @@ class LayerStats:
 
 
 class SparsityTracker:
-    def __init__(self, n_layers: int, d_ffn: int, dead_window_tokens: int, device: torch.device | str = "cpu"):
+    def __init__(
+        self, n_layers: int, d_ffn: int, dead_window_tokens: int, device: torch.device | str = "cpu", token_scale: int = 1
+    ):
         self.n_layers, self.d_ffn, self.window = n_layers, d_ffn, dead_window_tokens
+        # With N data-parallel processes each forward sees 1/N of the tokens; the dead-neuron clock counts
+        # global tokens (local × token_scale) so a window means the same thing as on one process.
+        self.token_scale = token_scale
         self.collecting = False
         self.want_l1 = True
         self.l1_terms: list[torch.Tensor] = []
@@ -61,15 +66,16 @@ class SparsityTracker:
             active = h.detach().reshape(-1, h.shape[-1]) != 0  # (N, H)
             per_token = active.sum(-1)  # (N,)
             n = per_token.numel()
+            n_clock = n * self.token_scale
             if n:  # tensors, not .item(): no host sync per layer on a GPU
                 self._active_sum[layer] += per_token.sum()
                 self._active_max[layer] = torch.maximum(self._active_max[layer], per_token.max())
             self._tokens[layer] += n
             fired = active.any(0)  # (H,)
             # The tokens of this forward count as seen once it ends; a neuron that fired here was alive "now".
-            self.last_fired[layer, fired] = self.tokens_seen + n
+            self.last_fired[layer, fired] = self.tokens_seen + n_clock
             if layer == 0:
-                self._pending_tokens += n
+                self._pending_tokens += n_clock
 
     # ---- reading and resetting -------------------------------------------------------------------------
     def reset_window_stats(self) -> None:
@@ -79,6 +85,11 @@ class SparsityTracker:
         self._active_max = torch.zeros(self.n_layers, dtype=torch.int64, device=device)
         self._tokens = [0] * self.n_layers
 
+    def sync_clock(self) -> None:
+        """Data-parallel: take, per neuron, the latest firing seen by any process (a no-op on one process)."""
+        if _world() > 1:
+            torch.distributed.all_reduce(self.last_fired, op=torch.distributed.ReduceOp.MAX)
+
     def dead_mask(self) -> torch.Tensor:
         """(n_layers, d_ffn) bool: neurons silent over the last `window` tokens."""
         if self.tokens_seen < self.window:
@@ -86,11 +97,17 @@ class SparsityTracker:
         return (self.tokens_seen - self.last_fired) >= self.window
 
     def layer_stats(self) -> list[LayerStats]:
+        self.sync_clock()
         dead = self.dead_mask().float().mean(-1).tolist()
-        active_sum, active_max = self._active_sum.tolist(), self._active_max.tolist()
+        active_sum, active_max = self._active_sum.clone(), self._active_max.clone()
+        tokens = torch.tensor(self._tokens, dtype=torch.float64, device=active_sum.device)
+        if _world() > 1:  # statistics of all processes' tokens, as one process would have seen them
+            for t, op in ((active_sum, "SUM"), (active_max, "MAX"), (tokens, "SUM")):
+                torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
+        active_sum, active_max, tokens = active_sum.tolist(), active_max.tolist(), tokens.tolist()
         return [
             LayerStats(
-                mean_active=active_sum[i] / max(self._tokens[i], 1),
+                mean_active=active_sum[i] / max(tokens[i], 1),
                 max_active=int(active_max[i]),
                 dead_fraction=dead[i],
                 d_ffn=self.d_ffn,
@@ -108,6 +125,11 @@ class SparsityTracker:
     def load_state_dict(self, state: dict) -> None:
         self.tokens_seen = int(state["tokens_seen"])
         self.last_fired = state["last_fired"].to(self.last_fired.device, torch.int64)
+
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def summarize(stats: list[LayerStats]) -> dict[str, float]:

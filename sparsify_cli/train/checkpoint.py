@@ -44,23 +44,30 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     raise UserError(f"{path} is not a sparsify checkpoint (no config.json + model.safetensors in it or in {path}/checkpoint)")
 
 
-def model_state_for_saving(model: SparseLlama) -> dict[str, torch.Tensor]:
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
+def model_state_for_saving(model_cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    if model_cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # the same tensor as embed.weight; safetensors refuses shared storage
     return state
 
 
 def save_checkpoint(
     run_dir: str | Path,
-    model: SparseLlama,
+    model: SparseLlama | ModelConfig,
     run_config: dict[str, Any],
     tokenizer_json: str,
     trainer_state: dict[str, Any] | None = None,
     trainer_tensors: dict[str, torch.Tensor] | None = None,
     extra_config: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write <run_dir>/checkpoint atomically; return its path."""
+    """Write <run_dir>/checkpoint atomically; return its path.
+
+    `model` is the model, or its config when `weights` (a full state dict, e.g. gathered from FSDP) is given.
+    """
+    model_cfg = model if isinstance(model, ModelConfig) else model.cfg
+    if weights is None:
+        weights = model.state_dict()
     run_dir = Path(run_dir)
     final = run_dir / CHECKPOINT_SUBDIR
     tmp = run_dir / f".{CHECKPOINT_SUBDIR}.tmp-{os.getpid()}"
@@ -72,12 +79,12 @@ def save_checkpoint(
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "model": dataclasses.asdict(model.cfg),
+            "model": dataclasses.asdict(model_cfg),
             "run": run_config,
             **(extra_config or {}),
         }
         _write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True))
-        save_file(model_state_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        save_file(model_state_for_saving(model_cfg, weights), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         _write_text(tmp / "tokenizer.json", tokenizer_json)
         if trainer_state is not None:
             _write_text(tmp / "trainer.json", json.dumps(trainer_state, indent=2, sort_keys=True))

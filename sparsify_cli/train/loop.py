@@ -21,8 +21,9 @@ from sparsify_cli.model.transformer import SparseLlama
 from sparsify_cli.sparsity import SparsityTracker, l1_coefficient, summarize
 from sparsify_cli.sparsity.dead import reinit_dead_neurons
 from sparsify_cli.train import checkpoint as ckpt
+from sparsify_cli.train import distributed as dist
 from sparsify_cli.train.metrics import MetricsSink
-from sparsify_cli.train.optim import build_optimizer, load_optimizer_tensors, lr_at, optimizer_tensors
+from sparsify_cli.train.optim import build_optimizer, flatten_moments, lr_at, unflatten_moments
 from sparsify_cli.train.progress import TrainProgress
 
 
@@ -40,12 +41,13 @@ class TrainResult:
     layers: list[dict[str, float]]  # per-layer held-out statistics
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """train.device; under torchrun, "auto"/"cuda" mean this process's GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"train.device={name} but no CUDA GPU is visible to torch")
-    return torch.device(name)
+    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -71,9 +73,15 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, console=None):
         from sparsify_cli.data import BatchSampler, prepare_data
 
-        self.cfg, self.run_dir, self.console = cfg, Path(run_dir), console
-        self.device = resolve_device(cfg.train.device)
         tc = cfg.train
+        self.dist = dist.env_world()
+        dist.check_batch_split(tc.batch_size, tc.grad_accum, self.dist.world)
+        if self.dist.active and cfg.sparsity.reinit_dead and tc.parallel == "fsdp":
+            raise UserError("sparsity.reinit_dead is not supported with train.parallel=fsdp (sharded gate rows); use ddp")
+        # Only rank 0 talks to the console, the metrics file and W&B.
+        self.cfg, self.run_dir, self.console = cfg, Path(run_dir), console if self.dist.is_main else None
+        self.device = resolve_device(cfg.train.device, self.dist.local_rank)
+        dist.init_distributed(self.device)
         resume_ckpt = self._checkpoint_to_resume() if resume else None
         # train.init: shape, weights and tokenizer from a checkpoint (its weights are not needed to resume).
         init = load_init(tc.init, tc.allow_torch_bin, weights=resume_ckpt is None) if tc.init else None
@@ -96,10 +104,15 @@ class Trainer:
             self._say(f"initialized from {tc.init} (FFN activation {model_cfg.activation})")
         self.model.to(self.device)
         self.model.activation_checkpointing = tc.activation_checkpointing
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.tracker = SparsityTracker(model_cfg.n_layers, model_cfg.d_ffn, cfg.sparsity.dead_window_tokens, self.device)
+        # `engine` runs forward/backward (DDP/FSDP2 around the model, or the model itself on one process).
+        self.engine = dist.wrap(self.model, tc.parallel, self.dist, self.device, self._bf16)
+        self.optimizer = build_optimizer(self.engine, cfg.optim)
+        self.tracker = SparsityTracker(
+            model_cfg.n_layers, model_cfg.d_ffn, cfg.sparsity.dead_window_tokens, self.device, token_scale=self.dist.world
+        )
         self.model.set_observer(self.tracker)
-        self.sampler = BatchSampler(self.data.train_tokens, tc.batch_size // tc.grad_accum, tc.seq_len, tc.seed)
+        # The global batch of each step; every rank takes its slice (distributed.py explains).
+        self.sampler = BatchSampler(self.data.train_tokens, tc.batch_size, tc.seq_len, tc.seed)
         self.reinit_gen = torch.Generator().manual_seed(tc.seed + 1)
         self.step = 0
         wandb_id = None
@@ -107,11 +120,19 @@ class Trainer:
             wandb_id = self._restore(resume_ckpt)
         elif (self.run_dir / ckpt.CHECKPOINT_SUBDIR).exists():
             raise UserError(f"{self.run_dir} already holds a checkpoint: pass --resume to continue it, or choose another --out")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._trim_metrics()
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._trim_metrics()
         self.sink = MetricsSink(
-            self.run_dir, cfg.logger.jsonl, cfg.logger.wandb, cfg.run_name, self._run_config_dict(), wandb_id, warn=self._say
+            self.run_dir, cfg.logger.jsonl and self.dist.is_main,
+            cfg.logger.wandb if self.dist.is_main else dataclasses.replace(cfg.logger.wandb, mode="disabled"),
+            cfg.run_name, self._run_config_dict(), wandb_id, warn=self._say,
         )
+
+    @property
+    def _bf16(self) -> bool:
+        p = self.cfg.train.precision
+        return p == "bf16" or (p == "auto" and self.device.type == "cuda")
 
     # ---- resume ------------------------------------------------------------------------------------------
     def _checkpoint_to_resume(self) -> Path:
@@ -130,10 +151,9 @@ class Trainer:
             raise UserError(f"--resume: model.{k} is {current[k]!r} now but {saved_model.get(k)!r} in {path}; the model cannot change")
         if config.get("data_fingerprint") != self.data.fingerprint:
             raise UserError(f"--resume: the training data differs from the data {path} was trained on")
-        model, _ = ckpt.load_model(path, self.device)
-        self.model.load_state_dict(model.state_dict())
+        model, _ = ckpt.load_model(path)
         state, tensors = ckpt.load_trainer_state(path)
-        load_optimizer_tensors(self.optimizer, self.model, tensors)
+        dist.load_state(self.engine, self.optimizer, model.state_dict(), unflatten_moments(tensors))
         self.tracker.load_state_dict({"tokens_seen": state["tokens_seen"], "last_fired": tensors["tracker/last_fired"]})
         self.sampler.load_state_dict(state["sampler"])
         self.reinit_gen.set_state(tensors["rng/reinit"])
@@ -156,8 +176,14 @@ class Trainer:
         return dataclasses.asdict(dataclasses.replace(self.cfg, model=self.model.cfg))
 
     # ---- checkpoints -------------------------------------------------------------------------------------
-    def save(self) -> Path:
-        tensors = optimizer_tensors(self.optimizer, self.model)
+    def save(self) -> Path | None:
+        """Every rank takes part (gathering is collective); rank 0 writes. Returns the path on rank 0."""
+        weights, moments = dist.gather_state(self.engine, self.optimizer)
+        self.tracker.sync_clock()
+        if not self.dist.is_main:
+            dist.barrier()
+            return None
+        tensors = flatten_moments(moments)
         tensors["tracker/last_fired"] = self.tracker.last_fired
         tensors["rng/reinit"] = self.reinit_gen.get_state()
         tensors["rng/torch"] = torch.get_rng_state()
@@ -170,15 +196,19 @@ class Trainer:
             "wandb_id": self.sink.wandb_id,
         }
         extra = {"data_fingerprint": self.data.fingerprint, "data_description": self.data.description}
-        return ckpt.save_checkpoint(
-            self.run_dir,
-            self.model,
-            self._run_config_dict(),
-            self.data.tokenizer.to_str(),
-            state,
-            tensors,
-            extra_config=extra,
-        )
+        try:
+            return ckpt.save_checkpoint(
+                self.run_dir,
+                self.model.cfg,
+                self._run_config_dict(),
+                self.data.tokenizer.to_str(),
+                state,
+                tensors,
+                extra_config=extra,
+                weights=weights,
+            )
+        finally:
+            dist.barrier()
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def _say(self, text: str) -> None:
@@ -191,25 +221,31 @@ class Trainer:
         lr = lr_at(self.step, tc.max_steps, self.cfg.optim)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
+        self.engine.train()
         ce_sum = torch.zeros((), device=self.device)
         l1_sum = torch.zeros((), device=self.device)
-        for _ in range(tc.grad_accum):
-            x, y = (t.to(self.device, non_blocking=True) for t in self.sampler.next_batch())
+        for i, (x, y) in enumerate(self._micro_batches()):
+            last = i == tc.grad_accum - 1
             self.tracker.begin_forward(want_l1=True)
-            with autocast_for(self.device, tc.precision):
-                logits = self.model(x)  # (B, T, V)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            l1 = self.tracker.end_forward()
-            loss = (ce + lam * l1) / tc.grad_accum
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(self._diverged_message(x, float(ce.detach()), float(l1.detach())))
-            loss.backward()
+            with dist.no_grad_sync(self.engine, last), autocast_for(self.device, tc.precision):
+                logits = self.engine(x)  # (B, T, V)
+                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                l1 = self.tracker.end_forward()
+                loss = (ce + lam * l1) / tc.grad_accum
+                # Every rank must agree to stop, or the others would wait forever in the next collective.
+                finite = dist.all_reduce(torch.isfinite(loss.detach()).float(), "min")
+                if not bool(finite):
+                    raise TrainingDiverged(self._diverged_message(x, float(ce.detach()), float(l1.detach())))
+                loss.backward()
             ce_sum += ce.detach()
             l1_sum += l1.detach()
+        # Log the global means (the same numbers one process would see).
+        ce_sum = dist.all_reduce(ce_sum) / self.dist.world
+        l1_sum = dist.all_reduce(l1_sum) / self.dist.world
         grad_norm = float("nan")
         if self.cfg.optim.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(self.engine.parameters(), self.cfg.optim.grad_clip)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -223,12 +259,22 @@ class Trainer:
             "revived": revived,
         }
 
+    def _micro_batches(self):
+        """This rank's slice of the step's global batch, cut into grad_accum micro-batches."""
+        tc, info = self.cfg.train, self.dist
+        x, y = self.sampler.next_batch()  # (batch_size, T) each
+        per_rank = tc.batch_size // info.world
+        x, y = x[info.rank * per_rank:(info.rank + 1) * per_rank], y[info.rank * per_rank:(info.rank + 1) * per_rank]
+        for xm, ym in zip(x.chunk(tc.grad_accum), y.chunk(tc.grad_accum)):
+            yield xm.to(self.device, non_blocking=True), ym.to(self.device, non_blocking=True)
+
     def _maybe_reinit(self) -> int:
         sc = self.cfg.sparsity
         if not sc.reinit_dead or self.step % sc.reinit_every:
             return 0
         if sc.reinit_until and self.step > sc.reinit_until:
             return 0
+        self.tracker.sync_clock()  # every rank decides from the same (global) firing record
         return reinit_dead_neurons(self.model, self.tracker, self.optimizer, self.reinit_gen)
 
     @torch.no_grad()
@@ -260,15 +306,16 @@ class Trainer:
         tc = self.cfg.train
         tracker = SparsityTracker(self.model.cfg.n_layers, self.model.cfg.d_ffn, 1, self.device)
         self.model.set_observer(tracker)
-        self.model.eval()
+        self.engine.eval()
         total, count = 0.0, 0
         try:
-            batches = eval_batches(self.data.heldout_tokens, tc.batch_size // tc.grad_accum, tc.seq_len, max_batches or tc.eval_batches)
+            micro = tc.batch_size // (tc.grad_accum * self.dist.world)
+            batches = eval_batches(self.data.heldout_tokens, micro, tc.seq_len, max_batches or tc.eval_batches)
             for x, y in batches:
                 x, y = x.to(self.device), y.to(self.device)
                 tracker.begin_forward(want_l1=False)
                 with autocast_for(self.device, tc.precision):
-                    logits = self.model(x)
+                    logits = self.engine(x)  # every rank evaluates the same windows (FSDP needs all of them)
                 tracker.end_forward()
                 total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
                 count += y.numel()
@@ -282,7 +329,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         tc = self.cfg.train
-        progress = TrainProgress(tc.max_steps, self.step, self.console, enabled=self.cfg.logger.progress)
+        progress = TrainProgress(tc.max_steps, self.step, self.console, enabled=self.cfg.logger.progress and self.dist.is_main)
         window_tokens, window_start, last_ce = 0, time.perf_counter(), math.nan
         heldout_ce = math.nan
         try:

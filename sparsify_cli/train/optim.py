@@ -13,7 +13,7 @@ from sparsify_cli.config.schema import OptimConfig
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """Weight decay on matrices only: norms and biases are not shrunk toward zero."""
     decay, no_decay = [], []
-    for p in _unique_parameters(model).values():
+    for p in model.parameters():  # each tied parameter once
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
@@ -28,30 +28,19 @@ def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _unique_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """name -> parameter, each tied parameter once (under its first name)."""
-    return dict(model.named_parameters())  # named_parameters() already skips duplicates of tied weights
+def flatten_moments(moments: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{param name: {exp_avg, exp_avg_sq, step}} -> {'optim/<param name>/<key>': tensor} for safetensors."""
+    return {
+        f"optim/{name}/{key}": value if torch.is_tensor(value) else torch.tensor(value)
+        for name, state in moments.items()
+        for key, value in state.items()
+    }
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, torch.Tensor]:
-    """AdamW moments keyed 'optim/<param name>/<exp_avg|exp_avg_sq|step>'."""
-    names = {id(p): n for n, p in _unique_parameters(model).items()}
-    out = {}
-    for p, state in optimizer.state.items():
-        for key, value in state.items():
-            value = value if torch.is_tensor(value) else torch.tensor(value)
-            out[f"optim/{names[id(p)]}/{key}"] = value
-    return out
-
-
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    params = _unique_parameters(model)
+def unflatten_moments(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    moments: dict[str, dict[str, torch.Tensor]] = {}
     for full_key, value in tensors.items():
-        if not full_key.startswith("optim/"):
-            continue
-        name, key = full_key[len("optim/"):].rsplit("/", 1)
-        if name not in params:
-            raise ValueError(f"optimizer state for unknown parameter {name}")
-        p = params[name]
-        # AdamW keeps `step` on the CPU unless capturable/fused; the moments live with the parameter.
-        optimizer.state[p][key] = value.to(p.device) if key != "step" else value.cpu()
+        if full_key.startswith("optim/"):
+            name, key = full_key[len("optim/"):].rsplit("/", 1)
+            moments.setdefault(name, {})[key] = value
+    return moments

@@ -102,8 +102,7 @@ def test_grad_accumulation_matches_one_big_batch(small_overrides, tmp_path):
     grads = {}
     for accum in (1, 2):
         t = Trainer(compose("tiny", base + [f"train.grad_accum={accum}"]), tmp_path / f"ga{accum}")
-        halves = iter([(batch[0][:2], batch[1][:2]), (batch[0][2:], batch[1][2:])])
-        t.sampler.next_batch = (lambda: batch) if accum == 1 else (lambda: next(halves))
+        t.sampler.next_batch = lambda: batch  # the step's global batch; the trainer cuts the micro-batches
         t.optimizer.step = lambda t=t, a=accum: grads.__setitem__(a, [p.grad.clone() for p in t.model.parameters()])
         t.train_step()
     for g1, g2 in zip(grads[1], grads[2]):
