@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,6 +20,7 @@ from sparsify_cli.pack.calibrate import record_neurons, record_tiles
 from sparsify_cli.pack.packed import (
     MANIFEST, PACKED_FORMAT, PACKED_VERSION, WEIGHTS, PackedFFN, file_digest, manifest_digest,
 )
+from sparsify_cli.storage import atomic_directory, write_text
 
 CALIB_BATCH = 8  # sequences per calibration forward
 
@@ -188,21 +187,14 @@ def pack_checkpoint(
 
 
 def _write_packed(out: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], tokenizer: str) -> None:
-    """Write into a temporary sibling directory, then rename: PACKED is complete or absent."""
+    """PACKED is complete or absent (storage.atomic_directory)."""
     from safetensors.torch import save_file
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    if out.exists():
+        out.rmdir()  # empty (checked before any work)
+    with atomic_directory(out) as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": PACKED_FORMAT})
         manifest["weights_sha256"] = file_digest(tmp / WEIGHTS)
         manifest["manifest_sha256"] = manifest_digest(manifest)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        (tmp / "tokenizer.json").write_text(tokenizer)
-        if out.exists():
-            out.rmdir()  # empty (checked before any work)
-        tmp.rename(out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write {out}: {exc.strerror or exc}") from exc
+        write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+        write_text(tmp / "tokenizer.json", tokenizer)

@@ -28,6 +28,7 @@ from sparsify_cli.config.schema import ModelConfig
 from sparsify_cli.errors import UserError
 from sparsify_cli.model.ffn import ActivationObserver
 from sparsify_cli.model.transformer import SparseLlama
+from sparsify_cli.storage import read_versioned_json
 
 PACKED_FORMAT = "sparsify-packed"
 PACKED_VERSION = 1
@@ -120,17 +121,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} does not exist")
     if not is_packed_dir(path):
         raise UserError(f"{path} is not a packed directory (no {MANIFEST}); make one with `sparsify pack`")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path / MANIFEST} is unreadable: {exc}") from exc
-    if manifest.get("format") != PACKED_FORMAT:
-        raise UserError(f"{path / MANIFEST} is not a {PACKED_FORMAT} manifest")
-    if manifest.get("format_version") != PACKED_VERSION:
-        raise UserError(
-            f"{path} is packed with format version {manifest.get('format_version')}; this sparsify reads version "
-            f"{PACKED_VERSION}: pack the checkpoint again"
-        )
+    manifest = read_versioned_json(path / MANIFEST, PACKED_FORMAT, PACKED_VERSION, "pack the checkpoint again")
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise UserError(f"{path / MANIFEST} was modified after packing (its digest does not match): pack again")
     return manifest

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from sparsify_cli.config.schema import ModelConfig
 from sparsify_cli.errors import UserError
 from sparsify_cli.model.transformer import SparseLlama
+from sparsify_cli.storage import atomic_directory, read_versioned_json, write_text
 
 FORMAT = "sparsify-checkpoint"
 FORMAT_VERSION = 1
@@ -68,14 +67,8 @@ def save_checkpoint(
     model_cfg = model if isinstance(model, ModelConfig) else model.cfg
     if weights is None:
         weights = model.state_dict()
-    run_dir = Path(run_dir)
-    final = run_dir / CHECKPOINT_SUBDIR
-    tmp = run_dir / f".{CHECKPOINT_SUBDIR}.tmp-{os.getpid()}"
-    old = run_dir / f".{CHECKPOINT_SUBDIR}.old-{os.getpid()}"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+    final = Path(run_dir) / CHECKPOINT_SUBDIR
+    with atomic_directory(final) as tmp:
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -83,61 +76,19 @@ def save_checkpoint(
             "run": run_config,
             **(extra_config or {}),
         }
-        _write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True))
+        write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True))
         save_file(model_state_for_saving(model_cfg, weights), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        _write_text(tmp / "tokenizer.json", tokenizer_json)
+        write_text(tmp / "tokenizer.json", tokenizer_json)
         if trainer_state is not None:
-            _write_text(tmp / "trainer.json", json.dumps(trainer_state, indent=2, sort_keys=True))
+            write_text(tmp / "trainer.json", json.dumps(trainer_state, indent=2, sort_keys=True))
         if trainer_tensors is not None:
             tensors = {k: v.detach().contiguous().cpu() for k, v in trainer_tensors.items()}
             save_file(tensors, str(tmp / "trainer.safetensors"))
-        _fsync_dir(tmp)
-        # Swap in: the old checkpoint moves aside first, so at every instant one complete checkpoint exists.
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        _fsync_dir(run_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not final.exists():
-            old.rename(final)
-        raise UserError(f"could not write checkpoint to {final}: {exc.strerror or exc}; the previous one is intact") from exc
     return final
 
 
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_config(ckpt_dir: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((ckpt_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{ckpt_dir}/config.json is unreadable: {exc}") from exc
-    if config.get("format") != FORMAT:
-        raise UserError(f"{ckpt_dir}/config.json is not a {FORMAT} config (format={config.get('format')!r})")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise UserError(
-            f"{ckpt_dir} has checkpoint format version {config.get('format_version')}; "
-            f"this sparsify reads version {FORMAT_VERSION}"
-        )
-    return config
+    return read_versioned_json(ckpt_dir / "config.json", FORMAT, FORMAT_VERSION)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[SparseLlama, dict[str, Any]]:
