@@ -34,6 +34,12 @@ class MetricsSink:
             self._start_wandb(run_dir, wandb_cfg, run_name, config)
 
     def _start_wandb(self, run_dir: Path, cfg: WandbConfig, run_name: str, config: dict[str, Any]) -> None:
+        mode = cfg.mode
+        if mode == "online" and not _have_wandb_key():
+            # Without a key wandb would ask for one on the terminal and wait: log offline instead.
+            self.warn("logger.wandb.mode=online but no W&B API key (WANDB_API_KEY or ~/.netrc): logging offline; "
+                      "upload later with `wandb sync`")
+            mode = "offline"
         try:
             import wandb
 
@@ -44,7 +50,7 @@ class MetricsSink:
                 name=run_name,
                 config=config,
                 dir=str(run_dir),
-                mode=cfg.mode,
+                mode=mode,
                 id=self.wandb_id,
                 resume="allow" if self.wandb_id else None,
                 settings=wandb.Settings(init_timeout=60, console="off", silent=True),
@@ -73,6 +79,20 @@ class MetricsSink:
             except Exception:  # noqa: BLE001
                 pass
             self.wandb_run = None
+
+
+def _have_wandb_key() -> bool:
+    """An API key in the environment or in ~/.netrc for the W&B host (what wandb itself looks for)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def _jsonable(v: Any) -> Any:

@@ -123,3 +123,18 @@ def test_wandb_offline_writes_locally(small_overrides, tmp_path):
     overrides = [o for o in small_overrides if not o.startswith("logger.wandb")] + ["train.max_steps=2"]
     run(overrides + ["logger.wandb.mode=offline"], tmp_path / "w")
     assert list((tmp_path / "w" / "wandb").glob("offline-run-*")), "no offline W&B run directory"
+
+
+def test_wandb_online_without_key_falls_back_to_offline(tmp_path, monkeypatch):
+    """No key: wandb would prompt on the terminal and wait; the sink logs offline instead and says so."""
+    pytest.importorskip("wandb")
+    from sparsify_cli.config.schema import WandbConfig
+    from sparsify_cli.train.metrics import MetricsSink
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    said = []
+    sink = MetricsSink(tmp_path, False, WandbConfig(mode="online"), "t", {}, warn=said.append)
+    sink.close()
+    assert any("no W&B API key" in s for s in said)
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
