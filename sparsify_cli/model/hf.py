@@ -25,9 +25,7 @@ Both sides rotate "halves" of each head (rotate_half), so q/k weights map withou
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -39,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from sparsify_cli.config.schema import ModelConfig, RopeScalingConfig
 from sparsify_cli.errors import UserError
 from sparsify_cli.model.transformer import SparseLlama
+from sparsify_cli.storage import atomic_directory, write_text
 
 # architectures[0] of config.json -> model_type. Mistral is Llama with an optional sliding window; Qwen2 is
 # Llama with biases on q, k and v.
@@ -355,8 +354,8 @@ def export_hf(
     eos: (id, token) of the document separator, for config.json's eos_token_id and a tokenizer_config.json that
     lets AutoTokenizer load tokenizer.json as it is (PreTrainedTokenizerFast) with its eos_token set.
 
-    The directory is assembled under a temporary name beside `out` and renamed into place, so `out` is either
-    complete or absent. `out` must not exist or be empty.
+    The directory is written atomically (storage.atomic_directory): `out` is complete or as it was. It must
+    not exist or be empty.
     """
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"export dtype {dtype!r} is not valid; choose one of: {', '.join(EXPORT_DTYPES)}")
@@ -369,21 +368,11 @@ def export_hf(
         if key == "lm_head.weight" and model.cfg.tie_embeddings:
             continue  # tied: transformers re-ties it to model.embed_tokens.weight
         state[hf_name(key)] = tensor.detach().to("cpu", EXPORT_DTYPES[dtype]).contiguous()
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_directory(out) as tmp:
+        write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # transformers checks "pt"
         if tokenizer_json is not None:
-            (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+            write_text(tmp / "tokenizer.json", tokenizer_json)
             tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **({"eos_token": eos[1]} if eos else {})}
-            (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write {out}: {exc.strerror or exc}") from exc
+            write_text(tmp / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
     return out
