@@ -179,9 +179,9 @@ def _rope_from_hf(hf: dict[str, Any], max_positions: int, refuse) -> tuple[float
         raise refuse(f"{key}.rope_type", f"RoPE scaling {kind!r} is not supported; supported: {', '.join(_ROPE_TYPES)}")
     if kind == "default":
         return theta, RopeScalingConfig()
-    if kind == "linear":
-        return theta, RopeScalingConfig(type="linear", factor=float(params["factor"]))
     try:
+        if kind == "linear":
+            return theta, RopeScalingConfig(type="linear", factor=float(params["factor"]))
         return theta, RopeScalingConfig(
             type="llama3",
             factor=float(params["factor"]),
@@ -190,7 +190,9 @@ def _rope_from_hf(hf: dict[str, Any], max_positions: int, refuse) -> tuple[float
             original_max_seq_len=int(params.get("original_max_position_embeddings") or max_positions),
         )
     except KeyError as exc:
-        raise refuse(f"{key}.{exc.args[0]}", "llama3 RoPE scaling needs factor, low_freq_factor and high_freq_factor") from None
+        raise refuse(f"{key}.{exc.args[0]}", f"{kind} RoPE scaling needs {exc.args[0]}") from None
+    except (TypeError, ValueError, UserError) as exc:
+        raise refuse(key, f"bad {kind} RoPE scaling parameters: {exc}") from None
 
 
 def load_hf_weights(directory: Path, cfg: ModelConfig, allow_torch_bin: bool = False) -> dict[str, torch.Tensor]:

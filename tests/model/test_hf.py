@@ -183,6 +183,7 @@ def _edit_config(path: Path, **changes) -> None:
         (dict(hidden_act="gelu"), r"hidden_act 'gelu' is not supported.*key: hidden_act"),
         (dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4)), r"RoPE scaling 'yarn' is not supported.*key: rope_parameters\.rope_type"),
         (dict(rope_parameters=None, rope_scaling=dict(type="dynamic", factor=2.0)), r"RoPE scaling 'dynamic' is not supported.*key: rope_scaling\.rope_type"),
+        (dict(rope_parameters=dict(rope_type="linear", rope_theta=1e4)), r"linear RoPE scaling needs factor.*key: rope_parameters\.factor"),
         (dict(attention_bias=True), r"key: attention_bias"),
         (dict(intermediate_size=48), r"model\.safetensors: 'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \(64, 32\), config\.json implies \(48, 32\)"),
         (dict(num_hidden_layers=3), r"tensor 'model\.layers\.2\.input_layernorm\.weight' is missing"),
