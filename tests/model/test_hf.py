@@ -41,6 +41,9 @@ VARIANTS = {
     "llama2-tied-linear-rope-legacy-config": (
         "llama", dict(tie_word_embeddings=True, rope_scaling=dict(rope_type="linear", factor=2.0)), {"legacy": True}
     ),
+    "smollm-like-9-heads-3-kv-tied": (
+        "llama", dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=1e5), {}
+    ),
     "mistral-gqa": ("mistral", dict(num_key_value_heads=1, sliding_window=None, rope_theta=1e6), {}),
     "qwen2-gqa-tied-biases": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True), {}),
     "qwen2-untied-sharded": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False), {"shard": "20KB"}),
