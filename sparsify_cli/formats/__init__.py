@@ -3,8 +3,8 @@
 twell.py       TwELL v1 (inference): tile-wise ELL words that the CUDA kernels produce and consume bit for bit
 hybrid.py      hybrid ELL + dense tail (training) and its neuron-major CSC transpose (backward)
 sparse_ffn.py  dense and sparse FFN forwards on CPU (gather-based; TwELL-consuming reference of the fused kernel)
-synthetic.py   FFN inputs with a chosen activation sparsity
-cpu_bench.py   `python -m sparsify_cli.formats.cpu_bench`: dense vs sparse FFN on the CPU
+Inputs with a chosen sparsity (PERFORMANCE.md's recipe) and the CPU benchmark live in sparsify_cli.bench
+(synthetic.py, cpu.py; `sparsify bench --suite cpu`): formats/ does not import bench.
 """
 
 from sparsify_cli.formats.hybrid import HybridELL, HybridT, pack_hybrid, transpose_hybrid, unpack_hybrid, unpack_hybrid_t

@@ -24,7 +24,7 @@ from torch import Tensor
 from sparsify_cli.formats.twell import TwELL
 
 METHODS = ("auto", "pairs", "union")
-# "auto" takes "union" while M·|J| <= _UNION_FACTOR · nnz: on the 2-core CPU measured with cpu_bench.py (fp32,
+# "auto" takes "union" while M·|J| <= _UNION_FACTOR · nnz: on the 2-core CPU measured with bench/cpu.py (fp32,
 # D = 2048) a gathered pair cost ~19 µs and a union GEMM element ~0.12 µs, so union won at every M <= 256 tried.
 # At M = 1, M·|J| == nnz and union always wins.
 _UNION_FACTOR = 128

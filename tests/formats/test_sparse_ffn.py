@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sparsify_cli.bench.synthetic import make_ffn_inputs as _make_inputs
 from sparsify_cli.formats.sparse_ffn import (
     dense_ffn_forward,
     dense_plain_ffn_forward,
@@ -12,8 +13,14 @@ from sparsify_cli.formats.sparse_ffn import (
     twell_ffn_forward,
     twell_plain_ffn_forward,
 )
-from sparsify_cli.formats.synthetic import make_ffn_inputs
 from sparsify_cli.formats.twell import pack_twell
+
+
+def make_ffn_inputs(m, d, h, nnz, seed=0):
+    """PERFORMANCE.md's inputs (bench/synthetic.py) in fp32 on the CPU; the weights under their formats/ names."""
+    inp = _make_inputs(m, d, h, nnz, seed=seed, dtype=torch.float32)
+    inp.gate_w, inp.up_w, inp.down_w = inp.gate, inp.up, inp.down
+    return inp
 
 
 def close(y, ref):
@@ -26,7 +33,7 @@ def biases(h, d, seed):
 
 
 @pytest.mark.parametrize("m,d,h,nnz", [(1, 256, 700, 7), (1, 128, 301, 30), (16, 256, 700, 7), (40, 64, 999, 50),
-                                       (64, 128, 1000, 100), (3, 64, 100, 60)])
+                                       (64, 128, 1000, 100), (3, 64, 100, 30)])
 @pytest.mark.parametrize("method", ["auto", "pairs", "union"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_sparse_gated_equals_dense(m, d, h, nnz, method, with_bias):
@@ -137,13 +144,6 @@ def test_twell_plain_forward_with_overflow_rows():
     close(y[~over], (h.to(torch.bfloat16).float() @ inp.down_w.T + db)[~over])
     with pytest.raises(ValueError, match="up_w"):
         twell_plain_ffn_forward(inp.x, tw, down_rows(inp.down_w))
-
-
-def test_synthetic_inputs_hit_the_requested_density():
-    inp = make_ffn_inputs(2048, 64, 1000, 20, seed=9)
-    per_token = (torch.relu(inp.x @ inp.gate_w.T) != 0).sum(dim=1).float()
-    assert 15 < float(per_token.mean()) < 25
-    assert (inp.rates == 0).float().mean() > 0.2
 
 
 @pytest.mark.parametrize("n", [1, 3, 30, 300])
