@@ -29,11 +29,12 @@ class SparsePolicy:
     Sparse is chosen when the mean active neurons per token, as a fraction of H, is at most ``max_density``
     for prefill (M > decode_max_m) or ``decode_max_density`` for decode. Defaults: the largest densities at
     which the sparse path (no hybrid) took <= 0.97x dense time in the calibration sweep of
-    ``python -m sparsify_cli.bench.ffn`` (D=2048, H=5632, M=16384 resp. 64): 0.0071 and 0.030.
+    ``python -m sparsify_cli.bench.ffn`` (D=2048, H=5632, M=16384 resp. 64): 0.0071 (the next point, 0.0085,
+    ran at 1.01-1.04x) and 0.020 (0.030 in an earlier run, at 1.01-1.03x): bench_results/ffn_h100.json.
     """
 
     max_density: float = 0.0075
-    decode_max_density: float = 0.03
+    decode_max_density: float = 0.02
     decode_max_m: int = 64
     sample_rows: int = 256
 
@@ -55,14 +56,18 @@ def estimate_nnz(act: torch.Tensor, sample_rows: int = 256) -> float:
 
 
 def dense_ffn(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor,
-              act: torch.Tensor | None = None) -> torch.Tensor:
-    """The plain torch path (cuBLAS on GPU, also the CPU path); reuses ``act`` = x·w_actᵀ when given."""
+              act: torch.Tensor | None = None, down: torch.Tensor | None = None) -> torch.Tensor:
+    """The plain torch path (cuBLAS on GPU, also the CPU path); reuses ``act`` = x·w_actᵀ when given.
+
+    ``down`` (D, H), if the caller keeps it, runs the last GEMM in nn.Linear's layout: on the H100 cuBLAS was
+    up to ~13% slower on that GEMM with DownT (H, D) (BENCHMARKS.md), which costs the dense fallback ~3%.
+    """
     if act is None:
         act = x @ w_act.T
     h = torch.relu(act)
     if up is not None:
         h = h * (x @ up.T)
-    return h @ down_t
+    return torch.nn.functional.linear(h, down) if down is not None else h @ down_t
 
 
 def hot_first_order(rates: torch.Tensor, threshold: float = 0.016, multiple: int = 128) -> tuple[torch.Tensor, int]:
@@ -101,18 +106,19 @@ def hybrid_ffn(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down
 def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor, *,
                 kernels: str = "auto", mode: str = "auto", tile: int = DEFAULT_TILE, slots: int = DEFAULT_SLOTS,
                 policy: SparsePolicy = DEFAULT_POLICY, nnz_hint: float | None = None,
-                via_twell: bool = False, n_hot: int = 0) -> torch.Tensor:
+                via_twell: bool = False, n_hot: int = 0, down: torch.Tensor | None = None) -> torch.Tensor:
     """FFN block forward. kernels: auto|cuda|torch (backend); mode: auto|sparse|dense (path on the CUDA backend).
 
     ``nnz_hint``: mean active neurons per token if known (e.g. calibrated per layer; with n_hot > 0: those of
     the cold neurons >= n_hot); otherwise estimated from a sample of the activation rows when mode is auto. ``via_twell``: materialize TwELL words (pack kernel)
     and run the TwELL kernels, instead of the fused kernels that list entries straight from the activation
     (faster while the gate GEMM does not write TwELL itself; BENCHMARKS.md). ``n_hot`` > 0: the weights are in
-    hot-first order (hot_first_order) and prefill runs the hybrid path (hybrid_ffn).
+    hot-first order (hot_first_order) and prefill runs the hybrid path (hybrid_ffn). ``down``: Down (D, H) for
+    the dense path's last GEMM, if kept (see dense_ffn).
     """
     backend = availability.resolve_backend(kernels)
     if backend == "torch" or x.device.type != "cuda" or mode == "dense":
-        return dense_ffn(x, w_act, up, down_t)
+        return dense_ffn(x, w_act, up, down_t, down=down)
     if mode not in ("auto", "sparse"):
         raise ValueError(f"mode must be auto, sparse or dense, got {mode!r}")
     from sparsify_cli.kernels import ops
@@ -123,7 +129,7 @@ def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, d
         nnz = nnz_hint if nnz_hint is not None else estimate_nnz(act[:, n_hot:] if hybrid else act,
                                                                  policy.sample_rows)
         if not policy.choose_sparse(x.shape[0], nnz, w_act.shape[0]):
-            return dense_ffn(x, w_act, up, down_t, act=act)
+            return dense_ffn(x, w_act, up, down_t, act=act, down=down)
     if hybrid:
         return hybrid_ffn(x, act, up, down_t, n_hot)
     if not via_twell:
