@@ -105,7 +105,7 @@ def _print_comparison(report: dict) -> None:
         q, sp = m["quality"], m["sparsity"]
         lam = m.get("l1_coeff")
         table.add_row(
-            m["label"] + (" [packed]" if m["kind"] == "packed" else ""),
+            m["label"] + (" (packed)" if m["kind"] == "packed" else ""),
             f"{lam:g}" if isinstance(lam, (int, float)) else "?",
             f"{q['heldout_ce']:.4f}", f"{q['heldout_ppl']:.1f}", _pct(q["lastword"]["accuracy"], 1),
             _pct(sp["sparsity"]), f"{sp['mean_active']:.1f}", f"{sp['p99_active']:.0f}", str(sp["max_active"]),
@@ -116,8 +116,8 @@ def _print_comparison(report: dict) -> None:
         a = m.get("agreement")
         if a:
             console.print(
-                f"{m['label']} [packed] vs {m['source_checkpoint']}: max |Δlogit| {a['max_abs_logit_diff']:.3g}, "
-                f"mean |Δlogit| {a['mean_abs_logit_diff']:.3g}, CE {a['packed_ce']:.5f} vs {a['source_ce']:.5f} "
+                f"{m['label']} (packed) vs {m['source_checkpoint']}: max |Δlogit| {a['max_abs_logit_diff']:.3g}, "
+                f"mean |Δlogit| {a['mean_abs_logit_diff']:.3g}, CE {a['ce_packed']:.5f} vs {a['ce_source']:.5f} "
                 f"(Δ {a['ce_diff']:+.2e})",
                 highlight=False,
             )

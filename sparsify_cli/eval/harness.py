@@ -131,4 +131,5 @@ def run_tasks(model, tokenizer, eos_id: int, max_length: int, tasks: Sequence[st
 
 
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and v != "N/A"}
+    """lm-eval's 'acc,none' keys -> 'acc' (the filter name is kept when it is not 'none')."""
+    return {k.removesuffix(",none"): v for k, v in metrics.items() if isinstance(v, (int, float, str)) and v != "N/A"}

@@ -32,7 +32,7 @@ def require_matplotlib() -> None:
 def _name(m: dict[str, Any]) -> str:
     lam = m.get("l1_coeff")
     tag = f" (λ={lam:g})" if isinstance(lam, (int, float)) else ""
-    return f"{m['label']}{tag}" if m["kind"] == "checkpoint" else f"{m['label']} [packed]{tag}"
+    return f"{m['label']}{tag}" if m["kind"] == "checkpoint" else f"{m['label']} (packed){tag}"
 
 
 def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:

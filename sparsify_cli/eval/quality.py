@@ -65,8 +65,8 @@ def heldout_pass(
     return quality, {
         "max_abs_logit_diff": max_diff,
         "mean_abs_logit_diff": diff_sum / diff_n,
-        "source_ce": ref_ce,
-        "packed_ce": ce,
+        "ce_source": ref_ce,
+        "ce_packed": ce,
         "ce_diff": ce - ref_ce,
         "tokens": count,
     }

@@ -80,6 +80,10 @@ def evaluate(paths: Sequence[str], options: EvalOptions, say: Callable[[str], No
     per_batch = options.batch_size * seq_len
     max_batches = math.ceil(options.max_tokens / per_batch) if options.max_tokens else len(heldout) // per_batch + 1
     windows = list(eval_batches(heldout, options.batch_size, seq_len, max_batches))
+    if options.max_tokens:  # whole windows up to max_tokens (at least one): cut the last batch short
+        keep = max(1, options.max_tokens // seq_len)
+        windows = [(x[: keep - i * options.batch_size], y[: keep - i * options.batch_size])
+                   for i, (x, y) in enumerate(windows) if keep > i * options.batch_size]
 
     encoded = []
     if options.lastword:
