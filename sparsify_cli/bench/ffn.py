@@ -159,6 +159,7 @@ def prefill_row(m: int, nnz: float, reps: int, err_rows: int = 4096) -> dict:
 
 def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> dict:
     from sparsify_cli.kernels import ops
+    from sparsify_cli.kernels.launchers import GEMV_MAX_M
 
     if nnz is None:
         nnz = (1 - DECODE_SPARSITY) * HIDDEN
@@ -170,9 +171,11 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
         for s in sets:
             dense_block(x, s.gate, s.up, s.down)
 
+    def gate(s):  # what ffn_forward uses: the gemv kernel for 1..2 tokens, else cuBLAS
+        return ops.gemv(x, s.gate) if m <= GEMV_MAX_M else x @ s.gate.T
+
     def sparse_one(s, dt):  # the decode path ffn_forward takes: no TwELL, entries straight from act
-        a = x @ s.gate.T
-        return ops.relu_ffn(x, a, s.up, dt)
+        return ops.relu_ffn(x, gate(s), s.up, dt)
 
     def sparse_all():
         for s, dt in zip(sets, downs_t):
@@ -204,6 +207,8 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
     row["sparse_ms"] = cuda_time(graphed(sparse_all), reps) / layers
     row["sparse_twell_ms"] = cuda_time(graphed(twell_all), reps) / layers
     row["gate_gemm_ms"] = cuda_time(graphed(lambda: [x @ s.gate.T for s in sets]), reps) / layers
+    if m <= GEMV_MAX_M:
+        row["gate_gemv_ms"] = cuda_time(graphed(lambda: [ops.gemv(x, s.gate) for s in sets]), reps) / layers
     acts = [x @ s.gate.T for s in sets]
     row["decode_kernel_ms"] = cuda_time(
         graphed(lambda: [ops.relu_ffn(x, a, s.up, dt) for a, s, dt in zip(acts, sets, downs_t)]), reps) / layers

@@ -123,7 +123,12 @@ def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, d
         raise ValueError(f"mode must be auto, sparse or dense, got {mode!r}")
     from sparsify_cli.kernels import ops
 
-    act = x @ w_act.T  # (M, H) cuBLAS
+    from sparsify_cli.kernels import launchers
+
+    if x.shape[0] <= launchers.GEMV_MAX_M and x.shape[1] % 8 == 0:
+        act = ops.gemv(x, w_act)  # (M, H): decode's gate projection, memory-bound
+    else:
+        act = x @ w_act.T  # (M, H) cuBLAS
     hybrid = n_hot > 0 and x.shape[0] > policy.decode_max_m and not via_twell
     if mode == "auto":  # with the hybrid path, what matters is the density left to the sparse kernel
         nnz = nnz_hint if nnz_hint is not None else estimate_nnz(act[:, n_hot:] if hybrid else act,

@@ -243,3 +243,34 @@ def launch_twell_ffn(x, words, up, down_t, act, out, tile: int, *, path: str = "
                         FFN_DEFAULT_SPLIT if split is None else split)
     else:
         raise ValueError(f"path must be auto, prefill or decode, got {path!r}")
+
+
+GEMV_MAX_M = 2  # tokens the gemv kernel handles (templates in kernels_cu/gemv.cu)
+GEMV_WARPS = 8
+
+
+def launch_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """out = x · wᵀ for M <= GEMV_MAX_M tokens: x (M, D), w (H, D), out (M, H), bf16 (fp32 sums, one rounding)."""
+    from sparsify_cli.kernels import loader
+
+    if x.dim() != 2 or w.dim() != 2:
+        raise ValueError("x and w must be 2-D: x (M, D), w (H, D)")
+    m, d = x.shape
+    h = w.shape[0]
+    if not 1 <= m <= GEMV_MAX_M:
+        raise ValueError(f"gemv handles 1..{GEMV_MAX_M} tokens, got M={m}")
+    if d % 8 != 0:
+        raise ValueError(f"D={d} must be a multiple of 8")
+    dev = x.device
+    if dev.type != "cuda":
+        raise ValueError(f"x must be a CUDA tensor, got {dev}")
+    _check(x, "x", torch.bfloat16, (m, d), dev)
+    _check(w, "w", torch.bfloat16, (h, d), dev)
+    _check(out, "out", torch.bfloat16, (m, h), dev)
+    for name, t in (("x", x), ("w", w)):
+        if t.data_ptr() % 16 != 0:
+            raise ValueError(f"{name} must be 16-byte aligned (data_ptr % 16 == 0)")
+    fn = loader.get_function("gemv.cu", f"gemv_kernel<{m}>")
+    rows_per_block = 2 * GEMV_WARPS
+    loader.launch(fn, ((h + rows_per_block - 1) // rows_per_block,), (32 * GEMV_WARPS,),
+                  (x.data_ptr(), w.data_ptr(), out.data_ptr(), _i32(d), _i32(h)))

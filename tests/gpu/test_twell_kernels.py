@@ -122,7 +122,7 @@ def test_ffn_overflow_exact(path, gated):
 def test_ffn_forward_end_to_end_and_policy():
     from sparsify_cli.kernels import ffn
 
-    for m in (700, 3):
+    for m in (700, 3, 1):
         _end_to_end(m, ffn)
 
 
@@ -217,3 +217,19 @@ def test_relu_ffn_c_start_and_init_semantics():
     assert _rel(out, ref) < 5e-3
     with pytest.raises(ValueError, match="multiple of 8"):
         launchers.launch_relu_ffn(inp.x, act, inp.up, down_t, out, c_start=3)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("d,h", [(2048, 5632), (64, 33), (2560, 1001), (4160, 700)])
+def test_gemv_matches_reference(m, d, h):
+    g = torch.Generator(device=DEV).manual_seed(d + h + m)
+    x = torch.randn(m, d, generator=g, device=DEV).to(torch.bfloat16)
+    w = (torch.randn(h, d, generator=g, device=DEV) * 0.02).to(torch.bfloat16)
+    out = _poison(torch.empty(m, h, dtype=torch.bfloat16, device=DEV))
+    launchers.launch_gemv(x, w, out)
+    ref32 = x.float() @ w.float().T
+    assert not torch.isnan(out).any()
+    assert _rel(out, ref32) <= 2 * _rel(x @ w.T, ref32) + 1e-4
+    with pytest.raises(ValueError, match="tokens"):
+        launchers.launch_gemv(torch.zeros(3, d, dtype=torch.bfloat16, device=DEV), w,
+                              torch.empty(3, h, dtype=torch.bfloat16, device=DEV))

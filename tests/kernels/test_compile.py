@@ -19,7 +19,7 @@ SOURCES = sorted(p.name for p in resource_dir("kernels_cu").glob("*.cu"))
 
 
 def test_sources_exist():
-    assert {"twell_pack.cu", "twell_ffn.cu", "twell_decode.cu"} <= set(SOURCES)
+    assert {"twell_pack.cu", "twell_ffn.cu", "twell_decode.cu", "gemv.cu"} <= set(SOURCES)
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit to compile-test kernels)")
