@@ -1,0 +1,304 @@
+"""The whole-model suite: a dense model and its packed (sparse-FFN) twin, side by side on the same tokens.
+
+Where the two models come from:
+- a packed dir (`sparsify pack`): sparse = load_packed(); dense = its dense twin, the packed weights put back at
+  the source width (pruned neurons as zero rows), so both compute the same function and only the FFN path differs;
+- a checkpoint (run dir or checkpoint dir): dense = load_model(); sparse = the same weights in PackedFFN layers
+  (every neuron kept, trained order: pack it to prune dead neurons and balance tiles);
+- nothing: synthetic weights. A random SparseLlama whose FFN gates are set, layer by layer on calibration
+  tokens, so that each neuron fires on a chosen share of tokens (PERFORMANCE.md's rates: log-normal, 30% dead,
+  mean (1 − sparsity)·H). The embeddings carry one constant feature, which plays the role of PERFORMANCE.md's
+  fixed feature: the gate's threshold is a weight on it. The measured sparsity is what the report shows.
+
+Rows: prefill (batch × seq_len tokens, one forward), decode at batch 1…64 (one new token per sequence: the model has
+no KV cache yet, so attention sees only that token — the FFN and projection weights are read as in real decode),
+and one training step (forward, CE + λ·L1, backward, AdamW) of the dense model: the torch path, since no sparse
+training kernels exist yet. On a GPU both models run in bf16, on the CPU in fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from sparsify_cli.bench.measure import compare, nnz_stats
+from sparsify_cli.bench.synthetic import firing_rates
+from sparsify_cli.config.schema import ModelConfig, OptimConfig
+from sparsify_cli.errors import UserError
+from sparsify_cli.model.transformer import SparseLlama
+
+CONST_FEATURE = 0.08  # embedding feature 0 of every token (other features ~ N(0, 0.02²)): ≈ 4 after RMSNorm
+L1_COEFF = 2e-5  # the paper's λ, for the training step's loss
+
+
+@dataclass
+class Models:
+    dense: SparseLlama
+    sparse: SparseLlama
+    source: str  # "synthetic", "checkpoint" or "packed"
+    description: str
+    backend: str  # the packed FFNs' backend: cuda or torch
+
+
+def _packed_ffn(model: SparseLlama, layer: int, nnz_hint: float):
+    """Layer `layer`'s FFN of `model` as a PackedFFN: every neuron kept, in its order."""
+    from sparsify_cli.pack.layout import choose_tile
+    from sparsify_cli.pack.pack import _ffn_weights
+    from sparsify_cli.pack.packed import PackedFFN
+
+    ffn = model.ffns[layer]
+    width = ffn.up.weight.shape[0]
+    weights = _ffn_weights(model, layer, torch.arange(width, device=ffn.up.weight.device))
+    layout = {"tile": choose_tile(width), "compression": 8, "stats": {"mean_active": nnz_hint}}
+    return PackedFFN(layer, ffn.gated, weights, layout)
+
+
+def to_packed(dense: SparseLlama, nnz_per_layer: list[float]) -> SparseLlama:
+    """A copy of `dense` whose FFNs are PackedFFNs over the same weights (no pruning, no reordering)."""
+    sparse = copy.deepcopy(dense)
+    for i, block in enumerate(sparse.blocks):
+        block.ffn = _packed_ffn(dense, i, nnz_per_layer[i])
+    return sparse.eval()
+
+
+def dense_twin(packed: SparseLlama) -> SparseLlama:
+    """The dense model a packed one came from, as far as it is in the packed weights: the kept neurons back at
+    their source index, pruned ones as zero rows (they never fired in calibration)."""
+    cfg = packed.cfg
+    dense = SparseLlama(cfg)
+    state = {k: v for k, v in packed.state_dict().items() if ".ffn." not in k}
+    dense.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for ffn, pk in zip(dense.ffns, packed.ffns):
+            idx = pk.neuron_index
+            for lin in (ffn.gate, ffn.up, ffn.down):
+                if lin is None:
+                    continue
+                lin.weight.zero_()
+                if lin.bias is not None:
+                    lin.bias.zero_()
+            if ffn.gated:
+                ffn.gate.weight[idx] = pk.gate_w.float()
+                if pk.gate_b is not None:
+                    ffn.gate.bias[idx] = pk.gate_b.float()
+            ffn.up.weight[idx] = pk.up_w.float()
+            ffn.down.weight[:, idx] = pk.down_t.float().T
+            if pk.up_b is not None:
+                ffn.up.bias[idx] = pk.up_b.float()
+            if pk.down_b is not None:
+                ffn.down.bias.copy_(pk.down_b.float())
+    return dense.eval()
+
+
+def _ffn_inputs(model: SparseLlama, layer: int, tokens: torch.Tensor) -> torch.Tensor:
+    """The input of layer `layer`'s FFN (after its RMSNorm) for `tokens`: (N, D)."""
+    seen: list[torch.Tensor] = []
+    hook = model.blocks[layer].ffn.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        hook.remove()
+    return seen[0].reshape(-1, seen[0].shape[-1])
+
+
+def synthetic_model(cfg: ModelConfig, sparsity: float, seed: int, calib: torch.Tensor) -> SparseLlama:
+    """A random ReLU-gated SparseLlama whose FFN neurons fire at PERFORMANCE.md's rates on tokens like `calib`."""
+    torch.manual_seed(seed)
+    model = SparseLlama(cfg).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    h = cfg.d_ffn
+    with torch.no_grad():
+        model.embed.weight[:, 0] = CONST_FEATURE
+        for i, ffn in enumerate(model.ffns):  # in order: each layer's change moves the next layer's inputs
+            rates = firing_rates(h, (1.0 - sparsity) * h, generator=gen).double()  # (H,)
+            x = _ffn_inputs(model, i, calib).double()  # (N, D)
+            z = x @ ffn.gate.weight.double().T  # (N, H) pre-activations before the shift
+            q = _column_quantiles(z, 1.0 - rates)  # (H,) the shift that leaves r_j of the tokens above 0
+            q = torch.where(rates > 0, q, z.max(0).values.abs() * 4 + 1.0)  # dead neurons: far above any input
+            ffn.gate.weight[:, 0] -= (q / x[:, 0].mean()).to(ffn.gate.weight.dtype)
+    return model
+
+
+def _column_quantiles(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Per column j of z (N, H): the q_j quantile (nearest rank)."""
+    s, _ = z.sort(dim=0)
+    idx = (q.clamp(0.0, 1.0) * (z.shape[0] - 1)).round().long()  # (H,)
+    return s.gather(0, idx.unsqueeze(0)).squeeze(0)
+
+
+def load_models(settings, source: Optional[str], device: torch.device, say=lambda s: None) -> Models:
+    """The dense and the sparse model of the run, on `device` (bf16 on a GPU)."""
+    from sparsify_cli.kernels import resolve_backend
+
+    kernels = "cuda" if device.type == "cuda" else "torch"
+    backend = resolve_backend(kernels)
+    if source is None:
+        cfg = ModelConfig(d_model=settings.d_model, n_layers=settings.layers, n_heads=settings.heads,
+                          d_ffn=settings.d_ffn, vocab_size=settings.vocab, max_seq_len=settings.seq_len)
+        say(f"synthetic model: {cfg.n_layers} layers, D {cfg.d_model}, H {cfg.d_ffn}, target sparsity "
+            f"{settings.sparsity:.2%}; setting the gates layer by layer")
+        calib = _tokens(cfg.vocab_size, max(1, 4096 // settings.seq_len), settings.seq_len, settings.seed + 7)
+        dense = synthetic_model(cfg, settings.sparsity, settings.seed, calib)
+        sparse = to_packed(dense, [(1.0 - settings.sparsity) * cfg.d_ffn] * cfg.n_layers)
+        kind, desc = "synthetic", (f"synthetic weights, target sparsity {settings.sparsity:.2%} (PERFORMANCE.md's "
+                                   "rates); sparse = the same weights in PackedFFN layers")
+    else:
+        from sparsify_cli.pack.packed import is_packed_dir, load_packed
+        from sparsify_cli.train.checkpoint import load_model, resolve_checkpoint_dir
+
+        path = Path(source)
+        if not path.exists():
+            raise UserError(f"{path} does not exist")
+        if is_packed_dir(path):
+            host, _ = load_packed(path, "cpu", kernels="torch")
+            dense = dense_twin(host)
+            sparse, _ = load_packed(path, "cpu", kernels=kernels)
+            kind, desc = "packed", f"packed dir {path}; dense = its weights at the source width (pruned rows zero)"
+        else:
+            try:
+                resolve_checkpoint_dir(path)
+            except UserError:
+                raise UserError(f"{path} is neither a sparsify checkpoint (config.json + model.safetensors) nor a "
+                                "packed dir (manifest.json)") from None
+            dense, _ = load_model(path)
+            dense.eval()
+            if dense.cfg.activation != "relu":
+                raise UserError(f"{path} has {dense.cfg.activation} FFNs: the sparse path needs ReLU (train with "
+                                "model.activation=relu)")
+            sparse = to_packed(dense, [float(dense.cfg.d_ffn)] * dense.cfg.n_layers)  # hints set after measuring
+            kind, desc = "checkpoint", f"checkpoint {path}; sparse = its weights in PackedFFN layers (not pruned)"
+    for ffn in sparse.ffns:
+        ffn.backend = backend
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dense = dense.to(device=device, dtype=dtype).eval()
+    sparse = sparse.to(device=device, dtype=dtype).eval()
+    return Models(dense, sparse, kind, desc, backend)
+
+
+def _tokens(vocab: int, batch: int, seq_len: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
+
+
+def measure_nnz(model: SparseLlama, tokens: torch.Tensor) -> tuple[dict[str, Any], list[float]]:
+    """Active FFN neurons per token over all layers (one observed forward) and the mean per layer."""
+    acts: list[torch.Tensor] = []
+    model.set_observer(lambda layer, h: acts.append((h.detach() != 0).reshape(-1, h.shape[-1]).float()))  # (M, H)
+    try:
+        with torch.inference_mode():
+            model(tokens)
+    finally:
+        model.set_observer(None)
+    per_layer = [nnz_stats(a) for a in acts]
+    stats = {
+        "nnz_mean": sum(s["nnz_mean"] for s in per_layer) / len(per_layer),
+        "nnz_max": max(s["nnz_max"] for s in per_layer),
+        "max_per_tile": max(s["max_per_tile"] for s in per_layer),
+    }
+    stats["sparsity"] = 1.0 - stats["nnz_mean"] / model.cfg.d_ffn
+    return stats, [s["nnz_mean"] for s in per_layer]
+
+
+class ModelSuite:
+    """The model suite's rows, built lazily: the models are loaded by the first row that needs them."""
+
+    def __init__(self, settings, source: Optional[str], device: torch.device, energy=None, say=lambda s: None):
+        self.settings, self.source, self.device, self.energy, self.say = settings, source, device, energy, say
+        self.models: Optional[Models] = None
+        self.stats: dict[str, Any] = {}
+
+    def cases(self) -> list[tuple[str, Any]]:
+        s = self.settings
+        out = [(f"prefill {s.batch}×{s.seq_len}", self.prefill)]
+        out += [(f"decode batch {b}", lambda b=b: self.decode(b)) for b in s.decode]
+        out.append((f"train step {s.train_batch}×{s.seq_len} (dense)", self.train_step))
+        return out
+
+    def _ensure(self) -> Models:
+        if self.models is None:
+            self.models = load_models(self.settings, self.source, self.device, self.say)
+            cfg = self.models.dense.cfg
+            if self.settings.seq_len > cfg.max_seq_len:
+                raise UserError(f"seq_len={self.settings.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+            tokens = self._tokens(self.settings.batch, self.settings.seq_len, 1)
+            self.stats, per_layer = measure_nnz(self.models.dense, tokens)
+            for ffn, nnz in zip(self.models.sparse.ffns, per_layer):
+                if self.models.source != "packed":  # a packed dir's hints come from its calibration
+                    ffn.nnz_hint = nnz
+        return self.models
+
+    def info(self) -> dict[str, Any]:
+        m = self._ensure()
+        cfg = m.dense.cfg
+        return {"model_source": m.source, "model": m.description, "ffn_backend": m.backend,
+                "model_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "rope_scaling"},
+                "parameters": m.dense.num_parameters()}
+
+    def _tokens(self, batch: int, seq_len: int, salt: int) -> torch.Tensor:
+        return _tokens(self._ensure().dense.cfg.vocab_size, batch, seq_len, self.settings.seed + salt, self.device)
+
+    def _base(self, kind: str, tokens: int) -> dict[str, Any]:
+        cfg = self._ensure().dense.cfg
+        return {"kind": kind, "M": tokens, "D": cfg.d_model, "H": cfg.d_ffn, "layers": cfg.n_layers, **self.stats}
+
+    def _compare(self, kind: str, tokens: torch.Tensor) -> dict[str, Any]:
+        m = self._ensure()
+        row = self._base(kind, tokens.numel())
+        with torch.inference_mode():
+            row.update(compare(lambda: m.dense(tokens), lambda: m.sparse(tokens), device=self.device,
+                               tokens=tokens.numel(), reps=self.settings.reps, warmup=self.settings.warmup,
+                               energy=self.energy))
+        row["sparse_path"] = f"PackedFFN ({m.backend})"
+        return row
+
+    def prefill(self) -> dict[str, Any]:
+        row = self._compare("prefill", self._tokens(self.settings.batch, self.settings.seq_len, 1))
+        row["batch"], row["seq_len"] = self.settings.batch, self.settings.seq_len
+        return row
+
+    def decode(self, batch: int) -> dict[str, Any]:
+        row = self._compare("decode", self._tokens(batch, 1, 2))
+        row["notes"] = "one token per sequence, no KV cache (attention over the new token only)"
+        return row
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step of a copy of the dense model (fp32 weights, bf16 autocast on a GPU, as the trainer)."""
+        from sparsify_cli.sparsity import SparsityTracker
+        from sparsify_cli.train.loop import autocast_for
+        from sparsify_cli.train.optim import build_optimizer
+
+        m = self._ensure()
+        s = self.settings
+        model = copy.deepcopy(m.dense).float().train()
+        opt = build_optimizer(model, OptimConfig())
+        tracker = SparsityTracker(model.cfg.n_layers, model.cfg.d_ffn, 1 << 30, self.device)
+        model.set_observer(tracker)
+        x = self._tokens(s.train_batch, s.seq_len, 3)
+        y = torch.roll(x, -1, dims=1)
+
+        def step():
+            tracker.begin_forward(want_l1=True)
+            with autocast_for(self.device, "auto"):
+                logits = model(x)  # (B, T, V)
+                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                loss = ce + L1_COEFF * tracker.end_forward()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        row = self._base("train", x.numel())
+        row.update(compare(step, None, device=self.device, tokens=x.numel(), reps=s.reps, warmup=s.warmup,
+                           energy=self.energy, check=False))
+        row["sparse_path"] = None
+        row["notes"] = "dense torch path only (forward, CE + λ·L1, backward, AdamW): no sparse training kernels yet"
+        del model, opt
+        return row

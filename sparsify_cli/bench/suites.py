@@ -1,0 +1,148 @@
+"""The suites behind `sparsify bench`: which device, which rows, and the run that produces them.
+
+    cpu    pure-torch sparse FFN (formats/) vs dense, fp32, decode (batch 1) and prefill, per density
+    ffn    the CUDA kernels vs cuBLAS dense, bf16: bench/ffn.py's prefill and decode rows (PERFORMANCE.md's
+           shapes and inputs), plus, per prefill row, ffn_forward as a packed model calls it, with peak memory
+           and energy
+    model  a dense model and its packed twin: prefill, decode at batch 1…64, a training step (model.py)
+
+plan() checks everything a run needs (device, kernels, a model path) before any work, and returns the rows as
+(label, callable) pairs, so the CLI can show a progress bar and the tests can run any one of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from sparsify_cli.bench import settings as bench_settings
+from sparsify_cli.bench.energy import EnergyMeter
+from sparsify_cli.bench.measure import compare, nnz_stats
+from sparsify_cli.errors import UserError
+
+Case = tuple[str, Callable[[], dict]]
+
+
+def default_suite() -> tuple[str, str]:
+    """(suite, device) for this machine: the ffn suite where the CUDA kernels can run, else the CPU suite."""
+    from sparsify_cli.kernels import cuda_kernels_status
+
+    ok, _ = cuda_kernels_status()
+    return ("ffn", "cuda") if ok else ("cpu", "cpu")
+
+
+def resolve_device(suite: str, device: Optional[str]) -> str:
+    """The device of a run; cuda must be able to run the kernels (the reason says why not)."""
+    from sparsify_cli.kernels import cuda_kernels_status
+
+    if device is None:
+        device = {"cpu": "cpu", "ffn": "cuda"}.get(suite) or ("cuda" if cuda_kernels_status()[0] else "cpu")
+    if device not in bench_settings.DEVICES:
+        raise UserError(f"unknown device {device!r}; choose one of: {', '.join(bench_settings.DEVICES)}")
+    if suite == "cpu" and device != "cpu":
+        raise UserError("the cpu suite runs on the CPU (--device cpu); for the GPU use --suite ffn or --suite model")
+    if suite == "ffn" and device != "cuda":
+        raise UserError("the ffn suite times the CUDA kernels (--device cuda); on the CPU use --suite cpu")
+    if device == "cuda":
+        ok, why = cuda_kernels_status()
+        if not ok:
+            raise UserError(f"--device cuda cannot run here: {why}")
+    return device
+
+
+def plan(s: bench_settings.BenchSettings, source: Optional[str] = None,
+         say: Callable[[str], None] = lambda text: None) -> tuple[list[Case], Callable[[], dict[str, Any]]]:
+    """The rows of a run as (label, callable) pairs, and a callable giving the run's extra header fields."""
+    if source is not None and s.suite != "model":
+        raise UserError(f"a model path ({source}) only applies to --suite model")
+    device = torch.device(s.device)
+    if s.threads and device.type == "cpu":
+        torch.set_num_threads(s.threads)
+    energy = EnergyMeter(device)
+    notes = [energy.note]
+    if device.type == "cpu":
+        notes.append("peak memory: not measured on the CPU (torch keeps no CPU allocation peak)")
+    if s.suite == "cpu":
+        from sparsify_cli.bench import cpu
+
+        cases = [(f"{kind} M={m} nnz={nnz:g}", lambda kind=kind, m=m, nnz=nnz: cpu.suite_row(s, kind, m, nnz))
+                 for kind, m, nnz in cpu.suite_cases(s)]
+        return cases, lambda: {"notes": notes}
+    if s.suite == "ffn":
+        cases = [(f"prefill M={m} nnz={nnz:g}", lambda m=m, nnz=nnz: gpu_prefill_row(s, m, nnz, energy))
+                 for m in s.tokens for nnz in s.nnz]
+        cases += [(f"decode M={m}", lambda m=m: gpu_decode_row(s, m, energy)) for m in s.decode]
+        return cases, lambda: {"notes": notes}
+    from sparsify_cli.bench.model import ModelSuite
+
+    suite = ModelSuite(s, source, device, energy, say)
+    return suite.cases(), lambda: {"notes": notes, **suite.info()}
+
+
+# ---- the GPU FFN rows (bench/ffn.py owns the kernel-level timings; this adds the common columns) ----------------
+
+
+def gpu_prefill_row(s, m: int, nnz: float, energy: Optional[EnergyMeter] = None) -> dict:
+    """bench/ffn.py's prefill row (every kernel variant, kept under "detail"), then dense vs ffn_forward as a
+    packed model calls it (auto policy, calibrated nnz hint) on the same inputs (same seed) with peak memory and
+    energy."""
+    from sparsify_cli.bench import ffn
+    from sparsify_cli.bench.synthetic import make_ffn_inputs
+    from sparsify_cli.kernels import ffn_forward
+
+    detail = ffn.prefill_row(m, nnz, s.reps) if s.detail else None
+    inp = make_ffn_inputs(m, ffn.D_MODEL, ffn.HIDDEN, nnz, device="cuda", seed=int(nnz) + m)  # prefill_row's seed
+    x, gate, up, down = inp.x, inp.gate, inp.up, inp.down
+    down_t = down.T.contiguous()  # offline layout (pack time)
+    row = {"kind": "prefill", "M": m, "D": ffn.D_MODEL, "H": ffn.HIDDEN, "nnz_target": nnz, **nnz_stats(x @ gate.T)}
+    hint = row["nnz_mean"]
+    row.update(compare(lambda: ffn.dense_block(x, gate, up, down),
+                       lambda: ffn_forward(x, gate, up, down_t, kernels="cuda", mode="auto", nnz_hint=hint),
+                       device=torch.device("cuda"), tokens=m, reps=s.reps, warmup=s.warmup, energy=energy))
+    row["sparse_path"] = "kernels.ffn_forward (auto policy, nnz hint), bf16"
+    if detail is not None:
+        row["kernel_sparse_ms"] = detail["sparse_ms"]  # the fused sparse kernel, always sparse
+        row["kernel_speedup"] = detail["speedup"]
+        row["rel_err_fp32_ref"] = detail["rel_err_sparse"]
+        row["rel_err_torch_bf16"] = detail["rel_err_torch_bf16"]
+        row["detail"] = detail
+    del inp, x, gate, up, down, down_t
+    torch.cuda.empty_cache()
+    return row
+
+
+def gpu_decode_row(s, m: int, energy: Optional[EnergyMeter] = None) -> dict:
+    """bench/ffn.py's decode row (CUDA-graph replays over 4 layers' weights, so weights are not L2-resident):
+    its times are the row's; peak memory and energy come from eager calls of its first layer's inputs."""
+    from sparsify_cli.bench import ffn
+    from sparsify_cli.bench.synthetic import make_ffn_inputs
+    from sparsify_cli.kernels import ffn_forward
+    from sparsify_cli.bench.measure import peak_mb, rel_err
+
+    d = ffn.decode_row(m, s.reps)
+    row = {k: d[k] for k in ("kind", "M", "D", "H", "nnz_target", "nnz_mean", "nnz_max", "max_per_tile")}
+    row["sparsity"] = 1.0 - d["nnz_mean"] / d["H"]
+    inp = make_ffn_inputs(m, ffn.D_MODEL, ffn.HIDDEN, d["nnz_target"], device="cuda", seed=100)  # its layer 0
+    x, gate, up, down = inp.x, inp.gate, inp.up, inp.down
+    down_t = down.T.contiguous()
+
+    def dense():
+        return ffn.dense_block(x, gate, up, down)
+
+    def sparse():
+        return ffn_forward(x, gate, up, down_t, kernels="cuda", mode="auto", nnz_hint=d["nnz_mean"])
+
+    with torch.no_grad():
+        row["rel_err"] = rel_err(sparse(), dense())
+    row.update(dense_ms=d["dense_ms"], sparse_ms=d["sparse_ms"], speedup=d["speedup"],
+               dense_tok_s=m / d["dense_ms"] * 1e3, sparse_tok_s=m / d["sparse_ms"] * 1e3,
+               dense_peak_mb=peak_mb(dense, torch.device("cuda")), sparse_peak_mb=peak_mb(sparse, torch.device("cuda")),
+               dense_mj_tok=energy.mj_per_token(dense, m, d["dense_ms"]) if energy else None,
+               sparse_mj_tok=energy.mj_per_token(sparse, m, d["sparse_ms"]) if energy else None,
+               rel_err_fp32_ref=d["rel_err_sparse"], rel_err_torch_bf16=d["rel_err_torch_bf16"], detail=d,
+               sparse_path="relu_ffn decode kernel (CUDA graphs, 4 layers)",
+               notes="times: CUDA-graph replays (bench/ffn.py); energy/memory: eager calls of one layer")
+    del inp, x
+    torch.cuda.empty_cache()
+    return row
