@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from sparsify_cli.cli import bench as bench_cmd
 from sparsify_cli.cli import eval as eval_cmd
 from sparsify_cli.cli import export as export_cmd
 from sparsify_cli.cli import pack as pack_cmd
@@ -35,6 +36,7 @@ app.command(
 app.command("pack", help=pack_cmd.HELP)(pack_cmd.pack)
 app.command("export", help=export_cmd.HELP)(export_cmd.export)
 app.command("eval", help=eval_cmd.HELP)(eval_cmd.eval)
+app.command("bench", help=bench_cmd.HELP)(bench_cmd.bench)
 
 
 def main() -> None:
