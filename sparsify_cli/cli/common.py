@@ -12,6 +12,8 @@ from sparsify_cli.errors import UserError
 
 console = Console()
 err_console = Console(stderr=True)
+if not console.is_terminal:  # logs and CI: wide enough that tables keep their columns (rich assumes 80)
+    console.width = 132
 
 F = TypeVar("F", bound=Callable)
 
