@@ -189,14 +189,13 @@ def _tokens(vocab: int, batch: int, seq_len: int, seed: int, device: torch.devic
 
 def measure_nnz(model: SparseLlama, tokens: torch.Tensor) -> tuple[dict[str, Any], list[float]]:
     """Active FFN neurons per token over all layers (one observed forward) and the mean per layer."""
-    acts: list[torch.Tensor] = []
-    model.set_observer(lambda layer, h: acts.append((h.detach() != 0).reshape(-1, h.shape[-1]).float()))  # (M, H)
+    per_layer: list[dict[str, float]] = []  # statistics only: the activations of a big prefill would not fit twice
+    model.set_observer(lambda layer, h: per_layer.append(nnz_stats(h.detach() != 0, model.cfg.d_ffn)))
     try:
         with torch.inference_mode():
             model(tokens)
     finally:
         model.set_observer(None)
-    per_layer = [nnz_stats(a) for a in acts]
     stats = {
         "nnz_mean": sum(s["nnz_mean"] for s in per_layer) / len(per_layer),
         "nnz_max": max(s["nnz_max"] for s in per_layer),
@@ -244,13 +243,16 @@ class ModelSuite:
     def _tokens(self, batch: int, seq_len: int, salt: int) -> torch.Tensor:
         return _tokens(self._ensure().dense.cfg.vocab_size, batch, seq_len, self.settings.seed + salt, self.device)
 
-    def _base(self, kind: str, tokens: int) -> dict[str, Any]:
-        cfg = self._ensure().dense.cfg
-        return {"kind": kind, "M": tokens, "D": cfg.d_model, "H": cfg.d_ffn, "layers": cfg.n_layers, **self.stats}
+    def _base(self, kind: str, tokens: torch.Tensor) -> dict[str, Any]:
+        """The row's shape and the active neurons per token measured on its own tokens (all layers)."""
+        m = self._ensure()
+        cfg = m.dense.cfg
+        stats = measure_nnz(m.dense, tokens)[0]
+        return {"kind": kind, "M": tokens.numel(), "D": cfg.d_model, "H": cfg.d_ffn, "layers": cfg.n_layers, **stats}
 
     def _compare(self, kind: str, tokens: torch.Tensor) -> dict[str, Any]:
         m = self._ensure()
-        row = self._base(kind, tokens.numel())
+        row = self._base(kind, tokens)
         with torch.inference_mode():
             row.update(compare(lambda: m.dense(tokens), lambda: m.sparse(tokens), device=self.device,
                                tokens=tokens.numel(), reps=self.settings.reps, warmup=self.settings.warmup,
@@ -295,7 +297,7 @@ class ModelSuite:
             opt.zero_grad(set_to_none=True)
             return loss.detach()
 
-        row = self._base("train", x.numel())
+        row = self._base("train", x)
         row.update(compare(step, None, device=self.device, tokens=x.numel(), reps=s.reps, warmup=s.warmup,
                            energy=self.energy, check=False))
         row["sparse_path"] = None

@@ -28,7 +28,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
         "paper": dict(d_model=2048, d_ffn=5632, tokens=(128,), decode=(1,), nnz=(29.0, 56.0), reps=20, warmup=2),
         "small": dict(d_model=512, d_ffn=1408, tokens=(64,), decode=(1,), nnz=(7.0, 14.0), reps=20, warmup=2),
-        "tiny": dict(d_model=64, d_ffn=256, tokens=(16,), decode=(1,), nnz=(4.0,), reps=3, warmup=1),
+        "tiny": dict(d_model=64, d_ffn=256, tokens=(16,), decode=(1,), nnz=(8.0,), reps=3, warmup=1, threads=1),
     },
     # FFN suite on the GPU: bench/ffn.py's rows (D 2048, H 5632; PERFORMANCE.md's inputs), bf16.
     "ffn": {
@@ -39,7 +39,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Whole model: synthetic weights (or a checkpoint / packed dir), prefill, a training step, decode.
     "model": {
         "tiny": dict(d_model=128, d_ffn=512, layers=2, heads=4, vocab=1024, seq_len=64, batch=4, train_batch=4,
-                     decode=(1, 8, 64), sparsity=0.98, reps=5, warmup=1),
+                     decode=(1, 8, 64), sparsity=0.98, reps=5, warmup=1, threads=1),
         "small": dict(d_model=512, d_ffn=1408, layers=4, heads=8, vocab=8192, seq_len=256, batch=4, train_batch=4,
                       decode=(1, 8, 64), sparsity=0.99, reps=10, warmup=2),
         "paper": dict(d_model=2048, d_ffn=5632, layers=28, heads=32, vocab=32000, seq_len=2048, batch=64,

@@ -12,6 +12,7 @@ plan() checks everything a run needs (device, kernels, a model path) before any 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional
 
 import torch
@@ -57,8 +58,6 @@ def plan(s: bench_settings.BenchSettings, source: Optional[str] = None,
     if source is not None and s.suite != "model":
         raise UserError(f"a model path ({source}) only applies to --suite model")
     device = torch.device(s.device)
-    if s.threads and device.type == "cpu":
-        torch.set_num_threads(s.threads)
     energy = EnergyMeter(device)
     notes = [energy.note]
     if device.type == "cpu":
@@ -78,6 +77,18 @@ def plan(s: bench_settings.BenchSettings, source: Optional[str] = None,
 
     suite = ModelSuite(s, source, device, energy, say)
     return suite.cases(), lambda: {"notes": notes, **suite.info()}
+
+
+@contextlib.contextmanager
+def cpu_threads(s: bench_settings.BenchSettings):
+    """torch's intra-op threads set to ``threads=`` (when given) for the run, restored after it."""
+    before = torch.get_num_threads()
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---- the GPU FFN rows (bench/ffn.py owns the kernel-level timings; this adds the common columns) ----------------

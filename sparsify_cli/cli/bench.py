@@ -8,6 +8,8 @@ from typing import List, Optional
 import typer
 from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from sparsify_cli.cli.common import console, err_console, user_errors_exit
@@ -67,10 +69,10 @@ def _bench(args, suite, device, out, plot, wandb) -> None:
     if plot is not None:
         rep.require_matplotlib()  # fail before the work, not after it
     cases, extra = suites.plan(settings, paths[0] if paths else None, say=lambda s: err_console.print(s, highlight=False))
-    env = rep.environment(device)
     rows = []
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with suites.cpu_threads(settings), Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as progress:
+        env = rep.environment(device)  # inside: the thread count is the run's
         task = progress.add_task(f"bench {suite}", total=len(cases))
         for label, run in cases:
             progress.update(task, description=f"{suite}: {label}")
@@ -110,7 +112,7 @@ def _print(report: dict) -> None:
             f"{o(r['dense_peak_mb'], '.0f')}/{o(r['sparse_peak_mb'], '.0f')}",
             f"{o(r['dense_mj_tok'], '.3g')}/{o(r['sparse_mj_tok'], '.3g')}",
         )
-    console.print(table)
+    _show(table)
     for line in [*report.get("notes", []), *{r["notes"] for r in report["rows"] if r.get("notes")}]:
         console.print(f"note: {line}", highlight=False)
     if report.get("model"):
@@ -122,3 +124,14 @@ def _print(report: dict) -> None:
 
         console.print("kernel detail (bench/ffn.py):", highlight=False)
         console.print(format_table({"rows": details}), highlight=False, soft_wrap=True)
+
+
+def _show(table: Table) -> None:
+    """Print a table whole: on a terminal too narrow for its numbers, lines run long rather than lose digits."""
+    need = Measurement.get(console, console.options.update(max_width=10_000), table).maximum
+    if need <= console.width:
+        console.print(table)
+        return
+    wide = Console(width=need, file=console.file, force_terminal=console.is_terminal,
+                   color_system=console.color_system or None)
+    wide.print(table, crop=False)
