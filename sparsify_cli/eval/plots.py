@@ -31,7 +31,7 @@ def require_matplotlib() -> None:
 
 def _name(m: dict[str, Any]) -> str:
     lam = m.get("l1_coeff")
-    tag = f" (λ={lam:g})" if isinstance(lam, (int, float)) else ""
+    tag = f" (λ={lam:g})" if isinstance(lam, (int, float)) and f"l1_coeff={lam:g}" not in m["label"] else ""
     return f"{m['label']}{tag}" if m["kind"] == "checkpoint" else f"{m['label']} (packed){tag}"
 
 
@@ -49,6 +49,11 @@ def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     return written
 
 
+def _legend(ax) -> None:
+    """Legend outside the axes, on the right: it never hides data."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
 def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -57,7 +62,7 @@ def _save(plt, fig, path: Path) -> Path:
 
 
 def _active_per_layer(plt, models, out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     for i, m in enumerate(models):
         layers = m["sparsity"]["layers"]
         xs = [layer["layer"] for layer in layers]
@@ -72,13 +77,13 @@ def _active_per_layer(plt, models, out: Path) -> Path:
     ax.set_ylabel("active FFN neurons per token")
     ax.set_title("Active neurons per layer (solid: mean, dashed: p99)")
     ax.set_xticks(sorted({layer["layer"] for m in models for layer in m["sparsity"]["layers"]}))
-    ax.legend(fontsize=7)
+    _legend(ax)
     ax.grid(alpha=0.3, which="both")
     return _save(plt, fig, out / "active_per_layer.png")
 
 
 def _active_hist(plt, models, out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     for i, m in enumerate(models):
         pooled: list[int] = []
         for layer in m["sparsity"]["layers"]:
@@ -87,31 +92,31 @@ def _active_hist(plt, models, out: Path) -> Path:
             for k, c in enumerate(hist):
                 pooled[k] += c
         total = sum(pooled)
-        # Log-spaced bins over 0..H (0 gets its own bin at 0.5 so it shows on the log axis).
-        xs = [max(k, 0.5) for k in range(len(pooled))]
-        ax.hist(xs, bins=_log_bins(len(pooled)), weights=[c / total for c in pooled], histtype="step", lw=1.6,
-                color=f"C{i % 10}", label=_name(m))
-    ax.set_xscale("log")
-    ax.set_xlabel("active FFN neurons per token (all layers; 0 drawn at 0.5)")
-    ax.set_ylabel("share of (token, layer) pairs")
-    ax.set_title("How many neurons each token uses")
-    ax.legend(fontsize=7)
+        ax.hist(range(len(pooled)), bins=_int_log_bins(len(pooled)), weights=[c / total for c in pooled],
+                histtype="step", lw=1.6, color=f"C{i % 10}", label=_name(m))
+    ax.set_xscale("symlog", linthresh=1, linscale=0.4)  # linear around 0, logarithmic above 1
+    ax.set_xlim(left=-0.5)
+    ax.set_xlabel("active FFN neurons per token (all layers pooled)")
+    ax.set_ylabel("share of (token, layer) pairs per bin")
+    ax.set_title("How many neurons each token uses (bins: 0, 1, 2, … then wider)")
+    _legend(ax)
     ax.grid(alpha=0.3)
     return _save(plt, fig, out / "active_hist.png")
 
 
-def _log_bins(n: int) -> list[float]:
-    edges, e = [0.4, 0.75], 0.75
-    while e < n:
-        e *= 1.35
-        edges.append(e)
+def _int_log_bins(n: int) -> list[float]:
+    """Bin edges at half-integers, each bin about 25% wider than the last: every bin holds whole counts."""
+    edges, k = [-0.5, 0.5], 1.0
+    while edges[-1] < n:
+        k = max(k + 1, k * 1.25)
+        edges.append(round(k) - 0.5)
     return edges
 
 
 def _tile_overflow(plt, report, out: Path) -> Path:
     models = report["models"]
     comps = [str(c) for c in report["settings"]["compressions"]]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     width = 0.8 / len(models)
     for i, m in enumerate(models):
         fracs = [100 * m["sparsity"]["overflow_tile_fraction"][c] for c in comps]
@@ -122,17 +127,20 @@ def _tile_overflow(plt, report, out: Path) -> Path:
     ax.set_xticks(range(len(comps)), [f"C={c}\n(K={k} of {layer0['tile']})" for c, k in zip(comps, caps)])
     ax.set_yscale("log")
     ax.set_ylabel("% of (token, tile) pairs over capacity")
-    ax.set_title(f"TwELL tile overflow (tile {layer0['tile']}; bars at 1e-4 % mean none)")
-    ax.legend(fontsize=7)
+    ax.set_title(f"TwELL tile overflow (tile {layer0['tile']}; a bar at 1e-4 % means none)")
+    _legend(ax)
     ax.grid(alpha=0.3, axis="y", which="both")
     return _save(plt, fig, out / "tile_overflow.png")
 
 
 def _tradeoff(plt, models, out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     xs = [100 * m["sparsity"]["sparsity"] for m in models]
     ys = [m["quality"]["heldout_ce"] for m in models]
     order = sorted(range(len(models)), key=lambda i: xs[i])
+    for m, y in zip(models, ys):
+        if m.get("l1_coeff") == 0:  # the λ = 0 baseline: how much quality each sparser model gives up
+            ax.axhline(y, color="grey", ls=":", lw=0.8)
     ax.plot([xs[i] for i in order], [ys[i] for i in order], "-", color="grey", lw=0.8)
     for i, m in enumerate(models):
         ax.plot(xs[i], ys[i], "o", color=f"C{i % 10}")
