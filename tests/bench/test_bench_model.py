@@ -1,0 +1,86 @@
+"""The model suite from a checkpoint and from a packed dir, and what makes its comparison honest."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sparsify_cli.bench import model as bm
+from sparsify_cli.bench.settings import resolve
+from sparsify_cli.cli.app import app
+from sparsify_cli.config.compose import compose
+from sparsify_cli.pack import PackOptions, pack_checkpoint
+from sparsify_cli.train.loop import Trainer
+
+
+@pytest.fixture(scope="module")
+def run_and_packed(tmp_path_factory, request):
+    small_overrides = request.getfixturevalue("small_overrides_module")
+    root = tmp_path_factory.mktemp("bench_model")
+    Trainer(compose("tiny", small_overrides + ["train.max_steps=3"]), root / "run").run()
+    pack_checkpoint(root / "run", root / "packed", PackOptions(calib_tokens=256),
+                    [o for o in small_overrides if o.startswith("data.")])
+    return root / "run", root / "packed"
+
+
+@pytest.fixture(scope="module")
+def small_overrides_module(small_corpus, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("bench_cache")
+    return [f"data.path={small_corpus}", "data.vocab_size=300", f"data.cache_dir={cache}", "model.d_model=32",
+            "model.n_layers=2", "model.n_heads=2", "model.d_ffn=64", "train.batch_size=4", "train.seq_len=32",
+            "train.log_every=2", "train.eval_batches=1", "logger.wandb.mode=disabled", "logger.progress=false",
+            "sparsity.l1_coeff=0.02", "optim.warmup_steps=1"]
+
+
+@pytest.mark.parametrize("which", ["run", "packed"])
+def test_model_suite_from_a_checkpoint_or_packed_dir(run_and_packed, which, tmp_path):
+    path = run_and_packed[0] if which == "run" else run_and_packed[1]
+    out = tmp_path / "m.json"
+    r = CliRunner().invoke(app, ["bench", str(path), "seq_len=32", "batch=2", "train_batch=2", "decode=1,4", "reps=2",
+                                 "warmup=0", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    assert report["model_source"] == ("checkpoint" if which == "run" else "packed")
+    assert report["model_config"]["d_ffn"] == 64
+    kinds = [(x["kind"], x["M"]) for x in report["rows"]]
+    assert kinds == [("prefill", 64), ("decode", 1), ("decode", 4), ("train", 64)]
+    for x in report["rows"][:3]:
+        assert x["rel_err"] < 1e-4  # the packed model computes the dense model's function (fp32)
+
+
+def test_dense_twin_of_a_packed_model_is_the_source(run_and_packed):
+    from sparsify_cli.pack import load_packed
+    from sparsify_cli.train.checkpoint import load_model
+
+    run, packed = run_and_packed
+    pk, manifest = load_packed(packed, kernels="torch")
+    twin, source = bm.dense_twin(pk), load_model(run)[0].eval()
+    x = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(twin(x), pk(x), atol=1e-4)
+        # pruned neurons never fired in calibration; the twin has them as zero rows, the source does not
+        assert torch.allclose(twin(x), source(x), atol=5e-2)
+    assert twin.ffns[0].up.weight.shape[0] == 64
+
+
+def test_synthetic_model_hits_its_sparsity_and_the_sparse_model_reads_only_active_rows():
+    s = resolve("model", "cpu", ["sparsity=0.97", "layers=2", "seq_len=32"])
+    models = bm.load_models(s, None, torch.device("cpu"))
+    tokens = bm._tokens(s.vocab, 4, 32, seed=123)
+    stats, per_layer = bm.measure_nnz(models.dense, tokens)
+    assert 0.95 < stats["sparsity"] < 0.985 and len(per_layer) == 2
+    never = []  # poison the rows of neurons that fire on none of these tokens: the sparse model must not read them
+    models.dense.set_observer(lambda i, h: never.append((h.reshape(-1, h.shape[-1]) == 0).all(0)))
+    with torch.no_grad():
+        ref = models.dense(tokens)
+    models.dense.set_observer(None)
+    for ffn, idle in zip(models.sparse.ffns, never):
+        assert idle.sum() > 100
+        ffn.up_w[idle] = float("nan")
+        ffn.down_t[idle] = float("nan")
+    with torch.no_grad():
+        y = models.sparse(tokens)
+    assert torch.isfinite(y).all() and torch.allclose(y, ref, atol=1e-4)
+    with torch.no_grad():
+        assert torch.isnan(models.dense.ffns[0].up.weight).sum() == 0  # the dense model was not touched
