@@ -96,33 +96,36 @@ def dense_twin(packed: SparseLlama) -> SparseLlama:
     return dense.eval()
 
 
-def _ffn_inputs(model: SparseLlama, layer: int, tokens: torch.Tensor) -> torch.Tensor:
-    """The input of layer `layer`'s FFN (after its RMSNorm) for `tokens`: (N, D)."""
-    seen: list[torch.Tensor] = []
-    hook = model.blocks[layer].ffn.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
-    try:
-        with torch.no_grad():
-            model(tokens)
-    finally:
-        hook.remove()
-    return seen[0].reshape(-1, seen[0].shape[-1])
+def synthetic_model(cfg: ModelConfig, sparsity: float, seed: int, calib: torch.Tensor,
+                    device: torch.device | str = "cpu") -> SparseLlama:
+    """A random ReLU-gated SparseLlama (on `device`, fp32) whose FFN neurons fire at PERFORMANCE.md's rates on
+    tokens like `calib` (B, T).
 
-
-def synthetic_model(cfg: ModelConfig, sparsity: float, seed: int, calib: torch.Tensor) -> SparseLlama:
-    """A random ReLU-gated SparseLlama whose FFN neurons fire at PERFORMANCE.md's rates on tokens like `calib`."""
+    One pass over the blocks: for block i, the FFN input of the calibration tokens is computed with the blocks
+    before it already set; each neuron's gate weight on the constant feature is lowered by the (1 − r_j) quantile
+    of its pre-activation, so that it fires on about r_j of the tokens (dead neurons: above every input)."""
     torch.manual_seed(seed)
-    model = SparseLlama(cfg).eval()
+    model = SparseLlama(cfg).to(device).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     h = cfg.d_ffn
+    tokens = calib.to(device)
+    t = tokens.shape[1]
+    cos, sin = model.rope_cos[:t], model.rope_sin[:t]
     with torch.no_grad():
         model.embed.weight[:, 0] = CONST_FEATURE
-        for i, ffn in enumerate(model.ffns):  # in order: each layer's change moves the next layer's inputs
-            rates = firing_rates(h, (1.0 - sparsity) * h, generator=gen).double()  # (H,)
-            x = _ffn_inputs(model, i, calib).double()  # (N, D)
-            z = x @ ffn.gate.weight.double().T  # (N, H) pre-activations before the shift
+        x = model.embed(tokens)  # (B, T, D) the residual stream
+        for block in model.blocks:  # in order: each layer's change moves the next layer's inputs
+            ffn = block.ffn
+            x = x + block.attn(block.attn_norm(x), cos, sin)
+            xin = block.ffn_norm(x)  # (B, T, D) the FFN's input
+            flat = xin.reshape(-1, xin.shape[-1]).double()  # (N, D)
+            rates = firing_rates(h, (1.0 - sparsity) * h, generator=gen).to(device).double()  # (H,)
+            z = flat @ ffn.gate.weight.double().T  # (N, H) pre-activations before the shift
             q = _column_quantiles(z, 1.0 - rates)  # (H,) the shift that leaves r_j of the tokens above 0
             q = torch.where(rates > 0, q, z.max(0).values.abs() * 4 + 1.0)  # dead neurons: far above any input
-            ffn.gate.weight[:, 0] -= (q / x[:, 0].mean()).to(ffn.gate.weight.dtype)
+            ffn.gate.weight[:, 0] -= (q / flat[:, 0].mean()).to(ffn.gate.weight.dtype)
+            del z, flat
+            x = x + ffn(xin)
     return model
 
 
@@ -145,7 +148,7 @@ def load_models(settings, source: Optional[str], device: torch.device, say=lambd
         say(f"synthetic model: {cfg.n_layers} layers, D {cfg.d_model}, H {cfg.d_ffn}, target sparsity "
             f"{settings.sparsity:.2%}; setting the gates layer by layer")
         calib = _tokens(cfg.vocab_size, max(1, 4096 // settings.seq_len), settings.seq_len, settings.seed + 7)
-        dense = synthetic_model(cfg, settings.sparsity, settings.seed, calib)
+        dense = synthetic_model(cfg, settings.sparsity, settings.seed, calib, device)
         sparse = to_packed(dense, [(1.0 - settings.sparsity) * cfg.d_ffn] * cfg.n_layers)
         kind, desc = "synthetic", (f"synthetic weights, target sparsity {settings.sparsity:.2%} (PERFORMANCE.md's "
                                    "rates); sparse = the same weights in PackedFFN layers")

@@ -62,7 +62,8 @@ def test_model_suite_synthetic_rows(tmp_path):
     (["--suite", "cpu", "sparsity=0.9"], "does not apply to the cpu suite"),
     (["--suite", "cpu", "shapes=huge"], "shapes='huge' is not a preset"),
     (["--suite", "cpu", "nnz=500", "shapes=tiny"], "not reachable"),
-    (["--suite", "model", "sparsity=1.5"], "between 0 and 1"),
+    (["--suite", "model", "sparsity=1.5"], "between 0.65 and 1"),
+    (["--suite", "model", "sparsity=0.5"], "between 0.65 and 1"),
     (["--suite", "cpu", "--device", "cuda"], "the cpu suite runs on the CPU"),
     (["--wandb", "maybe"], "--wandb 'maybe' is not valid"),
 ])
