@@ -89,3 +89,25 @@ def test_a_path_that_is_no_model_is_refused(tmp_path):
     assert r.exit_code == 2 and "does not exist" in r.output
     r = bench("--suite", "cpu", tmp_path / "stuff")
     assert r.exit_code == 2 and "only applies to --suite model" in r.output
+
+
+def test_wandb_logging_goes_through_the_training_metrics_sink(monkeypatch, tmp_path):
+    logged = {}
+
+    class FakeSink:
+        def __init__(self, run_dir, jsonl, wandb_cfg, run_name, config, wandb_id=None, warn=print):
+            logged.update(mode=wandb_cfg.mode, name=run_name, config=config, run_dir=run_dir, steps=[])
+
+        def log(self, step, metrics):
+            logged["steps"].append((step, metrics))
+
+        def close(self):
+            logged["closed"] = True
+
+    monkeypatch.setattr("sparsify_cli.train.metrics.MetricsSink", FakeSink)
+    r = bench("--suite", "cpu", "shapes=tiny", "--wandb", "offline", "--out", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    assert logged["mode"] == "offline" and logged["name"] == "bench-cpu-tiny" and logged["closed"]
+    assert logged["run_dir"] == tmp_path and logged["config"]["settings"]["suite"] == "cpu"
+    assert [s for s, _ in logged["steps"]] == [0, 1]
+    assert logged["steps"][1][1]["M"] == 16 and logged["steps"][1][1]["dense_ms"] > 0
