@@ -208,7 +208,12 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
     row["sparse_twell_ms"] = cuda_time(graphed(twell_all), reps) / layers
     row["gate_gemm_ms"] = cuda_time(graphed(lambda: [x @ s.gate.T for s in sets]), reps) / layers
     if m <= GEMV_MAX_M:
+        from sparsify_cli.kernels.launchers import launch_gemv
+
+        gout = torch.empty(m, HIDDEN, dtype=x.dtype, device=x.device)
         row["gate_gemv_ms"] = cuda_time(graphed(lambda: [ops.gemv(x, s.gate) for s in sets]), reps) / layers
+        row["gate_gemv_rows2_ms"] = cuda_time(
+            graphed(lambda: [launch_gemv(x, s.gate, gout, rows=2) for s in sets]), reps) / layers
     acts = [x @ s.gate.T for s in sets]
     row["decode_kernel_ms"] = cuda_time(
         graphed(lambda: [ops.relu_ffn(x, a, s.up, dt) for a, s, dt in zip(acts, sets, downs_t)]), reps) / layers

@@ -246,10 +246,11 @@ def launch_twell_ffn(x, words, up, down_t, act, out, tile: int, *, path: str = "
 
 
 GEMV_MAX_M = 2  # tokens the gemv kernel handles (templates in kernels_cu/gemv.cu)
-GEMV_WARPS = 8
+GEMV_WARPS = 4  # must match __launch_bounds__ in kernels_cu/gemv.cu
+GEMV_ROWS = 4  # rows of w per warp
 
 
-def launch_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+def launch_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rows: int | None = None) -> None:
     """out = x · wᵀ for M <= GEMV_MAX_M tokens: x (M, D), w (H, D), out (M, H), bf16 (fp32 sums, one rounding)."""
     from sparsify_cli.kernels import loader
 
@@ -270,7 +271,9 @@ def launch_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
     for name, t in (("x", x), ("w", w)):
         if t.data_ptr() % 16 != 0:
             raise ValueError(f"{name} must be 16-byte aligned (data_ptr % 16 == 0)")
-    fn = loader.get_function("gemv.cu", f"gemv_kernel<{m}>")
-    rows_per_block = 2 * GEMV_WARPS
+    if rows is None:
+        rows = GEMV_ROWS if m == 1 else 2  # <2, 4> would spill (20 bytes at 168 registers)
+    fn = loader.get_function("gemv.cu", f"gemv_kernel<{m}, {rows}>")
+    rows_per_block = rows * GEMV_WARPS
     loader.launch(fn, ((h + rows_per_block - 1) // rows_per_block,), (32 * GEMV_WARPS,),
                   (x.data_ptr(), w.data_ptr(), out.data_ptr(), _i32(d), _i32(h)))
