@@ -8,7 +8,7 @@ Where the two models come from:
 - nothing: synthetic weights. A random SparseLlama whose FFN gates are set, layer by layer on calibration
   tokens, so that each neuron fires on a chosen share of tokens (PERFORMANCE.md's rates: log-normal, 30% dead,
   mean (1 − sparsity)·H). The embeddings carry one constant feature, which plays the role of PERFORMANCE.md's
-  fixed feature: the gate's threshold is a weight on it. The measured sparsity is what the report shows.
+  fixed feature: the gate's threshold is a weight on it (CONST_FEATURE explains the embeddings' scale). The measured sparsity is what the report shows.
 
 Rows: prefill (batch × seq_len tokens, one forward), decode at batch 1…64 (one new token per sequence: the model has
 no KV cache yet, so attention sees only that token — the FFN and projection weights are read as in real decode),
@@ -33,7 +33,10 @@ from sparsify_cli.config.schema import ModelConfig, OptimConfig
 from sparsify_cli.errors import UserError
 from sparsify_cli.model.transformer import SparseLlama
 
-CONST_FEATURE = 0.08  # embedding feature 0 of every token (other features ~ N(0, 0.02²)): ≈ 4 after RMSNorm
+# Embeddings ~ N(0, 1) with feature 0 = CONST_FEATURE for every token: the embedding dominates the residual stream
+# (attention and FFN outputs of a random model are ~0.1 of it), so an FFN's input looks alike at every position —
+# the first token of a sequence and a decode step included — and feature 0 stays ≈ 4 after RMSNorm.
+CONST_FEATURE = 4.0
 L1_COEFF = 2e-5  # the paper's λ, for the training step's loss
 
 
@@ -112,6 +115,7 @@ def synthetic_model(cfg: ModelConfig, sparsity: float, seed: int, calib: torch.T
     t = tokens.shape[1]
     cos, sin = model.rope_cos[:t], model.rope_sin[:t]
     with torch.no_grad():
+        model.embed.weight.normal_(0.0, 1.0, generator=torch.Generator(device).manual_seed(seed + 2))
         model.embed.weight[:, 0] = CONST_FEATURE
         x = model.embed(tokens)  # (B, T, D) the residual stream
         for block in model.blocks:  # in order: each layer's change moves the next layer's inputs
