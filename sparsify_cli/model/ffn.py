@@ -4,6 +4,12 @@ gated: h = act(x·Gᵀ) ⊙ (x·Uᵀ), out = h·Downᵀ      plain: h = act(x·U
 With act = ReLU, h is exactly zero wherever the gate (or the up projection, for plain) is ≤ 0, and the L1 term
 on h pushes most of it there. Each forward hands h to an optional observer (L1 term, statistics), so the
 sparsity code needs no hooks into the model.
+
+Sparse training path (off by default: FeedForward.sparse_train = False). When on, the block runs
+kernels.train_reference.sparse_ffn_train, which never forms the dense h: it returns the output, the L1 term and
+the active counts, and the observer gets those through its optional `observe_sparse` method instead of h. An
+observer without that method needs h itself (eval's recorder, the divergence probe): that forward takes the dense
+path, which computes the same function. docs/TRAINING_KERNELS.md describes the op.
 """
 
 from __future__ import annotations
@@ -15,14 +21,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify_cli.config.schema import ModelConfig
+from sparsify_cli.kernels.train_reference import DEFAULT_WIDTH, sparse_ffn_train
 
 # Called with (layer_index, h) where h is (B, T, H); returns nothing. Set by the training loop / eval.
+# The sparse training path calls observer.observe_sparse(layer_index, l1, token_counts, neuron_counts) instead,
+# where the observer has it: l1 = layer_l1(h) (scalar, carries the gradient), token_counts (B·T,) and
+# neuron_counts (H,) = non-zero h per token / per neuron (int64, no gradient).
 ActivationObserver = Callable[[int, torch.Tensor], None]
 
 _ACTIVATIONS = {"relu": F.relu, "silu": F.silu}
 
 
 class FeedForward(nn.Module):
+    # The sparse training path (module docstring). Class defaults; set per instance to switch a layer.
+    sparse_train: bool = False
+    sparse_backend: Optional[str] = None  # a key of kernels.train_reference.TRAIN_BACKENDS; None: its default
+    sparse_width: int = DEFAULT_WIDTH  # ELL width of the hybrid pattern (rows above it take the dense tail)
+
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
         self.layer_index = layer_index
@@ -42,7 +57,35 @@ class FeedForward(nn.Module):
         return self.act(self.up(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sparse_train:
+            observe = getattr(self.observer, "observe_sparse", None)
+            if self.observer is None or observe is not None:
+                return self._sparse_forward(x, observe)
         h = self.activations(x)  # (B, T, H)
         if self.observer is not None:
             self.observer(self.layer_index, h)
         return self.down(h)  # (B, T, D)
+
+    def _sparse_forward(self, x: torch.Tensor, observe: Optional[Callable]) -> torch.Tensor:
+        """The sparse training op on x (B, T, D) -> (B, T, D), in the dtype nn.Linear would compute in."""
+        if self.activation != "relu":
+            raise ValueError(
+                f"FeedForward.sparse_train needs activation='relu' (layer {self.layer_index} uses "
+                f"{self.activation!r}): the sparse path relies on the exact zeros of the ReLU"
+            )
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+        def param(linear: Optional[nn.Linear], name: str) -> Optional[torch.Tensor]:
+            t = None if linear is None else getattr(linear, name)
+            return None if t is None else t.to(dtype)
+
+        res = sparse_ffn_train(
+            x.reshape(-1, x.shape[-1]).to(dtype),  # (M, D)
+            param(self.gate, "weight"), param(self.up, "weight"), param(self.down, "weight"),
+            param(self.gate, "bias"), param(self.up, "bias"), param(self.down, "bias"),
+            width=self.sparse_width, backend=self.sparse_backend,
+        )
+        if observe is not None:
+            observe(self.layer_index, res.l1, res.token_counts, res.neuron_counts)
+        return res.out.reshape(*x.shape[:-1], res.out.shape[-1])  # (B, T, D)

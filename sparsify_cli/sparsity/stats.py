@@ -60,18 +60,30 @@ class SparsityTracker:
     def __call__(self, layer: int, h: torch.Tensor) -> None:
         if not self.collecting:
             return
-        if self.want_l1:
-            self.l1_terms.append(layer_l1(h))
         with torch.no_grad():
             active = h.detach().reshape(-1, h.shape[-1]) != 0  # (N, H)
-            per_token = active.sum(-1)  # (N,)
+            per_token, fired = active.sum(-1), active.any(0)  # (N,), (H,)
+        self._record(layer, layer_l1(h) if self.want_l1 else None, per_token, fired)
+
+    def observe_sparse(self, layer: int, l1: torch.Tensor, token_counts: torch.Tensor, neuron_counts: torch.Tensor) -> None:
+        """The sparse training path's call (model/ffn.py): the L1 term and active counts instead of h.
+
+        l1 = layer_l1(h) with its gradient; token_counts (N,) and neuron_counts (H,) count non-zero h.
+        """
+        if not self.collecting:
+            return
+        self._record(layer, l1.float() if self.want_l1 else None, token_counts, neuron_counts > 0)
+
+    def _record(self, layer: int, l1: torch.Tensor | None, per_token: torch.Tensor, fired: torch.Tensor) -> None:
+        if l1 is not None:
+            self.l1_terms.append(l1)
+        with torch.no_grad():
             n = per_token.numel()
             n_clock = n * self.token_scale
             if n:  # tensors, not .item(): no host sync per layer on a GPU
                 self._active_sum[layer] += per_token.sum()
                 self._active_max[layer] = torch.maximum(self._active_max[layer], per_token.max())
             self._tokens[layer] += n
-            fired = active.any(0)  # (H,)
             # The tokens of this forward count as seen once it ends; a neuron that fired here was alive "now".
             self.last_fired[layer, fired] = self.tokens_seen + n_clock
             if layer == 0:
