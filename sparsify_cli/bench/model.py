@@ -8,7 +8,8 @@ Where the two models come from:
 - nothing: synthetic weights. A random SparseLlama whose FFN gates are set, layer by layer on calibration
   tokens, so that each neuron fires on a chosen share of tokens (PERFORMANCE.md's rates: log-normal, 30% dead,
   mean (1 − sparsity)·H). The embeddings carry one constant feature, which plays the role of PERFORMANCE.md's
-  fixed feature: the gate's threshold is a weight on it (CONST_FEATURE explains the embeddings' scale). The measured sparsity is what the report shows.
+  fixed feature: the gate's threshold is a weight on it (CONST_FEATURE explains the embeddings' scale). The
+  measured sparsity is what the report shows.
 
 Rows: prefill (batch × seq_len tokens, one forward), decode at batch 1…64 (one new token per sequence: the model has
 no KV cache yet, so attention sees only that token — the FFN and projection weights are read as in real decode),

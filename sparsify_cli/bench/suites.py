@@ -72,6 +72,9 @@ def plan(s: bench_settings.BenchSettings, source: Optional[str] = None,
         cases = [(f"prefill M={m} nnz={nnz:g}", lambda m=m, nnz=nnz: gpu_prefill_row(s, m, nnz, energy))
                  for m in s.tokens for nnz in s.nnz]
         cases += [(f"decode M={m}", lambda m=m: gpu_decode_row(s, m, energy)) for m in s.decode]
+        if s.tokens and s.nnz:
+            m, nnz = s.tokens[0], s.nnz[0]
+            cases.append((f"train M={m} (dense)", lambda: ffn_train_row(s, m, nnz, device, energy)))
         return cases, lambda: {"notes": notes}
     from sparsify_cli.bench.model import ModelSuite
 
@@ -89,6 +92,34 @@ def cpu_threads(s: bench_settings.BenchSettings):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def ffn_train_row(s, m: int, nnz: float, device: torch.device, energy: Optional[EnergyMeter] = None) -> dict:
+    """Forward + backward of the FFN block with the L1 term, dense torch eager (PERFORMANCE.md's training anchor).
+    No sparse training kernels exist yet: the row has the dense baseline only, and says so."""
+    from sparsify_cli.bench.synthetic import make_ffn_inputs
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    inp = make_ffn_inputs(m, s.d_model, s.d_ffn, nnz, device=device, dtype=dtype, seed=int(nnz) + m)
+    x, gate, up, down = (t.detach().requires_grad_() for t in (inp.x, inp.gate, inp.up, inp.down))
+    gy = torch.randn(m, s.d_model, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(1))
+
+    def step():
+        a = x @ gate.T  # (M, H)
+        h = torch.relu(a) * (x @ up.T)  # (M, H)
+        out = h @ down.T  # (M, D)
+        loss = (out.float() * gy.float()).sum() + 2e-5 * h.float().abs().sum(1).mean()
+        loss.backward()
+        for t in (x, gate, up, down):
+            t.grad = None
+        return loss.detach()
+
+    row = {"kind": "train", "M": m, "D": s.d_model, "H": s.d_ffn, "nnz_target": nnz,
+           **nnz_stats((inp.x @ inp.gate.T).detach())}
+    row.update(compare(step, None, device=device, tokens=m, reps=s.reps, warmup=s.warmup, energy=energy, check=False))
+    row["sparse_path"] = None
+    row["notes"] = "train: FFN forward + backward with the L1 term, dense torch eager only (no sparse training kernels yet)"
+    return row
 
 
 # ---- the GPU FFN rows (bench/ffn.py owns the kernel-level timings; this adds the common columns) ----------------

@@ -70,3 +70,12 @@ def test_energy_per_token_from_the_counter(monkeypatch):
     calls = []
     mj = m.mj_per_token(lambda: calls.append(1), tokens=5, est_ms=100.0, min_seconds=1.0)
     assert len(calls) == 11 and mj == pytest.approx(600 / (11 * 5))
+
+
+def test_ffn_train_row_times_the_dense_backward_on_the_cpu():
+    from sparsify_cli.bench.suites import ffn_train_row
+
+    s = resolve("cpu", "cpu", ["shapes=tiny"])
+    row = ffn_train_row(s, 32, 8.0, torch.device("cpu"))
+    assert row["kind"] == "train" and row["dense_ms"] > 0 and row["sparse_ms"] is None and row["speedup"] is None
+    assert 4 < row["nnz_mean"] < 12 and "dense torch eager" in row["notes"]
