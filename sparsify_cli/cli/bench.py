@@ -20,7 +20,7 @@ HELP = """Dense vs sparse, side by side in one run: speed, memory and energy.
 
   sparsify bench --suite ffn --device cuda       # the FFN block: CUDA kernels vs cuBLAS (PERFORMANCE.md's inputs)
 
-  sparsify bench --suite ffn shapes=quick        # presets: cpu: paper|small|tiny, ffn: paper|quick, model: tiny|small|paper
+  sparsify bench --suite ffn shapes=quick        # a smaller preset of the ffn suite
 
   sparsify bench --suite model runs/x-packed     # whole model: prefill, decode at batch 1…64, a training step
 
@@ -31,8 +31,9 @@ HELP = """Dense vs sparse, side by side in one run: speed, memory and energy.
 Every row: shape, measured active neurons per token (mean/max, max per 256-tile), dense and sparse median time
 (CUDA events on a GPU, interleaved perf_counter on the CPU), the ratio, the sparse output's relative error
 against dense (checked in the same run, on the same inputs), peak memory (GPU) and energy per token (NVIDIA
-GPUs, NVML; needs pynvml). Settings are key=value words after the options: shapes, tokens, decode, nnz, reps,
-warmup, threads, seed; model: d_model, d_ffn, layers, heads, vocab, seq_len, batch, train_batch, sparsity.
+GPUs, NVML; needs pynvml). Settings are key=value words after the options: shapes (cpu: paper|small|tiny, ffn:
+paper|quick, model: tiny|small|paper), tokens, decode, nnz, reps, warmup, threads, seed; model: d_model, d_ffn,
+layers, heads, vocab, seq_len, batch, train_batch, sparsity.
 """
 
 
