@@ -115,7 +115,13 @@ def run_tasks(model, tokenizer, eos_id: int, max_length: int, tasks: Sequence[st
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    manager = None
+    if include_path:  # local tasks only when they cover the request: indexing lm-eval's own tasks takes a while
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if not set(tasks) <= set(manager.all_tasks):
+            manager = None
+    if manager is None:
+        manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     known = set(manager.all_tasks)
     missing = [t for t in tasks if t not in known]
     if missing:

@@ -134,21 +134,37 @@ def _tile_overflow(plt, report, out: Path) -> Path:
 
 
 def _tradeoff(plt, models, out: Path) -> Path:
+    """ReLU models as points (CE against sparsity); dense (SiLU) models, never exactly sparse, as dashed lines;
+    the λ = 0 ReLU model also as a dotted line: how much quality each sparser model gives up."""
     fig, ax = plt.subplots(figsize=(9, 4.2))
-    xs = [100 * m["sparsity"]["sparsity"] for m in models]
-    ys = [m["quality"]["heldout_ce"] for m in models]
-    order = sorted(range(len(models)), key=lambda i: xs[i])
-    for m, y in zip(models, ys):
-        if m.get("l1_coeff") == 0:  # the λ = 0 baseline: how much quality each sparser model gives up
-            ax.axhline(y, color="grey", ls=":", lw=0.8)
+    relu = [(i, m) for i, m in enumerate(models) if m.get("activation", "relu") == "relu"]
+    # x: the active share 100 − sparsity on a log axis, reversed and labelled as sparsity, so that 90 %, 99 % and
+    # 99.9 % are evenly spaced (a linear sparsity axis squeezes everything the paper cares about against 100 %).
+    xs = {i: max(100 * (1 - m["sparsity"]["sparsity"]), 1e-3) for i, m in relu}
+    ys = {i: m["quality"]["heldout_ce"] for i, m in relu}
+    order = sorted(xs, key=xs.get)
     ax.plot([xs[i] for i in order], [ys[i] for i in order], "-", color="grey", lw=0.8)
-    for i, m in enumerate(models):
-        ax.plot(xs[i], ys[i], "o", color=f"C{i % 10}")
+    for i, m in relu:
+        ax.plot(xs[i], ys[i], "o", color=f"C{i % 10}", label=_name(m))
         lam = m.get("l1_coeff")
         ax.annotate(f"λ={lam:g}" if isinstance(lam, (int, float)) else m["label"], (xs[i], ys[i]),
                     textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("FFN activation sparsity (% of neurons exactly zero, held-out)")
+        if lam == 0:
+            ax.axhline(ys[i], color=f"C{i % 10}", ls=":", lw=0.8)
+    for i, m in enumerate(models):
+        if m.get("activation", "relu") != "relu":
+            ax.axhline(m["quality"]["heldout_ce"], color=f"C{i % 10}", ls="--", lw=1,
+                       label=f"{_name(m)} ({m['activation']}, dense)")
+    ax.set_xscale("log")
+    lo, hi = min(xs.values(), default=1.0), max(xs.values(), default=10.0)
+    ax.set_xlim(hi * 1.6, lo / 1.6)  # reversed: sparser to the right, with room for the labels
+    ticks = [t for t in (50, 30, 10, 3, 1, 0.3, 0.1, 0.03, 0.01, 0.001) if lo / 1.6 <= t <= hi * 1.6]
+    ax.set_xticks(ticks, [f"{100 - t:g}%" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("FFN activation sparsity (share of neurons exactly zero on held-out text; log scale of 100 % − it)")
     ax.set_ylabel("held-out cross-entropy (nats/token)")
     ax.set_title("Quality against sparsity")
+    ax.margins(y=0.12)
     ax.grid(alpha=0.3)
+    _legend(ax)
     return _save(plt, fig, out / "tradeoff.png")
