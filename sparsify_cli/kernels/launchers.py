@@ -1,6 +1,7 @@
 """Launchers: check shapes/dtypes/layout (clear ValueError), pick the kernel instance, compute the grid, launch.
 
-These write into caller-provided outputs and never allocate; the torch.library ops in ops.py allocate.
+These write into caller-provided outputs (only the split variant allocates its scratch buffer of h values);
+the torch.library ops in ops.py allocate the outputs.
 All launches go to torch's current stream (loader.launch).
 """
 
@@ -60,6 +61,8 @@ def check_pack_args(act: torch.Tensor, words: torch.Tensor, tile: int, slots: in
 
 
 def check_ffn_args(x, words, up, down_t, act, out, tile: int) -> tuple[int, int, int, int, int]:
+    """Validate the FFN launchers' arguments (words may be None for the kernels that read act only);
+    returns (M, D, H, n_tiles, slots)."""
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (M, D), got shape {tuple(x.shape)}")
     m, d = x.shape
@@ -70,15 +73,16 @@ def check_ffn_args(x, words, up, down_t, act, out, tile: int) -> tuple[int, int,
     h = down_t.shape[0]
     if h > MAX_HIDDEN:
         raise ValueError(f"H={h} exceeds {MAX_HIDDEN}: TwELL column indices are 16-bit")
-    if words.dim() != 3:
+    if words is not None and words.dim() != 3:
         raise ValueError(f"words must be 3-D (M, n_tiles, slots), got shape {tuple(words.shape)}")
-    nt, s = n_tiles(h, tile), words.shape[2]
+    nt, s = n_tiles(h, tile), (words.shape[2] if words is not None else 2)
     check_tile(tile, s)
     dev = x.device
     if dev.type != "cuda":
         raise ValueError(f"x must be a CUDA tensor, got {dev}")
     _check(x, "x", torch.bfloat16, (m, d), dev)
-    _check(words, "words", torch.int32, (m, nt, s), dev)
+    if words is not None:
+        _check(words, "words", torch.int32, (m, nt, s), dev)
     if up is not None:
         _check(up, "up", torch.bfloat16, (h, d), dev)
     _check(down_t, "down_t", torch.bfloat16, (h, d), dev)
@@ -200,9 +204,7 @@ def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 
     added to the result (the hot neurons' dense part)."""
     if act.dim() != 2 or x.dim() != 2:
         raise ValueError("x and act must be 2-D: x (M, D), act (M, H)")
-    m, h = act.shape
-    dummy = torch.empty(m, n_tiles(h, tile), 2, dtype=torch.int32, device=x.device)  # shape checks only
-    m, d, h, nt, _ = check_ffn_args(x, dummy, up, down_t, act, out, tile)
+    m, d, h, nt, _ = check_ffn_args(x, None, up, down_t, act, out, tile)
     hybrid = c_start != 0 or init is not None
     if not (0 <= c_start <= h and c_start % 8 == 0):
         raise ValueError(f"c_start must be a multiple of 8 in [0, H={h}], got {c_start}")

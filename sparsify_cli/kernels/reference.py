@@ -87,3 +87,24 @@ def dense_ffn_ref(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None,
     a = torch.relu(xf @ w_act.to(dtype).T)
     h = a * (xf @ up.to(dtype).T) if up is not None else a
     return h @ down_t.to(dtype)
+
+
+def relu_ffn_ref(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor,
+                 c_start: int = 0, init: torch.Tensor | None = None) -> torch.Tensor:
+    """What sparsify::relu_ffn computes (the fused prefill/decode kernels), in fp32, rounded once.
+
+    a = relu(act) on columns >= c_start (NaN kept, as the pack does); out = init + (a ⊙ (x·Uᵀ))·DownT
+    (gated) or init + a·DownT (plain). Shapes: x (M, D), act (M, H), up/down_t (H, D), init (M, D) or None.
+    """
+    a = torch.where(relu_active(act), act.float(), torch.zeros((), device=act.device))
+    a[:, :c_start] = 0
+    h = a * (x.float() @ up.float().T) if up is not None else a
+    out = h @ down_t.float()
+    if init is not None:
+        out = out + init.float()
+    return out.to(x.dtype)
+
+
+def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What sparsify::gemv computes: x·wᵀ with fp32 sums, rounded to x.dtype once."""
+    return (x.float() @ w.float().T).to(x.dtype)

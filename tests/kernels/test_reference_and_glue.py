@@ -73,6 +73,8 @@ def test_launcher_checks_raise_clear_errors():
         launchers.check_ffn_args(x, words, None, down_t, act, out, 256)
     with pytest.raises(ValueError, match="multiple of 64"):
         launchers.check_ffn_args(torch.zeros(4, 100, dtype=torch.bfloat16), words, None, down_t, act, out, 256)
+    with pytest.raises(ValueError, match="CUDA"):  # the act-only kernels pass words=None
+        launchers.check_ffn_args(x, None, None, down_t, act, out, 256)
     with pytest.raises(ValueError, match="tile"):
         launchers.check_tile(100, 4)
     with pytest.raises(ValueError, match="slots"):
@@ -151,3 +153,31 @@ def test_hot_first_order():
     assert n_hot == 24  # 24 neurons above 1.1%, already a multiple of 8
     assert ffn.hot_first_order(torch.zeros(16))[1] == 0
     assert ffn.hot_first_order(torch.full((100,), 0.5), multiple=128)[1] == 96  # capped, multiple of 8
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_relu_ffn_ref_matches_twell_ref_and_hybrid_split(gated):
+    g = torch.Generator().manual_seed(5)
+    m, d, h = 7, 64, 300
+    x = torch.randn(m, d, generator=g).to(torch.bfloat16)
+    act = torch.randn(m, h, generator=g).to(torch.bfloat16)
+    up = torch.randn(h, d, generator=g).to(torch.bfloat16) if gated else None
+    down_t = torch.randn(h, d, generator=g).to(torch.bfloat16)
+    full = reference.relu_ffn_ref(x, act, up, down_t)
+    via_words = reference.twell_ffn_ref(x, reference.twell_pack_ref(act, 64, 8), up, down_t, act, 64)
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    assert rel(via_words, full) < 1e-2
+    # hybrid: hot columns [0, 64) densely + the rest from c_start = 64 equals the whole
+    a = torch.relu(act.float())
+    hot = ((a[:, :64] * (x.float() @ up.float()[:64].T)) if gated else a[:, :64]) @ down_t.float()[:64]
+    split = reference.relu_ffn_ref(x, act, up, down_t, c_start=64, init=hot.to(torch.bfloat16))
+    assert rel(split, full) < 1e-2
+
+
+def test_gemv_ref():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 64, generator=g).to(torch.bfloat16)
+    w = torch.randn(33, 64, generator=g).to(torch.bfloat16)
+    assert torch.equal(reference.gemv_ref(x, w), (x.float() @ w.float().T).to(torch.bfloat16))
