@@ -140,3 +140,46 @@ def test_tasks_without_lm_eval_is_a_clear_error(tiny_runs, monkeypatch):
     monkeypatch.delitem(sys.modules, "sparsify_cli.eval.harness", raising=False)
     r = invoke("eval", tiny_runs["relu"], "--tasks", "anything")
     assert r.exit_code == 2 and "lm-eval" in r.output and "pip install" in r.output, r.output
+
+
+class _Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_lm_eval_rolling_and_generation(tiny_runs):
+    pytest.importorskip("lm_eval")
+    from sparsify_cli.data.tokenizer import load_tokenizer
+    from sparsify_cli.eval.harness import SparsifyLM
+    from sparsify_cli.train.checkpoint import load_model
+
+    model, _ = load_model(tiny_runs["relu"])
+    model.eval()
+    tok = load_tokenizer(str(tiny_runs["relu"] / "checkpoint" / "tokenizer.json"))
+    eos = tok.token_to_id("<|endoftext|>")
+    text = "the king and the queen speak of love and death when the night is fair"
+    ids = [eos] + tok.encode(text).ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0], -1)
+    direct = float(logp.gather(1, torch.tensor(ids[1:])[:, None]).sum())
+    assert len(ids) <= 64
+    lm = SparsifyLM(model, tok, eos, max_length=64, batch_size=3)
+    (rolling,) = lm.loglikelihood_rolling([_Req(text)])
+    assert rolling == pytest.approx(direct, rel=1e-5)  # one window: every token scored once, from the EOS on
+    short = SparsifyLM(model, tok, eos, max_length=4)
+    (windowed,) = short.loglikelihood_rolling([_Req(text)])
+    assert windowed < 0 and windowed != pytest.approx(direct, rel=1e-6)  # 4-token windows: less context, other sum
+
+    # Greedy generation = the argmax chain, cut at the first `until` string.
+    prompt = "the king and the"
+    seq = tok.encode(prompt).ids
+    with torch.no_grad():
+        for _ in range(6):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    greedy = tok.decode(seq[len(tok.encode(prompt).ids):])
+    (out,) = lm.generate_until([_Req(prompt, {"until": ["\n\n\n\n"], "max_gen_toks": 6})])
+    assert out == greedy
+    stop = greedy.strip().split(" ")[0]
+    if stop:
+        (cut,) = lm.generate_until([_Req(prompt, {"until": [stop], "max_gen_toks": 6})])
+        assert stop not in cut and greedy.startswith(cut)
