@@ -21,6 +21,7 @@ from sparsify_cli.eval.quality import encode_passages, heldout_pass, lastword_ac
 from sparsify_cli.eval.targets import EvalTarget, assign_labels, load_target
 
 REPORT_VERSION = 1
+LASTWORD_TEXT_TOKENS = 4_000_000
 
 
 @dataclass
@@ -87,7 +88,9 @@ def evaluate(paths: Sequence[str], options: EvalOptions, say: Callable[[str], No
 
     encoded = []
     if options.lastword:
-        docs = split_documents(heldout, data.eos_id, data.tokenizer.decode)
+        # Passages come from (at most) the first LASTWORD_TEXT_TOKENS held-out tokens: decoding a huge split
+        # whole would cost more than the evaluation itself.
+        docs = split_documents(heldout[:LASTWORD_TEXT_TOKENS], data.eos_id, data.tokenizer.decode)
         passages = lastword_passages(docs, options.lastword)
         encoded = encode_passages(passages, lambda s: data.tokenizer.encode(s).ids, seq_len)
 
