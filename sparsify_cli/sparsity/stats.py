@@ -59,6 +59,10 @@ class SparsityTracker:
 
     def __call__(self, layer: int, h: torch.Tensor) -> None:
         if not self.collecting:
+            if self.want_l1 and torch.is_grad_enabled() and h.requires_grad:
+                # A forward recomputed inside backward (activation checkpointing) must save the same tensors
+                # as the original one, which computed the L1 term here: compute it again, count nothing.
+                layer_l1(h)
             return
         with torch.no_grad():
             active = h.detach().reshape(-1, h.shape[-1]) != 0  # (N, H)

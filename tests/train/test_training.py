@@ -138,3 +138,14 @@ def test_wandb_online_without_key_falls_back_to_offline(tmp_path, monkeypatch):
     sink.close()
     assert any("no W&B API key" in s for s in said)
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_activation_checkpointing_trains_like_without(small_overrides, tmp_path):
+    """With the L1 term on: the recomputed forward must not break backward or count statistics twice."""
+    base = small_overrides + ["train.max_steps=2"]
+    plain, _ = run(base, tmp_path / "plain")
+    ckpt_run, _ = run(base + ["train.activation_checkpointing=true"], tmp_path / "ckpt")
+    for (name, p), q in zip(plain.model.named_parameters(), ckpt_run.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+    assert plain.tracker.tokens_seen == ckpt_run.tracker.tokens_seen
+    assert torch.equal(plain.tracker.last_fired, ckpt_run.tracker.last_fired)
