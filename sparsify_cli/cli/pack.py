@@ -9,12 +9,15 @@ import typer
 from rich.table import Table
 
 from sparsify_cli.cli.common import console, user_errors_exit
+from sparsify_cli.pack.layout import REORDERS
+from sparsify_cli.pack.pack import PackOptions
 
 HELP = """Calibrate a trained ReLU checkpoint and write a packed directory for the sparse kernels.
 
 Runs the model over held-out text (the checkpoint's own data by default, or data.key=value overrides),
-removes neurons that never fire, reorders neurons so every TwELL tile carries a similar load, and chooses per
-layer the compression factor that covers the measured maxima with a margin. Writes OUT/ with
+removes neurons that never fire, orders neurons hot-first (the most frequent ones then run densely on a GPU,
+the rest through the sparse kernels), and chooses per layer the TwELL compression factor that covers the
+measured per-tile counts with a margin. Writes OUT/ with
 model.safetensors, manifest.json and tokenizer.json, and prints a per-layer summary.
 
   sparsify pack runs/tiny --out runs/tiny-packed
@@ -26,9 +29,15 @@ model.safetensors, manifest.json and tokenizer.json, and prints a per-layer summ
 def pack(
     checkpoint: Path = typer.Argument(..., help="A run directory or checkpoint directory from `sparsify train`."),
     out: Path = typer.Option(..., "--out", "-o", help="The packed directory to create (must not exist or be empty)."),
-    calib_tokens: int = typer.Option(32768, "--calib-tokens", help="Held-out tokens to calibrate on."),
-    reorder: str = typer.Option("balance", "--reorder", help="Neuron order: balance (even tile loads) or none."),
-    margin: float = typer.Option(1.25, "--margin", help="Safety factor on the calibration maxima."),
+    calib_tokens: Optional[int] = typer.Option(
+        None, "--calib-tokens", help=f"Held-out tokens to calibrate on (default {PackOptions.calib_tokens})."
+    ),
+    reorder: Optional[str] = typer.Option(
+        None, "--reorder", help=f"Neuron order: {' | '.join(REORDERS)} (default {PackOptions.reorder}; docs/PACK.md)."
+    ),
+    margin: Optional[float] = typer.Option(
+        None, "--margin", help=f"Safety factor on the calibration counts (default {PackOptions.margin})."
+    ),
     overrides: Optional[List[str]] = typer.Argument(None, help="data.key=value overrides for the calibration text."),
 ) -> None:
     _pack(checkpoint, out, calib_tokens, reorder, margin, list(overrides or []))
@@ -36,9 +45,10 @@ def pack(
 
 @user_errors_exit
 def _pack(checkpoint, out, calib_tokens, reorder, margin, overrides) -> None:
-    from sparsify_cli.pack import PackOptions, pack_checkpoint
+    from sparsify_cli.pack import pack_checkpoint
 
-    options = PackOptions(calib_tokens=calib_tokens, reorder=reorder, margin=margin)
+    given = {"calib_tokens": calib_tokens, "reorder": reorder, "margin": margin}
+    options = PackOptions(**{k: v for k, v in given.items() if v is not None})  # the defaults live in PackOptions
     manifest = pack_checkpoint(checkpoint, out, options, overrides, say=console.print)
     _print_summary(manifest, out)
 

@@ -1,7 +1,10 @@
 """Decisions `sparsify pack` takes per layer: which neurons stay, in which order, and the format parameters.
 
 - Dead neurons (no activation on any calibration token) are removed from G, U and Down: the layer gets narrower.
-- Order "balance" deals the surviving neurons into TwELL tiles so that every tile carries about the same total
+- Order "hot" (the default) sorts the surviving neurons by decreasing firing rate and marks the first n_hot
+  (rate above ~1.6%, rounded up to 128) as hot: on a GPU the kernels compute those densely with cuBLAS and only
+  the cold rest sparsely (the hybrid path, kernels/ffn.py; BENCHMARKS.md measures it 10-40% faster than all
+  sparse). Order "balance" deals the surviving neurons into TwELL tiles so that every tile carries about the same total
   firing rate (greedy, most frequent first, to the tile with the least load so far). A tile's slot count must
   cover its busiest token, so evening out the load lets a higher compression factor fit. "none" keeps the
   trained order.
@@ -21,7 +24,7 @@ import math
 import torch
 
 COMPRESSIONS = (16, 8, 4, 2)  # tried from the most compact
-REORDERS = ("balance", "none")
+REORDERS = ("hot", "balance", "none")
 
 
 def choose_tile(width: int, preferred: int = 256) -> int:
@@ -29,11 +32,17 @@ def choose_tile(width: int, preferred: int = 256) -> int:
     return min(preferred, max(32, math.ceil(width / 32) * 32))
 
 
-def neuron_order(fires: torch.Tensor, tile: int, reorder: str) -> torch.Tensor:
-    """Indices of the surviving (ever-firing) neurons in their new order: (H',) int64."""
+def neuron_order(fires: torch.Tensor, tile: int, reorder: str, tokens: int = 1) -> tuple[torch.Tensor, int]:
+    """(order, n_hot): indices of the surviving (ever-firing) neurons in their new order (H',) int64, and how
+    many of the first ones are hot (0 unless reorder == "hot"); `tokens` turns firing counts into rates."""
     alive = (fires > 0).nonzero().flatten()
     if reorder == "none" or alive.numel() == 0:
-        return alive
+        return alive, 0
+    if reorder == "hot":
+        from sparsify_cli.kernels.ffn import hot_first_order
+
+        perm, n_hot = hot_first_order(fires[alive].double() / max(tokens, 1))
+        return alive[perm], n_hot
     if reorder != "balance":
         raise ValueError(f"reorder must be one of {', '.join(REORDERS)}, got {reorder!r}")
     width = alive.numel()
@@ -48,7 +57,7 @@ def neuron_order(fires: torch.Tensor, tile: int, reorder: str) -> torch.Tensor:
         if len(members[t]) < room[t]:
             heapq.heappush(heap, (load + int(fires[neuron]), t))
     # Within a tile keep the trained order: neighbouring rows of U/Down stay neighbours in memory.
-    return torch.tensor([n for tile_members in members for n in sorted(tile_members)], dtype=torch.int64)
+    return torch.tensor([n for tile_members in members for n in sorted(tile_members)], dtype=torch.int64), 0
 
 
 COVER_QUANTILE = 0.999

@@ -28,7 +28,7 @@ CALIB_BATCH = 8  # sequences per calibration forward
 @dataclass
 class PackOptions:
     calib_tokens: int = 32768  # tokens of held-out text to calibrate on
-    reorder: str = "balance"  # balance | none (layout.py explains)
+    reorder: str = "hot"  # hot | balance | none (layout.py explains)
     margin: float = 1.25  # format parameters cover the calibration maxima times this
     preferred_tile: int = 256
     seq_len: Optional[int] = None  # calibration window; default: the checkpoint's train.seq_len
@@ -135,7 +135,7 @@ def pack_checkpoint(
     for i, rec in enumerate(neurons):
         alive = int((rec.fires > 0).sum())
         tile = layout.choose_tile(alive, options.preferred_tile)
-        order = layout.neuron_order(rec.fires, tile, options.reorder)
+        order, n_hot = layout.neuron_order(rec.fires, tile, options.reorder, rec.tokens)
         weights = _ffn_weights(model, i, order)
         counts = rec.token_counts().double()
         stats = {
@@ -143,9 +143,11 @@ def pack_checkpoint(
             "p99_active": float(torch.quantile(counts, 0.99)) if counts.numel() else 0.0,
             "max_active": int(counts.max()) if counts.numel() else 0,
             "dead": int(rec.fires.numel() - alive),
+            # what the sparse kernel sees on the hybrid path: active neurons per token beyond the hot ones
+            "cold_mean_active": float(rec.fires[order[n_hot:]].sum()) / max(rec.tokens, 1),
         }
-        layers.append({"d_ffn_source": int(rec.fires.numel()), "d_ffn": alive, "tile": tile, "compression": 8,
-                       "stats": stats})
+        layers.append({"d_ffn_source": int(rec.fires.numel()), "d_ffn": alive, "n_hot": n_hot, "tile": tile,
+                       "compression": 8, "stats": stats})
         packed.blocks[i].ffn = PackedFFN(i, model.cfg.ffn == "gated", weights, layers[-1])
         tensors.update({f"blocks.{i}.ffn.{k}": v for k, v in weights.items()})
 

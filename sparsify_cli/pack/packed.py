@@ -46,7 +46,11 @@ class PackedFFN(nn.Module):
             t = weights.get(name)
             self.register_buffer(name, t if t is not None else None)
         self.tile, self.compression = int(layout["tile"]), int(layout["compression"])
-        self.nnz_hint = float(layout["stats"]["mean_active"])
+        # Hot-first layers (pack --reorder hot): the first n_hot neurons run densely on the GPU, the rest sparsely;
+        # the density rule then looks at the cold neurons only.
+        self.n_hot = int(layout.get("n_hot", 0))
+        stats = layout["stats"]
+        self.nnz_hint = float(stats["cold_mean_active"] if self.n_hot else stats["mean_active"])
         self.backend = "torch"
         self.observer: Optional[ActivationObserver] = None
 
@@ -90,7 +94,7 @@ class PackedFFN(nn.Module):
         up = self.up_w if self.gated else None
         out = ffn_forward(
             flat.to(self.up_w.dtype), w_act, up, self.down_t, kernels="cuda", nnz_hint=self.nnz_hint,
-            tile=self.tile, slots=self.tile // self.compression,
+            tile=self.tile, slots=self.tile // self.compression, n_hot=self.n_hot,
         )
         if self.down_b is not None:
             out = out + self.down_b

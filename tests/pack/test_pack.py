@@ -107,12 +107,22 @@ def test_pack_refuses_bad_input(trained, small_overrides, tmp_path):
 
 def test_balance_order_evens_tile_loads():
     fires = torch.tensor([100, 90, 80, 70, 0, 5, 4, 3, 2, 1], dtype=torch.int64)
-    order = layout.neuron_order(fires, tile=3, reorder="balance")
+    order, n_hot = layout.neuron_order(fires, tile=3, reorder="balance")
+    assert n_hot == 0
     assert sorted(order.tolist()) == [0, 1, 2, 3, 5, 6, 7, 8, 9]  # neuron 4 never fired: pruned
     loads = [int(fires[order[i:i + 3]].sum()) for i in range(0, len(order), 3)]
     naive = [int(fires[(fires > 0).nonzero().flatten()[i:i + 3]].sum()) for i in range(0, 9, 3)]
     assert max(loads) < max(naive)
-    assert layout.neuron_order(fires, 3, "none").tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    assert layout.neuron_order(fires, 3, "none")[0].tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+
+
+def test_hot_order_puts_frequent_neurons_first_and_counts_them():
+    fires = torch.zeros(300, dtype=torch.int64)
+    fires[torch.arange(0, 300, 3)] = 50  # 100 neurons at rate 5% of 1000 tokens: hot
+    fires[torch.arange(1, 300, 3)] = 1  # 100 rare ones; the last 100 never fire (pruned)
+    order, n_hot = layout.neuron_order(fires, tile=256, reorder="hot", tokens=1000)
+    assert order.numel() == 200 and n_hot == 128  # 100 hot, rounded up to a multiple of 128
+    assert (fires[order[:100]] == 50).all() and (fires[order[100:]] == 1).all()
 
 
 def test_compression_covers_the_percentile_with_margin():
