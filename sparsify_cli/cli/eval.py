@@ -40,6 +40,9 @@ def eval(  # noqa: A001 - the verb's name
     seq_len: int = typer.Option(0, "--seq-len", help="Window length; 0: the first model's training seq_len."),
     batch_size: int = typer.Option(16, "--batch-size", help="Windows per forward pass."),
     max_tokens: int = typer.Option(131072, "--max-tokens", help="Held-out tokens for CE and sparsity; 0: all of them."),
+    skip_tokens: int = typer.Option(
+        0, "--skip-tokens", help="Start the held-out windows this many tokens in (e.g. past a packed dir's calibration)."
+    ),
     lastword: int = typer.Option(1000, "--lastword", help="Last-word passages (spread over the held-out text); 0: skip."),
     tile: int = typer.Option(256, "--tile", help="TwELL tile for the overflow analysis (narrower layers: one tile covering H)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
@@ -48,12 +51,13 @@ def eval(  # noqa: A001 - the verb's name
     limit: Optional[int] = typer.Option(None, "--limit", help="lm-eval: at most this many documents per task."),
     layers: bool = typer.Option(True, "--layers/--no-layers", help="Print the per-layer table of each model."),
 ) -> None:
-    _eval(paths, json_out, plots, seq_len, batch_size, max_tokens, lastword, tile, device, tasks, include_path, limit, layers)
+    _eval(paths, json_out, plots, seq_len, batch_size, max_tokens, skip_tokens, lastword, tile, device, tasks,
+          include_path, limit, layers)
 
 
 @user_errors_exit
-def _eval(paths, json_out, plots, seq_len, batch_size, max_tokens, lastword, tile, device, tasks, include_path, limit,
-          layers) -> None:
+def _eval(paths, json_out, plots, seq_len, batch_size, max_tokens, skip_tokens, lastword, tile, device, tasks,
+          include_path, limit, layers) -> None:
     from sparsify_cli.eval import EvalOptions, evaluate, split_arguments
 
     models, overrides = split_arguments(paths)
@@ -62,7 +66,8 @@ def _eval(paths, json_out, plots, seq_len, batch_size, max_tokens, lastword, til
 
         require_matplotlib()  # fail before the work, not after it
     options = EvalOptions(
-        seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, lastword=lastword, tile=tile, device=device,
+        seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, skip_tokens=skip_tokens, lastword=lastword,
+        tile=tile, device=device,
         data_overrides=overrides, tasks=[t for t in (tasks or "").split(",") if t.strip()],
         include_path=str(include_path) if include_path else None, limit=limit,
     )

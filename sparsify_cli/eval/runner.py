@@ -29,6 +29,7 @@ class EvalOptions:
     seq_len: int = 0  # 0: the (first) model's training seq_len
     batch_size: int = 16
     max_tokens: int = 131072  # held-out tokens for CE and sparsity; 0: the whole held-out split
+    skip_tokens: int = 0  # start the CE/sparsity windows this far into the held-out split (e.g. past pack's calibration)
     lastword: int = 1000  # last-word passages; 0: skip
     tile: int = 256  # preferred TwELL tile for the overflow analysis
     device: str = "cpu"
@@ -70,17 +71,18 @@ def evaluate(paths: Sequence[str], options: EvalOptions, say: Callable[[str], No
     for t in targets:
         if seq_len > t.model_config["max_seq_len"]:
             raise UserError(f"--seq-len {seq_len} exceeds {t.path}'s max_seq_len={t.model_config['max_seq_len']}")
+    if options.batch_size <= 0 or min(options.max_tokens, options.lastword, options.skip_tokens) < 0:
+        raise UserError("--batch-size must be > 0, --max-tokens, --skip-tokens and --lastword >= 0")
     heldout = data.heldout_tokens
-    if len(heldout) < seq_len + 1:
+    if len(heldout) - options.skip_tokens < seq_len + 1:
+        skipped = f" after skipping {options.skip_tokens}" if options.skip_tokens else ""
         raise UserError(
-            f"the held-out text has {len(heldout)} tokens, too little to evaluate (one window needs {seq_len + 1}); "
-            "give more text with data.path=… or a shorter --seq-len"
+            f"the held-out text has {len(heldout)} tokens{skipped}, too little to evaluate (one window needs "
+            f"{seq_len + 1}); give more text with data.path=… or a shorter --seq-len"
         )
-    if options.batch_size <= 0 or options.max_tokens < 0 or options.lastword < 0:
-        raise UserError("--batch-size must be > 0, --max-tokens and --lastword >= 0")
     per_batch = options.batch_size * seq_len
     max_batches = math.ceil(options.max_tokens / per_batch) if options.max_tokens else len(heldout) // per_batch + 1
-    windows = list(eval_batches(heldout, options.batch_size, seq_len, max_batches))
+    windows = list(eval_batches(heldout[options.skip_tokens:], options.batch_size, seq_len, max_batches))
     if options.max_tokens:  # whole windows up to max_tokens (at least one): cut the last batch short
         keep = max(1, options.max_tokens // seq_len)
         windows = [(x[: keep - i * options.batch_size], y[: keep - i * options.batch_size])
@@ -96,6 +98,11 @@ def evaluate(paths: Sequence[str], options: EvalOptions, say: Callable[[str], No
 
     say(f"evaluating {len(targets)} model(s) on {sum(y.numel() for _, y in windows):,} held-out tokens "
         f"({data.description}), {len(encoded)} last-word passages")
+    for t in targets:
+        calib = t.manifest.get("calibration", {}).get("tokens") if t.kind == "packed" else None
+        if calib and options.skip_tokens < calib:
+            say(f"note: {t.label} was calibrated on the first {calib:,} held-out tokens, which this evaluation "
+                f"includes; --skip-tokens {calib} measures agreement on text the packing never saw")
     models = []
     for t in targets:
         start = time.perf_counter()
@@ -115,6 +122,7 @@ def evaluate(paths: Sequence[str], options: EvalOptions, say: Callable[[str], No
             "batch_size": options.batch_size,
             "heldout_tokens": sum(y.numel() for _, y in windows),
             "max_tokens": options.max_tokens,
+            "skip_tokens": options.skip_tokens,
             "preferred_tile": options.tile,
             "compressions": list(COMPRESSIONS),
             "lastword_passages": len(encoded),

@@ -51,6 +51,17 @@ def test_packed_dir_against_its_source(tiny_runs, packed, tmp_path):
     with torch.no_grad():
         diffs = [float((model(x) - source(x)).abs().max()) for x, _ in eval_batches(data.heldout_tokens, 4, 32, 4)]
     assert a["max_abs_logit_diff"] == pytest.approx(max(diffs), rel=1e-5, abs=1e-7)
+    assert "was calibrated on the first 256" in r.output  # the default windows overlap the calibration text
+    unseen = invoke("eval", packed, "--json", out, "--lastword", 0, "--max-tokens", 128, "--batch-size", 4,
+                    "--skip-tokens", 256)
+    assert unseen.exit_code == 0, unseen.output
+    assert "was calibrated" not in unseen.output
+    report = json.loads(out.read_text())
+    assert report["settings"]["skip_tokens"] == 256
+    (x, y), = eval_batches(data.heldout_tokens[256:], 4, 32, 1)
+    with torch.no_grad():
+        ce = float(torch.nn.functional.cross_entropy(source(x).flatten(0, 1), y.flatten()))
+    assert report["models"][0]["agreement"]["ce_source"] == pytest.approx(ce, rel=1e-6)
     # Sparsity is reported against the source width (pruned neurons count as dead), per layer.
     assert [l["d_ffn"] for l in pk["sparsity"]["layers"]] == [96, 96]
     assert [l["d_ffn_run"] for l in pk["sparsity"]["layers"]] == [l["d_ffn"] for l in manifest["layers"]]
