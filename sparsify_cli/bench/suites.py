@@ -136,20 +136,29 @@ def gpu_prefill_row(s, m: int, nnz: float, energy: Optional[EnergyMeter] = None)
     detail = ffn.prefill_row(m, nnz, s.reps) if s.detail else None
     inp = make_ffn_inputs(m, ffn.D_MODEL, ffn.HIDDEN, nnz, device="cuda", seed=int(nnz) + m)  # prefill_row's seed
     x, gate, up, down = inp.x, inp.gate, inp.up, inp.down
-    down_t = down.T.contiguous()  # offline layout (pack time)
     row = {"kind": "prefill", "M": m, "D": ffn.D_MODEL, "H": ffn.HIDDEN, "nnz_target": nnz, **nnz_stats(x @ gate.T)}
-    hint = row["nnz_mean"]
+    # As `sparsify pack` lays a layer out: hot-first neuron order from firing rates measured on calibration tokens
+    # (the first 8192 here), Downᵀ rows; then the hint is the density left to the sparse kernel.
+    from sparsify_cli.kernels.ffn import hot_first_order
+
+    calib = x[:8192]
+    rates = ((calib @ gate.T) > 0).float().mean(0)  # (H,)
+    perm, n_hot = hot_first_order(rates)
+    gate_p, up_p, down_t = gate[perm].contiguous(), up[perm].contiguous(), down.T[perm].contiguous()
+    hint = float(rates[perm][n_hot:].sum()) if n_hot else row["nnz_mean"]
     row.update(compare(lambda: ffn.dense_block(x, gate, up, down),
-                       lambda: ffn_forward(x, gate, up, down_t, kernels="cuda", mode="auto", nnz_hint=hint),
+                       lambda: ffn_forward(x, gate_p, up_p, down_t, kernels="cuda", mode="auto", nnz_hint=hint,
+                                           n_hot=n_hot),
                        device=torch.device("cuda"), tokens=m, reps=s.reps, warmup=s.warmup, energy=energy))
-    row["sparse_path"] = "kernels.ffn_forward (auto policy, nnz hint), bf16"
+    row["n_hot"] = n_hot
+    row["sparse_path"] = "kernels.ffn_forward as a packed layer runs it (hot-first order, auto policy, nnz hint), bf16"
     if detail is not None:
         row["kernel_sparse_ms"] = detail["sparse_ms"]  # the fused sparse kernel, always sparse
         row["kernel_speedup"] = detail["speedup"]
         row["rel_err_fp32_ref"] = detail["rel_err_sparse"]
         row["rel_err_torch_bf16"] = detail["rel_err_torch_bf16"]
         row["detail"] = detail
-    del inp, x, gate, up, down, down_t
+    del inp, x, gate, up, down, down_t, gate_p, up_p
     torch.cuda.empty_cache()
     return row
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 import typer
 from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -69,6 +70,25 @@ def _bench(args, suite, device, out, plot, wandb) -> None:
     settings = bs.resolve(suite, device, overrides)
     if plot is not None:
         rep.require_matplotlib()  # fail before the work, not after it
+    try:
+        report = _run_cases(suite, device, settings, paths)
+    except torch.OutOfMemoryError as exc:
+        raise UserError(f"out of GPU memory running the {suite} suite ({str(exc).splitlines()[0][:80]}…); "
+                        "lower batch=, train_batch=, tokens= or layers=") from None
+    _print(report)
+    if out is not None:
+        json_path, csv_path = rep.write_report(report, out)
+        console.print(f"report: {json_path} and {csv_path}", highlight=False)
+    if plot is not None:
+        console.print(f"plot: {rep.write_plot(report, plot)}", highlight=False)
+    if wandb != "disabled":
+        rep.log_wandb(report, wandb, (out.parent if out else Path(".")), warn=lambda s: err_console.print(s))
+
+
+def _run_cases(suite, device, settings, paths) -> dict:
+    from sparsify_cli.bench import report as rep
+    from sparsify_cli.bench import suites
+
     cases, extra = suites.plan(settings, paths[0] if paths else None, say=lambda s: err_console.print(s, highlight=False))
     rows = []
     with suites.cpu_threads(settings), Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -79,15 +99,7 @@ def _bench(args, suite, device, out, plot, wandb) -> None:
             progress.update(task, description=f"{suite}: {label}")
             rows.append({"suite": suite, **run()})
             progress.advance(task)
-    report = rep.build_report(settings.as_dict(), env, rows, extra())
-    _print(report)
-    if out is not None:
-        json_path, csv_path = rep.write_report(report, out)
-        console.print(f"report: {json_path} and {csv_path}", highlight=False)
-    if plot is not None:
-        console.print(f"plot: {rep.write_plot(report, plot)}", highlight=False)
-    if wandb != "disabled":
-        rep.log_wandb(report, wandb, (out.parent if out else Path(".")), warn=lambda s: err_console.print(s))
+    return rep.build_report(settings.as_dict(), env, rows, extra())
 
 
 def _print(report: dict) -> None:
