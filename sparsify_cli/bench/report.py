@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from sparsify_cli.errors import UserError
+from sparsify_cli.plotting import pyplot, require_matplotlib  # noqa: F401 (re-exported for the CLI)
 
 REPORT_FORMAT, REPORT_VERSION = "sparsify-bench", 1
 CSV_COLUMNS = (
@@ -119,24 +120,9 @@ def write_report(report: dict, path: str | Path) -> tuple[Path, Path]:
     return path, csv_path
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'sparsify-cli[plots]'") from None
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def require_matplotlib() -> None:
-    _pyplot()
-
-
 def write_plot(report: dict, path: str | Path) -> Path:
     """Speed-up (dense time / sparse time) against measured sparsity, one line per (kind, tokens per call)."""
-    plt = _pyplot()
+    plt = pyplot()
     path = Path(path)
     series: dict[str, list[tuple[float, float]]] = {}
     for r in report["rows"]:

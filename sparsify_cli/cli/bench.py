@@ -9,11 +9,9 @@ import torch
 import typer
 from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.console import Console
-from rich.measure import Measurement
 from rich.table import Table
 
-from sparsify_cli.cli.common import console, err_console, user_errors_exit
+from sparsify_cli.cli.common import console, err_console, print_table, user_errors_exit
 
 HELP = """Dense vs sparse, side by side in one run: speed, memory and energy.
 
@@ -125,7 +123,7 @@ def _print(report: dict) -> None:
             f"{o(r['dense_peak_mb'], '.0f')}/{o(r['sparse_peak_mb'], '.0f')}",
             f"{o(r['dense_mj_tok'], '.3g')}/{o(r['sparse_mj_tok'], '.3g')}",
         )
-    _show(table)
+    print_table(table)
     for line in [*report.get("notes", []), *{r["notes"] for r in report["rows"] if r.get("notes")}]:
         console.print(f"note: {line}", highlight=False)
     if report.get("model"):
@@ -137,14 +135,3 @@ def _print(report: dict) -> None:
 
         console.print("kernel detail (bench/ffn.py):", highlight=False)
         console.print(format_table({"rows": details}), highlight=False, soft_wrap=True)
-
-
-def _show(table: Table) -> None:
-    """Print a table whole: on a terminal too narrow for its numbers, lines run long rather than lose digits."""
-    need = Measurement.get(console, console.options.update(max_width=10_000), table).maximum
-    if need <= console.width:
-        console.print(table)
-        return
-    wide = Console(width=need, file=console.file, force_terminal=console.is_terminal,
-                   color_system=console.color_system or None)
-    wide.print(table, crop=False)

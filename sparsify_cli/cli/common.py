@@ -7,6 +7,8 @@ from typing import Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 
 from sparsify_cli.errors import UserError
 
@@ -30,3 +32,14 @@ def user_errors_exit(fn: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def print_table(table: Table) -> None:
+    """Print a table whole: on a terminal too narrow for its numbers, lines run long rather than lose digits."""
+    need = Measurement.get(console, console.options.update(max_width=10_000), table).maximum
+    if need <= console.width:
+        console.print(table)
+        return
+    wide = Console(width=need, file=console.file, force_terminal=console.is_terminal,
+                   color_system=console.color_system or None)
+    wide.print(table, crop=False)

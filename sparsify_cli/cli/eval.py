@@ -7,11 +7,9 @@ from typing import List, Optional
 
 import typer
 from rich import box
-from rich.console import Console
-from rich.measure import Measurement
 from rich.table import Table
 
-from sparsify_cli.cli.common import console, err_console, user_errors_exit
+from sparsify_cli.cli.common import console, err_console, print_table, user_errors_exit
 
 HELP = """How good is a sparse model, and how sparse is it really.
 
@@ -115,7 +113,7 @@ def _print_comparison(report: dict) -> None:
             _pct(sp["sparsity"]), f"{sp['mean_active']:.1f}", f"{sp['p99_active']:.0f}", str(sp["max_active"]),
             _pct(sp["dead_fraction"], 1), *(_pct(sp["overflow_tile_fraction"][c]) for c in comps),
         )
-    _show(table)
+    print_table(table)
     for m in report["models"]:
         a = m.get("agreement")
         if a:
@@ -145,15 +143,4 @@ def _print_layers(m: dict) -> None:
             str(layer["max_active"]), _pct(layer["active_fraction"]), _pct(layer["dead_fraction"], 1),
             str(t["tile"]), str(t["max_per_tile"]), *(_pct(t["overflow"][c]["tile_fraction"]) for c in comps),
         )
-    _show(table)
-
-
-def _show(table: Table) -> None:
-    """Print a table whole: on a terminal too narrow for its numbers, lines run long rather than lose digits."""
-    need = Measurement.get(console, console.options.update(max_width=10_000), table).maximum
-    if need <= console.width:
-        console.print(table)
-        return
-    wide = Console(width=need, file=console.file, force_terminal=console.is_terminal,
-                   color_system=console.color_system or None)
-    wide.print(table, crop=False)
+    print_table(table)

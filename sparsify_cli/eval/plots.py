@@ -12,21 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsify_cli.errors import UserError
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("--plots needs matplotlib: pip install 'sparsify-cli[plots]'") from None
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def require_matplotlib() -> None:
-    _pyplot()
+from sparsify_cli.plotting import pyplot, require_matplotlib  # noqa: F401 (re-exported for the CLI)
 
 
 def _name(m: dict[str, Any]) -> str:
@@ -36,7 +22,7 @@ def _name(m: dict[str, Any]) -> str:
 
 
 def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
