@@ -154,9 +154,14 @@ def load_models(settings, source: Optional[str], device: torch.device, say=lambd
             f"{settings.sparsity:.2%}; setting the gates layer by layer")
         calib = _tokens(cfg.vocab_size, max(1, 4096 // settings.seq_len), settings.seq_len, settings.seed + 7)
         dense = synthetic_model(cfg, settings.sparsity, settings.seed, calib, device)
-        sparse = to_packed(dense, [(1.0 - settings.sparsity) * cfg.d_ffn] * cfg.n_layers)
+        # The sparse twin is what `sparsify pack` makes of it: calibrated on the same kind of tokens, dead neurons
+        # removed, hot-first order (the GPU's hybrid path), per-layer hints.
+        from sparsify_cli.pack.pack import PackOptions, pack_layers
+
+        sparse = pack_layers(dense, [(calib, calib)], PackOptions())[0]
         kind, desc = "synthetic", (f"synthetic weights, target sparsity {settings.sparsity:.2%} (PERFORMANCE.md's "
-                                   "rates); sparse = the same weights in PackedFFN layers")
+                                   "rates); sparse = those weights as `sparsify pack` lays them out (calibrated on "
+                                   f"{calib.numel()} tokens: dead neurons removed, hot-first order)")
     else:
         from sparsify_cli.pack.packed import is_packed_dir, load_packed
         from sparsify_cli.train.checkpoint import load_model, resolve_checkpoint_dir
@@ -237,7 +242,7 @@ class ModelSuite:
             tokens = self._tokens(self.settings.batch, self.settings.seq_len, 1)
             self.stats, per_layer = measure_nnz(self.models.dense, tokens)
             for ffn, nnz in zip(self.models.sparse.ffns, per_layer):
-                if self.models.source != "packed":  # a packed dir's hints come from its calibration
+                if self.models.source == "checkpoint":  # packed layers have hints from their calibration
                     ffn.nnz_hint = nnz
         return self.models
 

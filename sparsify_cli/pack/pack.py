@@ -93,6 +93,49 @@ def _agreement(source: SparseLlama, packed: SparseLlama, batches) -> dict[str, f
     }
 
 
+@torch.no_grad()
+def pack_layers(model: SparseLlama, calib, options: PackOptions) -> tuple[SparseLlama, list[dict], dict[str, torch.Tensor]]:
+    """The packed twin of `model` from calibration batches [(x, y), ...]: (packed model, per-layer layouts for the
+    manifest, the FFN tensors to save). The packed model shares nothing with `model` but its non-FFN weights."""
+    neurons = record_neurons(model, calib)  # pass 1: who fires
+    packed = SparseLlama(dataclasses.replace(model.cfg, d_ffn=1))
+    packed.load_state_dict({k: v for k, v in model.state_dict().items() if ".ffn." not in k}, strict=False)
+    packed.cfg = model.cfg
+    packed.to(next(model.parameters()).device)
+    layers, tensors = [], {}
+    for i, rec in enumerate(neurons):
+        alive = int((rec.fires > 0).sum())
+        tile = layout.choose_tile(alive, options.preferred_tile)
+        order, n_hot = layout.neuron_order(rec.fires, tile, options.reorder, rec.tokens)
+        weights = _ffn_weights(model, i, order.to(model.ffns[i].up.weight.device))
+        counts = rec.token_counts().double()
+        stats = {
+            "mean_active": float(counts.mean()),
+            "p99_active": float(torch.quantile(counts, 0.99)) if counts.numel() else 0.0,
+            "max_active": int(counts.max()) if counts.numel() else 0,
+            "dead": int(rec.fires.numel() - alive),
+            # what the sparse kernel sees on the hybrid path: active neurons per token beyond the hot ones
+            "cold_mean_active": float(rec.fires[order[n_hot:]].sum()) / max(rec.tokens, 1),
+        }
+        layers.append({"d_ffn_source": int(rec.fires.numel()), "d_ffn": alive, "n_hot": n_hot, "tile": tile,
+                       "compression": 8, "stats": stats})
+        packed.blocks[i].ffn = PackedFFN(i, model.cfg.ffn == "gated", weights, layers[-1])
+        tensors.update({f"blocks.{i}.ffn.{k}": v for k, v in weights.items()})
+
+    tiles = record_tiles(packed, calib, [l["tile"] for l in layers])  # pass 2: per-tile counts, final layout
+    for layer, rec, ffn in zip(layers, tiles, packed.ffns):
+        c = layout.choose_compression(rec.tile, rec.hist, options.margin)
+        capacity = rec.tile // c - 1
+        layer.update(compression=c, capacity=capacity, ell_width=layout.ell_width(rec.max_per_token, options.margin))
+        layer["stats"].update(
+            max_per_tile=rec.max_per_tile,
+            q999_per_tile=layout.hist_quantile(rec.hist, layout.COVER_QUANTILE),
+            overflow_fraction=layout.overflow_fraction(rec.hist, capacity),
+        )
+        ffn.compression = c
+    return packed.eval(), layers, tensors
+
+
 def pack_checkpoint(
     checkpoint: str | Path,
     out: str | Path,
@@ -127,42 +170,7 @@ def pack_checkpoint(
     agreement_on = "held-out text after the calibration tokens" if agree is not calib else "the calibration tokens"
     say(f"calibrating on {used:,} held-out tokens ({data.description})")
 
-    neurons = record_neurons(model, calib)  # pass 1: who fires
-    packed = SparseLlama(dataclasses.replace(model.cfg, d_ffn=1))
-    packed.load_state_dict({k: v for k, v in model.state_dict().items() if ".ffn." not in k}, strict=False)
-    packed.cfg = model.cfg
-    layers, tensors = [], {}
-    for i, rec in enumerate(neurons):
-        alive = int((rec.fires > 0).sum())
-        tile = layout.choose_tile(alive, options.preferred_tile)
-        order, n_hot = layout.neuron_order(rec.fires, tile, options.reorder, rec.tokens)
-        weights = _ffn_weights(model, i, order)
-        counts = rec.token_counts().double()
-        stats = {
-            "mean_active": float(counts.mean()),
-            "p99_active": float(torch.quantile(counts, 0.99)) if counts.numel() else 0.0,
-            "max_active": int(counts.max()) if counts.numel() else 0,
-            "dead": int(rec.fires.numel() - alive),
-            # what the sparse kernel sees on the hybrid path: active neurons per token beyond the hot ones
-            "cold_mean_active": float(rec.fires[order[n_hot:]].sum()) / max(rec.tokens, 1),
-        }
-        layers.append({"d_ffn_source": int(rec.fires.numel()), "d_ffn": alive, "n_hot": n_hot, "tile": tile,
-                       "compression": 8, "stats": stats})
-        packed.blocks[i].ffn = PackedFFN(i, model.cfg.ffn == "gated", weights, layers[-1])
-        tensors.update({f"blocks.{i}.ffn.{k}": v for k, v in weights.items()})
-
-    tiles = record_tiles(packed, calib, [l["tile"] for l in layers])  # pass 2: per-tile counts, final layout
-    for layer, rec, ffn in zip(layers, tiles, packed.ffns):
-        c = layout.choose_compression(rec.tile, rec.hist, options.margin)
-        capacity = rec.tile // c - 1
-        layer.update(compression=c, capacity=capacity, ell_width=layout.ell_width(rec.max_per_token, options.margin))
-        layer["stats"].update(
-            max_per_tile=rec.max_per_tile,
-            q999_per_tile=layout.hist_quantile(rec.hist, layout.COVER_QUANTILE),
-            overflow_fraction=layout.overflow_fraction(rec.hist, capacity),
-        )
-        ffn.compression = c
-
+    packed, layers, tensors = pack_layers(model, calib, options)
     # On the calibration tokens the pruned neurons never fire, so only summation order differs (fp32 rounding);
     # on other text a pruned neuron may fire now and then: that difference is the price of pruning.
     agreement = {
