@@ -80,7 +80,8 @@ def dense_twin(packed: SparseLlama) -> SparseLlama:
     dense.load_state_dict(state, strict=False)
     with torch.no_grad():
         for ffn, pk in zip(dense.ffns, packed.ffns):
-            idx = pk.neuron_index
+            keep = pk.neuron_index >= 0  # padding neurons (index -1) have no source row
+            idx = pk.neuron_index[keep]
             for lin in (ffn.gate, ffn.up, ffn.down):
                 if lin is None:
                     continue
@@ -88,13 +89,13 @@ def dense_twin(packed: SparseLlama) -> SparseLlama:
                 if lin.bias is not None:
                     lin.bias.zero_()
             if ffn.gated:
-                ffn.gate.weight[idx] = pk.gate_w.float()
+                ffn.gate.weight[idx] = pk.gate_w[keep].float()
                 if pk.gate_b is not None:
-                    ffn.gate.bias[idx] = pk.gate_b.float()
-            ffn.up.weight[idx] = pk.up_w.float()
-            ffn.down.weight[:, idx] = pk.down_t.float().T
+                    ffn.gate.bias[idx] = pk.gate_b[keep].float()
+            ffn.up.weight[idx] = pk.up_w[keep].float()
+            ffn.down.weight[:, idx] = pk.down_t[keep].float().T
             if pk.up_b is not None:
-                ffn.up.bias[idx] = pk.up_b.float()
+                ffn.up.bias[idx] = pk.up_b[keep].float()
             if pk.down_b is not None:
                 ffn.down.bias.copy_(pk.down_b.float())
     return dense.eval()

@@ -6,7 +6,8 @@
         model.safetensors   non-FFN weights under their checkpoint names; per FFN layer i:
                             blocks.i.ffn.{gate_w, up_w, down_t} (H_i, D) — Downᵀ stored row-major, so that one
                             active neuron is one contiguous row of each — optional {gate_b, up_b, down_b}, and
-                            neuron_index (H_i,) int64: the neuron's index in the source checkpoint
+                            neuron_index (H_i,) int64: the neuron's index in the source checkpoint, -1 for
+                            the all-zero neurons that pad H_i to a multiple of 64 (they never fire)
         tokenizer.json
 
 Loading swaps each FFN for a PackedFFN (offline conversion, run-time module swap). On a GPU with the CUDA

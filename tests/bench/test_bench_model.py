@@ -80,7 +80,8 @@ def test_synthetic_model_hits_its_sparsity_and_the_sparse_model_reads_only_activ
     for ffn, idle in zip(models.sparse.ffns, never):
         # the sparse twin is packed (dead neurons gone, hot-first order): map the idle source neurons to its rows
         assert ffn.width < idle.numel() and ffn.n_hot >= 0
-        idle = idle[ffn.neuron_index]
+        index = ffn.neuron_index
+        idle = torch.where(index >= 0, idle[index.clamp(min=0)], torch.ones_like(index, dtype=torch.bool))
         assert idle.sum() > 50
         ffn.up_w[idle] = float("nan")
         ffn.down_t[idle] = float("nan")

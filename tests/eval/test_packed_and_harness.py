@@ -64,7 +64,7 @@ def test_packed_dir_against_its_source(tiny_runs, packed, tmp_path):
     assert report["models"][0]["agreement"]["ce_source"] == pytest.approx(ce, rel=1e-6)
     # Sparsity is reported against the source width (pruned neurons count as dead), per layer.
     assert [l["d_ffn"] for l in pk["sparsity"]["layers"]] == [96, 96]
-    assert [l["d_ffn_run"] for l in pk["sparsity"]["layers"]] == [l["d_ffn"] for l in manifest["layers"]]
+    assert [l["d_ffn_run"] for l in pk["sparsity"]["layers"]] == [l["width"] for l in manifest["layers"]]
     for lp, ls, lm in zip(pk["sparsity"]["layers"], src["sparsity"]["layers"], manifest["layers"]):
         assert lp["dead"] >= lm["d_ffn_source"] - lm["d_ffn"]  # at least the pruned ones
         assert lp["mean_active"] <= ls["mean_active"] + 1e-9  # pruning never adds activity
