@@ -29,8 +29,13 @@ def _check_positive(where: str, value: float, allow_zero: bool = False) -> None:
 
 ACTIVATIONS = ("relu", "silu")
 FFN_KINDS = ("gated", "plain")
-# FFN implementations training can use. The sparse CUDA training kernels add "cuda" here when they land.
-TRAIN_KERNEL_CHOICES = ("auto", "torch")
+# FFN implementations training can use (train.kernels; train/ffn_kernels.py decides):
+#   torch: every FFN on the dense torch path (nn.Linear), on any device and precision.
+#   cuda:  the sparse CUDA training op, layer by layer where it pays (a layer runs sparse while its mean active
+#          neurons per token at the previous step is below a crossover share of H), the dense path elsewhere.
+#          Needs a CUDA GPU with CuPy, bf16 compute and model.activation=relu; the run stops at once otherwise.
+#   auto:  cuda where it can run, else torch (and the run says why once).
+TRAIN_KERNEL_CHOICES = ("auto", "torch", "cuda")
 WANDB_MODES = ("offline", "online", "disabled")
 # How rotary frequencies are stretched for long contexts (what imported checkpoints use; model/hf.py maps them).
 ROPE_SCALINGS = ("none", "linear", "llama3")
@@ -174,7 +179,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     activation_checkpointing: bool = False
-    kernels: str = "auto"  # FFN implementation (TRAIN_KERNEL_CHOICES); auto picks the fastest available
+    kernels: str = "auto"  # FFN implementation for training: auto | torch | cuda (TRAIN_KERNEL_CHOICES)
     parallel: str = "auto"  # under torchrun: ddp | fsdp (FSDP2 fully_shard); auto = ddp
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end

@@ -41,6 +41,7 @@ class SparsityTracker:
         self.last_fired = torch.zeros(n_layers, d_ffn, dtype=torch.int64, device=device)
         self._pending_tokens = 0
         self.reset_window_stats()
+        self._reset_step_stats()
 
     # ---- observer protocol -------------------------------------------------------------------------------
     def begin_forward(self, want_l1: bool = True) -> None:
@@ -85,9 +86,12 @@ class SparsityTracker:
             n = per_token.numel()
             n_clock = n * self.token_scale
             if n:  # tensors, not .item(): no host sync per layer on a GPU
-                self._active_sum[layer] += per_token.sum()
+                active = per_token.sum()
+                self._active_sum[layer] += active
                 self._active_max[layer] = torch.maximum(self._active_max[layer], per_token.max())
+                self._step_active_sum[layer] += active
             self._tokens[layer] += n
+            self._step_tokens[layer] += n
             # The tokens of this forward count as seen once it ends; a neuron that fired here was alive "now".
             self.last_fired[layer, fired] = self.tokens_seen + n_clock
             if layer == 0:
@@ -100,6 +104,29 @@ class SparsityTracker:
         self._active_sum = torch.zeros(self.n_layers, dtype=torch.float64, device=device)
         self._active_max = torch.zeros(self.n_layers, dtype=torch.int64, device=device)
         self._tokens = [0] * self.n_layers
+
+    def _reset_step_stats(self) -> None:
+        self._step_active_sum = torch.zeros(self.n_layers, dtype=torch.float64, device=self.last_fired.device)
+        self._step_tokens = [0] * self.n_layers
+
+    def step_mean_active(self) -> list[float] | None:
+        """Per-layer mean active neurons per token over the forwards since the previous call, then restart.
+
+        Called once per optimizer step, that is the previous step's statistics (all its micro-batches), over
+        every process's tokens, as layer_stats().mean_active would count them (one all-reduce, one host sync).
+        The sums are integer counts held exactly in float64, so every process gets the same numbers. None when
+        no token was seen since the previous call (the first step, right after a resume); a layer that saw no
+        token is NaN.
+        """
+        device = self._step_active_sum.device
+        sums = torch.stack([self._step_active_sum, torch.tensor(self._step_tokens, dtype=torch.float64, device=device)])
+        self._reset_step_stats()
+        if _world() > 1:
+            torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
+        active, tokens = sums.tolist()  # (2, n_layers)
+        if not any(tokens):
+            return None
+        return [a / t if t else float("nan") for a, t in zip(active, tokens)]
 
     def sync_clock(self) -> None:
         """Data-parallel: take, per neuron, the latest firing seen by any process (a no-op on one process)."""
