@@ -73,8 +73,6 @@ class TrainKernels:
 
 def cuda_training_blocker(device: torch.device, precision: str, activation: str) -> Optional[str]:
     """Why the sparse CUDA training op cannot run in this run (one line), or None when it can."""
-    from sparsify_cli.kernels.train_reference import TRAIN_BACKENDS
-
     if activation != "relu":
         return f"model.activation={activation}: the sparse op needs relu (it skips the ReLU's exact zeros)"
     if device.type != "cuda":
@@ -86,8 +84,23 @@ def cuda_training_blocker(device: torch.device, precision: str, activation: str)
     ok, why = cuda_kernels_status()
     if not ok:
         return why
-    if SPARSE_BACKEND not in TRAIN_BACKENDS:
-        return f"this installation has no CUDA training op ({SPARSE_BACKEND!r} is not in kernels TRAIN_BACKENDS)"
+    return _load_sparse_op(SPARSE_BACKEND)
+
+
+def _load_sparse_op(name: str) -> Optional[str]:
+    """Load the op registered as `name` now (its module is imported on first use), so that a broken install stops
+    the run here rather than at the first sparse step. Returns why it cannot load, or None."""
+    from sparsify_cli.kernels import train_reference
+
+    lookup = getattr(train_reference, "train_backend", None)  # imports a lazily registered backend's module
+    try:
+        if lookup is not None:
+            lookup(name)
+        elif name not in train_reference.TRAIN_BACKENDS:
+            raise ValueError(f"no {name!r} in kernels.train_reference.TRAIN_BACKENDS")
+    except Exception as exc:  # noqa: BLE001 - any failure to load it is the one-line reason
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"the CUDA training op does not load ({type(exc).__name__}: {first})"
     return None
 
 
