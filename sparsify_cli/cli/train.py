@@ -152,7 +152,7 @@ def _train_and_report(cfg, run_dir: Path, resume: bool) -> None:
     console.print(
         f"[bold]{cfg.run_name}[/]: {n_params / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, "
         f"FFN {cfg.model.ffn}/{cfg.model.activation} H={cfg.model.d_ffn}, λ={cfg.sparsity.l1_coeff:g}, "
-        f"device {trainer.device}, {cfg.train.max_steps} steps → {run_dir}",
+        f"device {trainer.device}, {trainer.kernels.resolved} FFN kernels, {cfg.train.max_steps} steps → {run_dir}",
         highlight=False,
     )
     result = trainer.run()
@@ -163,6 +163,7 @@ def _train_and_report(cfg, run_dir: Path, resume: bool) -> None:
         "heldout_ce": result.heldout_ce,
         **{f"heldout_{k}": v for k, v in result.sparsity.items()},
         "d_ffn": trainer.model.cfg.d_ffn,
+        "train_kernels": trainer.kernels.resolved,
         "layers": result.layers,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -22,6 +22,7 @@ from sparsify_cli.sparsity import SparsityTracker, l1_coefficient, summarize
 from sparsify_cli.sparsity.dead import reinit_dead_neurons
 from sparsify_cli.train import checkpoint as ckpt
 from sparsify_cli.train import distributed as dist
+from sparsify_cli.train.ffn_kernels import SparseLayerPolicy, resolve_train_kernels
 from sparsify_cli.train.metrics import MetricsSink
 from sparsify_cli.train.optim import build_optimizer, flatten_moments, lr_at, unflatten_moments
 from sparsify_cli.train.progress import TrainProgress
@@ -81,6 +82,10 @@ class Trainer:
         # Only rank 0 talks to the console, the metrics file and W&B.
         self.cfg, self.run_dir, self.console = cfg, Path(run_dir), console if self.dist.is_main else None
         self.device = resolve_device(cfg.train.device, self.dist.local_rank)
+        # train.kernels: kernels=cuda that cannot run stops here, before any work (train/ffn_kernels.py).
+        self.kernels = resolve_train_kernels(tc.kernels, self.device, tc.precision, cfg.model.activation)
+        if self.kernels.note:
+            self._say(self.kernels.note)
         dist.init_distributed(self.device)
         resume_ckpt = self._checkpoint_to_resume() if resume else None
         # train.init: shape, weights and tokenizer from a checkpoint (its weights are not needed to resume).
@@ -111,6 +116,10 @@ class Trainer:
             model_cfg.n_layers, model_cfg.d_ffn, cfg.sparsity.dead_window_tokens, self.device, token_scale=self.dist.world
         )
         self.model.set_observer(self.tracker)
+        # kernels=cuda: the per-layer dense/sparse choice, made before each step (None: every FFN dense).
+        self.ffn_policy = (
+            SparseLayerPolicy(model_cfg.n_layers, model_cfg.d_ffn) if self.kernels.resolved == "cuda" else None
+        )
         # The global batch of each step; every rank takes its slice (distributed.py explains).
         self.sampler = BatchSampler(self.data.train_tokens, tc.batch_size, tc.seq_len, tc.seed)
         self.reinit_gen = torch.Generator().manual_seed(tc.seed + 1)
@@ -126,7 +135,7 @@ class Trainer:
         self.sink = MetricsSink(
             self.run_dir, cfg.logger.jsonl and self.dist.is_main,
             cfg.logger.wandb if self.dist.is_main else dataclasses.replace(cfg.logger.wandb, mode="disabled"),
-            cfg.run_name, self._run_config_dict(), wandb_id, warn=self._say,
+            cfg.run_name, {**self._run_config_dict(), "train_kernels": self.kernels.resolved}, wandb_id, warn=self._say,
         )
 
     @property
@@ -195,7 +204,11 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "wandb_id": self.sink.wandb_id,
         }
-        extra = {"data_fingerprint": self.data.fingerprint, "data_description": self.data.description}
+        extra = {
+            "data_fingerprint": self.data.fingerprint,
+            "data_description": self.data.description,
+            "train_kernels": self.kernels.resolved,  # what train.kernels resolved to: torch or cuda
+        }
         try:
             return ckpt.save_checkpoint(
                 self.run_dir,
@@ -221,6 +234,7 @@ class Trainer:
         lr = lr_at(self.step, tc.max_steps, self.cfg.optim)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        kernel_metrics = self._choose_ffn_kernels()
         self.engine.train()
         ce_sum = torch.zeros((), device=self.device)
         l1_sum = torch.zeros((), device=self.device)
@@ -257,7 +271,19 @@ class Trainer:
             "lr": lr,
             "grad_norm": grad_norm,
             "revived": revived,
+            **kernel_metrics,
         }
+
+    def _choose_ffn_kernels(self) -> dict[str, float]:
+        """kernels=cuda: set each FFN's path for this step from the previous step's statistics (all ranks alike:
+        the statistics are reduced across them). Runs between optimizer steps only. Returns the step's metrics."""
+        if self.ffn_policy is None:
+            return {}
+        n_sparse = self.ffn_policy.step(self.model.ffns, self.tracker.step_mean_active())
+        metrics = {"kernels/sparse_layers": n_sparse}
+        for i, layer in enumerate(self.ffn_policy.layers):
+            metrics[f"layer{i}/ell_width"] = layer.width  # 0: dense
+        return metrics
 
     def _micro_batches(self):
         """This rank's slice of the step's global batch, cut into grad_accum micro-batches."""

@@ -15,6 +15,8 @@ def format_metrics(m: dict[str, Any]) -> str:
     parts = [f"loss {m['ce'] + m['l1_coeff'] * m['l1']:.3f}", f"CE {m['ce']:.3f}", f"L1 {m['l1']:.3g}"]
     if "sparsity" in m:
         parts.append(f"sparsity {100 * m['sparsity']:.1f}% ({m['active_mean']:.1f} active)")
+    if "kernels/sparse_layers" in m:  # kernels=cuda: FFN layers that ran the sparse op this step
+        parts.append(f"sparse FFNs {m['kernels/sparse_layers']}")
     if "tokens_per_s" in m:
         parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
     if "heldout_ce" in m:
