@@ -7,7 +7,8 @@
      "rows": [{kind, M, D, H, nnz_mean, nnz_max, max_per_tile, sparsity, dense_ms, sparse_ms, speedup,
                rel_err, dense/sparse_tok_s, dense/sparse_peak_mb, dense/sparse_mj_tok, ...}, ...]}
 
-The CSV beside the JSON has one line per row and the common columns (nested details stay in the JSON).
+The CSV beside the JSON has one line per row and the common columns, plus the suite-specific ones its rows have
+(CSV_EXTRA_COLUMNS); nested details stay in the JSON.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ CSV_COLUMNS = (
     "suite", "kind", "M", "D", "H", "layers", "nnz_target", "nnz_mean", "nnz_max", "max_per_tile", "sparsity",
     "dense_ms", "sparse_ms", "speedup", "rel_err", "dense_tok_s", "sparse_tok_s", "dense_peak_mb", "sparse_peak_mb",
     "dense_mj_tok", "sparse_mj_tok", "sparse_path", "notes",
+)
+# Columns of some suites only (the train suite's, the model suite's training step): written when a row has them.
+CSV_EXTRA_COLUMNS = (
+    "nnz_p99", "tail_rows", "tail_share", "width", "backend", "dtype", "l1_coeff", "err_out", "err_l1", "err_dx",
+    "err_dgate", "err_dup", "err_ddown", "ref_err_sparse", "ref_err_dense", "ref_err_ratio", "op_nnz_mean",
+    "loss_dense", "loss_sparse", "dense_nnz_mean", "sparse_nnz_mean", "gpu",
 )
 
 
@@ -110,8 +117,9 @@ def write_report(report: dict, path: str | Path) -> tuple[Path, Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(_clean(report), indent=1, allow_nan=False) + "\n")
+        columns = [*CSV_COLUMNS, *(c for c in CSV_EXTRA_COLUMNS if any(c in row for row in report["rows"]))]
         with open(csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             w.writeheader()
             for row in report["rows"]:
                 w.writerow({k: ("" if v is None else v) for k, v in _clean(row).items()})

@@ -3,6 +3,7 @@
     sparsify bench --suite ffn shapes=paper            # a preset (per suite: tiny, small, paper, quick)
     sparsify bench --suite cpu tokens=128 nnz=29,56    # lists are comma-separated
     sparsify bench --suite model sparsity=0.99 layers=4 decode=1,8,64
+    sparsify bench --suite train nnz=29 tokens=16384 width=128
 
 A preset fills every setting; a key given on the command line replaces the preset's value. The presets and the
 keys live here and nowhere else (the CLI only passes the words on). Unknown keys, values of the wrong type and
@@ -18,11 +19,16 @@ from typing import Any
 
 from sparsify_cli.errors import UserError
 
-SUITES = ("cpu", "ffn", "model")
+SUITES = ("cpu", "ffn", "model", "train")
 DEVICES = ("cpu", "cuda")
 
-# Per suite: the presets and their values. The first preset of a suite is its default on the CPU, the one named
-# in GPU_DEFAULT its default on a GPU.
+# The train suite's λ: its loss is ⟨out, gy⟩ + λ·l1 with gy ~ N(0, 1)/M, the gradient of a token-mean loss such
+# as the trainer's CE; at λ = 1 the L1 term's share of ∂L/∂h (λ/M per active pair) is about that of the output's
+# (‖Down[:, j]‖/M ≈ 0.9/M at D = 2048), so the error check covers both. The time does not depend on λ.
+TRAIN_L1 = 1.0
+
+# Per suite: the presets and their values. CPU_DEFAULT names a suite's default preset on the CPU, GPU_DEFAULT on a
+# GPU.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # CPU suite: pure-torch sparse FFN (formats.sparse_ffn) vs three dense matmuls, fp32.
     "cpu": {
@@ -46,9 +52,22 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "paper": dict(d_model=2048, d_ffn=5632, layers=28, heads=32, vocab=32000, seq_len=2048, batch=16,
                       train_batch=2, decode=(1, 2, 4, 8, 16, 32, 64), sparsity=0.995, reps=20, warmup=3),
     },
+    # FFN forward + backward with the L1 term, dense torch autograd vs kernels.train_reference.sparse_ffn_train
+    # (bench/train_ffn.py): PERFORMANCE.md's training shape and inputs; the small presets run the torch reference
+    # on the CPU. Densities of the small ones are the paper preset's (0.5%, 1%, 2% of H).
+    "train": {
+        "paper": dict(d_model=2048, d_ffn=5632, tokens=(16384,), nnz=(29.0, 56.0, 112.0), reps=20, warmup=3,
+                      l1_coeff=TRAIN_L1),
+        "quick": dict(d_model=2048, d_ffn=5632, tokens=(4096,), nnz=(29.0, 112.0), reps=10, warmup=2,
+                      l1_coeff=TRAIN_L1),
+        "small": dict(d_model=256, d_ffn=1024, tokens=(1024,), nnz=(5.0, 10.0, 20.0), reps=5, warmup=1,
+                      l1_coeff=TRAIN_L1),
+        "tiny": dict(d_model=64, d_ffn=256, tokens=(64,), nnz=(4.0, 8.0), reps=3, warmup=1, threads=1,
+                     l1_coeff=TRAIN_L1),
+    },
 }
-GPU_DEFAULT = {"cpu": "paper", "ffn": "paper", "model": "paper"}
-CPU_DEFAULT = {"cpu": "paper", "ffn": "paper", "model": "tiny"}
+GPU_DEFAULT = {"cpu": "paper", "ffn": "paper", "model": "paper", "train": "paper"}
+CPU_DEFAULT = {"cpu": "paper", "ffn": "paper", "model": "tiny", "train": "small"}
 
 
 @dataclass
@@ -75,6 +94,9 @@ class BenchSettings:
     threads: int = 0  # torch intra-op threads on the CPU; 0: torch's default
     seed: int = 0
     detail: bool = True  # ffn suite: also bench/ffn.py's per-kernel timings (prefill_row/decode_row)
+    width: int = 0  # train, model: ELL width of the sparse training op; 0: train/ffn_kernels.ell_width
+    backend: str = ""  # train: the sparse_ffn_train backend (cuda, torch); "": cuda on a GPU, torch on the CPU
+    l1_coeff: float = 0.0  # train: λ of the loss ⟨out, gy⟩ + λ·l1 (TRAIN_L1 explains the presets' value)
     given: tuple[str, ...] = field(default=())  # the keys set on the command line
 
     def as_dict(self) -> dict[str, Any]:
@@ -88,8 +110,11 @@ SUITE_KEYS = {
     "cpu": {"shapes", "d_model", "d_ffn", "tokens", "decode", "nnz", "reps", "warmup", "threads", "seed"},
     "ffn": {"shapes", "tokens", "decode", "nnz", "reps", "warmup", "seed", "detail"},
     "model": {"shapes", "d_model", "d_ffn", "layers", "heads", "vocab", "seq_len", "batch", "train_batch", "decode",
-              "sparsity", "reps", "warmup", "threads", "seed"},
+              "sparsity", "reps", "warmup", "threads", "seed", "width"},
+    "train": {"shapes", "d_model", "d_ffn", "tokens", "nnz", "reps", "warmup", "threads", "seed", "width", "backend",
+              "l1_coeff"},
 }
+TRAIN_BACKEND_CHOICES = ("cuda", "torch")
 
 
 def is_override(arg: str) -> bool:
@@ -150,6 +175,8 @@ def _check(s: BenchSettings) -> None:
         positive(name, getattr(s, name))
     positive("warmup", s.warmup, allow_zero=True)
     positive("threads", s.threads, allow_zero=True)
+    positive("width", s.width, allow_zero=True)
+    positive("l1_coeff", s.l1_coeff, allow_zero=True)
     for name in ("tokens", "decode"):
         for v in getattr(s, name):
             positive(name, v)
@@ -165,5 +192,16 @@ def _check(s: BenchSettings) -> None:
                             "PERFORMANCE.md's rates leave 30% of neurons dead and cap the others at 0.5)")
         if s.d_model % s.heads or (s.d_model // s.heads) % 2:
             raise UserError(f"d_model={s.d_model} must split into heads={s.heads} heads of an even width")
+    if s.suite == "train":
+        if s.backend and s.backend not in TRAIN_BACKEND_CHOICES:
+            raise UserError(f"backend={s.backend!r} is not a training backend; choose one of: "
+                            f"{', '.join(TRAIN_BACKEND_CHOICES)}")
+        if s.backend == "cuda" and s.device != "cuda":
+            raise UserError("backend=cuda is the CUDA training op: it needs --device cuda (on the CPU the suite "
+                            "runs backend=torch, the pure-torch reference)")
+        if not s.backend:
+            s.backend = "cuda" if s.device == "cuda" else "torch"
+        if not s.tokens or not s.nnz:
+            raise UserError("the train suite needs tokens= and nnz= (at least one value each)")
     if s.suite == "ffn" and ("d_model" in s.given or "d_ffn" in s.given):  # pragma: no cover - refused above
         raise UserError("the ffn suite's GPU rows use D=2048, H=5632 (bench/ffn.py)")

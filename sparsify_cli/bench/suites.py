@@ -4,7 +4,10 @@
     ffn    the CUDA kernels vs cuBLAS dense, bf16: bench/ffn.py's prefill and decode rows (PERFORMANCE.md's
            shapes and inputs), plus, per prefill row, ffn_forward as a packed model calls it, with peak memory
            and energy
-    model  a dense model and its packed twin: prefill, decode at batch 1…64, a training step (model.py)
+    model  a dense model and its packed twin: prefill, decode at batch 1…64, a training step dense vs the sparse
+           training op (model.py)
+    train  FFN forward + backward with the L1 term, dense torch autograd vs kernels.train_reference's
+           sparse_ffn_train (the CUDA op on a GPU, the torch reference on the CPU): train_ffn.py
 
 plan() checks everything a run needs (device, kernels, a model path) before any work, and returns the rows as
 (label, callable) pairs, so the CLI can show a progress bar and the tests can run any one of them.
@@ -42,7 +45,7 @@ def resolve_device(suite: str, device: Optional[str]) -> str:
     if device not in bench_settings.DEVICES:
         raise UserError(f"unknown device {device!r}; choose one of: {', '.join(bench_settings.DEVICES)}")
     if suite == "cpu" and device != "cpu":
-        raise UserError("the cpu suite runs on the CPU (--device cpu); for the GPU use --suite ffn or --suite model")
+        raise UserError("the cpu suite runs on the CPU (--device cpu); for the GPU use --suite ffn, model or train")
     if suite == "ffn" and device != "cuda":
         raise UserError("the ffn suite times the CUDA kernels (--device cuda); on the CPU use --suite cpu")
     if device == "cuda":
@@ -76,6 +79,12 @@ def plan(s: bench_settings.BenchSettings, source: Optional[str] = None,
             m, nnz = s.tokens[0], s.nnz[0]
             cases.append((f"train M={m} (dense)", lambda: ffn_train_row(s, m, nnz, device, energy)))
         return cases, lambda: {"notes": notes}
+    if s.suite == "train":
+        from sparsify_cli.bench import train_ffn
+
+        cases = train_ffn.cases(s, device, energy)  # refuses a backend that cannot run here, before any work
+        fields, train_notes = train_ffn.header(s)
+        return cases, lambda: {"notes": notes + train_notes, **fields}
     from sparsify_cli.bench.model import ModelSuite
 
     suite = ModelSuite(s, source, device, energy, say)
@@ -95,8 +104,8 @@ def cpu_threads(s: bench_settings.BenchSettings):
 
 
 def ffn_train_row(s, m: int, nnz: float, device: torch.device, energy: Optional[EnergyMeter] = None) -> dict:
-    """Forward + backward of the FFN block with the L1 term, dense torch eager (PERFORMANCE.md's training anchor).
-    No sparse training kernels exist yet: the row has the dense baseline only, and says so."""
+    """Forward + backward of the FFN block with the L1 term, dense torch eager (PERFORMANCE.md's training anchor):
+    the dense baseline only; the train suite (train_ffn.py) times it against the sparse training op."""
     from sparsify_cli.bench.synthetic import make_ffn_inputs
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -118,7 +127,8 @@ def ffn_train_row(s, m: int, nnz: float, device: torch.device, energy: Optional[
            **nnz_stats((inp.x @ inp.gate.T).detach())}
     row.update(compare(step, None, device=device, tokens=m, reps=s.reps, warmup=s.warmup, energy=energy, check=False))
     row["sparse_path"] = None
-    row["notes"] = "train: FFN forward + backward with the L1 term, dense torch eager only (no sparse training kernels yet)"
+    row["notes"] = ("train: FFN forward + backward with the L1 term, dense torch eager only; dense vs the sparse "
+                    "training op: sparsify bench --suite train")
     return row
 
 

@@ -23,6 +23,8 @@ HELP = """Dense vs sparse, side by side in one run: speed, memory and energy.
 
   sparsify bench --suite model runs/x-packed     # whole model: prefill, decode at batch 1…64, a training step
 
+  sparsify bench --suite train                   # FFN forward + backward + L1: dense autograd vs the sparse op
+
   sparsify bench --suite model sparsity=0.99 layers=4   # synthetic weights with a chosen sparsity
 
   sparsify bench --suite cpu --out bench.json --plot speedup.png   # + bench.csv beside the JSON
@@ -31,14 +33,15 @@ Every row: shape, measured active neurons per token (mean/max, max per 256-tile)
 (CUDA events on a GPU, interleaved perf_counter on the CPU), the ratio, the sparse output's relative error
 against dense (checked in the same run, on the same inputs), peak memory (GPU) and energy per token (NVIDIA
 GPUs, NVML; needs pynvml). Settings are key=value words after the options: shapes (cpu: paper|small|tiny, ffn:
-paper|quick, model: tiny|small|paper), tokens, decode, nnz, reps, warmup, threads, seed; model: d_model, d_ffn,
-layers, heads, vocab, seq_len, batch, train_batch, sparsity.
+paper|quick, model: tiny|small|paper, train: paper|quick|small|tiny), tokens, decode, nnz, reps, warmup, threads,
+seed; model: d_model, d_ffn, layers, heads, vocab, seq_len, batch, train_batch, sparsity, width; train: d_model,
+d_ffn, width (ELL width; 0: the training loop's rule), backend (cuda|torch), l1_coeff.
 """
 
 
 def bench(
     args: Optional[List[str]] = typer.Argument(None, help="key=value settings; for --suite model a checkpoint or packed dir."),
-    suite: Optional[str] = typer.Option(None, "--suite", "-s", help="cpu, ffn or model (default: ffn on a GPU, else cpu; model when a path is given)."),
+    suite: Optional[str] = typer.Option(None, "--suite", "-s", help="cpu, ffn, model or train (default: ffn on a GPU, else cpu; model when a path is given)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the suite's)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the report as JSON here, and the rows as CSV beside it."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of speed-up against sparsity (needs matplotlib)."),
@@ -108,7 +111,8 @@ def _print(report: dict) -> None:
     timing = "CUDA events" if s["device"] == "cuda" else "perf_counter, interleaved"
     table = Table(title=f"sparsify bench --suite {s['suite']} shapes={s['shapes']} — {short_env(report['environment'])}",
                   caption=f"medians of {s['reps']} ({timing}) after {s['warmup']} warm-up; speed-up = dense ms / sparse ms; "
-                  "rel err = ‖sparse − dense‖/‖dense‖; nnz = active FFN neurons per token",
+                  "rel err = ‖sparse − dense‖/‖dense‖ (model's train row: of all gradients; train suite: the worst "
+                  "max|diff|/max|dense| over out, l1 and the gradients); nnz = active FFN neurons per token",
                   title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD)
     for col in ("kind", "tokens", "D×H", "nnz mean/max (tile)", "sparsity %", "dense ms", "sparse ms", "speed-up",
                 "rel err", "tok/s dense → sparse", "peak MiB d/s", "mJ/tok d/s"):
@@ -124,6 +128,7 @@ def _print(report: dict) -> None:
             f"{o(r['dense_mj_tok'], '.3g')}/{o(r['sparse_mj_tok'], '.3g')}",
         )
     print_table(table)
+    _print_train(report)
     for line in [*report.get("notes", []), *{r["notes"] for r in report["rows"] if r.get("notes")}]:
         console.print(f"note: {line}", highlight=False)
     if report.get("model"):
@@ -135,3 +140,27 @@ def _print(report: dict) -> None:
 
         console.print("kernel detail (bench/ffn.py):", highlight=False)
         console.print(format_table({"rows": details}), highlight=False, soft_wrap=True)
+
+
+def _print_train(report: dict) -> None:
+    """The train suite's own columns: nnz tail, ELL width, memory and the error of every tensor."""
+    from sparsify_cli.bench.report import optional as o
+
+    rows = [r for r in report["rows"] if "err_dx" in r]
+    if not rows:
+        return
+    table = Table(title="training op: error of each tensor (max|sparse − dense| / max|dense|) and against the "
+                  f"{rows[0]['ref_dtype']} reference (sparse/dense, worst ratio)", title_justify="left",
+                  box=box.SIMPLE_HEAD)
+    for col in ("tokens", "nnz mean/p99/max", "W", "tail rows", "peak MiB d/s", "out", "l1", "dx", "dG", "dU",
+                "dDown", "vs ref s/d", "ratio"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        table.add_row(
+            str(r["M"]), f"{r['nnz_mean']:.1f}/{r['nnz_p99']:.0f}/{r['nnz_max']}", str(r["width"]),
+            f"{r['tail_rows']} ({100 * r['tail_share']:.1f}%)",
+            f"{o(r['dense_peak_mb'], '.0f')}/{o(r['sparse_peak_mb'], '.0f')}",
+            *(f"{r[f'err_{k}']:.1e}" for k in ("out", "l1", "dx", "dgate", "dup", "ddown")),
+            f"{r['ref_err_sparse']:.1e}/{r['ref_err_dense']:.1e}", f"{r['ref_err_ratio']:.2f}",
+        )
+    print_table(table)

@@ -43,3 +43,36 @@ def test_model_suite_tiny_on_the_gpu(tmp_path):
         if row["kind"] != "train":
             assert row["rel_err"] < 3e-2  # bf16 model vs bf16 model
             assert row["dense_peak_mb"] > 0
+
+
+def _train_rows(tmp_path, *settings):
+    out = tmp_path / "train.json"
+    r = CliRunner().invoke(app, ["bench", "--suite", "train", *settings, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return json.loads(out.read_text())
+
+
+def test_train_suite_cuda_op(tmp_path):
+    from sparsify_cli.bench.train_ffn import cuda_op_status
+    from sparsify_cli.train.ffn_kernels import ell_width
+
+    ok, why = cuda_op_status()
+    if not ok and "is not available" in why:  # the op is not in this installation; any other failure is a failure
+        pytest.skip(why)
+    report = _train_rows(tmp_path, "shapes=quick", "tokens=2048", "nnz=29,112", "reps=3", "warmup=1")
+    assert report["train_backend"] == "cuda" and report["environment"]["gpu"]
+    for x in report["rows"]:
+        assert (x["backend"], x["dtype"], x["gpu"]) == ("cuda", "bfloat16", report["environment"]["gpu"])
+        assert x["dense_ms"] > 0 and x["sparse_ms"] > 0 and x["dense_peak_mb"] > 0 and x["sparse_peak_mb"] > 0
+        assert x["width"] == ell_width(x["nnz_mean"]) and 0 <= x["tail_rows"] < x["M"]
+        assert x["op_nnz_mean"] == pytest.approx(x["nnz_mean"], rel=2e-2)  # bf16 gate GEMMs may round apart
+        assert x["rel_err"] < 5e-2 and x["ref_err_sparse"] < 5e-2 and x["ref_err_dense"] < 5e-2
+
+
+def test_train_suite_torch_reference_on_the_gpu(tmp_path):
+    """backend=torch on the GPU: the reference in bf16 (the suite's GPU code path without the CUDA op)."""
+    report = _train_rows(tmp_path, "--device", "cuda", "backend=torch", "shapes=quick", "tokens=1024", "nnz=112",
+                         "width=64", "reps=2", "warmup=0")
+    (x,) = report["rows"]
+    assert x["backend"] == "torch" and x["dtype"] == "bfloat16" and x["dense_peak_mb"] > 0
+    assert x["width"] == 64 and x["tail_rows"] > 0 and x["rel_err"] < 0.1
