@@ -13,8 +13,11 @@ Where the two models come from:
 
 Rows: prefill (batch × seq_len tokens, one forward), decode at batch 1…64 (one new token per sequence: the model has
 no KV cache yet, so attention sees only that token — the FFN and projection weights are read as in real decode),
-and one training step (forward, CE + λ·L1, backward, AdamW) of the dense model: the torch path, since no sparse
-training kernels exist yet. On a GPU both models run in bf16, on the CPU in fp32.
+and one training step (forward, CE + λ·L1, backward, AdamW) of the dense model, timed twice: with every FFN on the
+dense torch path, and with every FFN on the sparse training op (`FeedForward.sparse_train`, backend "cuda" on a
+GPU — the CUDA op — and "torch", the pure-torch reference, on the CPU; ELL width per layer by the training loop's
+rule, train/ffn_kernels.ell_width, from the layer's measured mean active count; width= overrides). On a GPU both
+models run in bf16 (the training step: fp32 weights, bf16 autocast, as the trainer), on the CPU in fp32.
 """
 
 from __future__ import annotations
@@ -231,7 +234,7 @@ class ModelSuite:
         s = self.settings
         out = [(f"prefill {s.batch}×{s.seq_len}", self.prefill)]
         out += [(f"decode batch {b}", lambda b=b: self.decode(b)) for b in s.decode]
-        out.append((f"train step {s.train_batch}×{s.seq_len} (dense)", self.train_step))
+        out.append((f"train step {s.train_batch}×{s.seq_len} (dense vs sparse)", self.train_step))
         return out
 
     def _ensure(self) -> Models:
@@ -285,36 +288,107 @@ class ModelSuite:
         return row
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step of a copy of the dense model (fp32 weights, bf16 autocast on a GPU, as the trainer)."""
-        from sparsify_cli.sparsity import SparsityTracker
-        from sparsify_cli.train.loop import autocast_for
-        from sparsify_cli.train.optim import build_optimizer
+        """One optimizer step of a copy of the dense model (fp32 weights, bf16 autocast on a GPU, as the trainer),
+        first with dense FFNs, then with every FFN on the sparse training op: same weights, same tokens.
+
+        Before the timing, one forward + backward of each gives the row's error: the sparse loss and gradients
+        against the dense ones. The optimizer runs with lr 0, so every repetition sees the same weights (the same
+        sparsity) while AdamW does its full work."""
+        from sparsify_cli.bench.train_ffn import cuda_op_status, ell_width
 
         m = self._ensure()
         s = self.settings
-        model = copy.deepcopy(m.dense).float().train()
-        opt = build_optimizer(model, OptimConfig())
-        tracker = SparsityTracker(model.cfg.n_layers, model.cfg.d_ffn, 1 << 30, self.device)
-        model.set_observer(tracker)
         x = self._tokens(s.train_batch, s.seq_len, 3)
-        y = torch.roll(x, -1, dims=1)
+        row = self._base("train", x)
+        per_layer = measure_nnz(m.dense, x)[1]
+        widths = [s.width or ell_width(nnz) for nnz in per_layer]
+        backend = "cuda" if self.device.type == "cuda" else "torch"
+        ok, why = cuda_op_status() if backend == "cuda" else (True, "")
 
-        def step():
-            tracker.begin_forward(want_l1=True)
-            with autocast_for(self.device, "auto"):
-                logits = model(x)  # (B, T, V)
-                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                loss = ce + L1_COEFF * tracker.end_forward()
+        dense = self._train_copy(None, widths, backend)
+        loss_d, grads_d, nnz_d = dense.loss_and_grads(x)
+        row.update(compare(dense.step(x), None, device=self.device, tokens=x.numel(), reps=s.reps,
+                           warmup=s.warmup, energy=self.energy, check=False))
+        del dense
+        row.update(sparse_width=widths, sparse_backend=backend if ok else None, sparse_path=None)
+        if not ok:
+            row["notes"] = f"dense only: the CUDA training op cannot run here ({why})"
+            return row
+        sparse = self._train_copy(True, widths, backend)
+        loss_s, grads_s, nnz_s = sparse.loss_and_grads(x)
+        timed = compare(sparse.step(x), None, device=self.device, tokens=x.numel(), reps=s.reps, warmup=s.warmup,
+                        energy=self.energy, check=False)
+        del sparse
+        for key in ("ms", "tok_s", "peak_mb", "mj_tok"):
+            row[f"sparse_{key}"] = timed[f"dense_{key}"]
+        row["speedup"] = row["dense_ms"] / row["sparse_ms"]
+        num = sum(float((a - b).double().pow(2).sum()) for a, b in zip(grads_s, grads_d))
+        den = sum(float(b.double().pow(2).sum()) for b in grads_d)
+        row["rel_err"] = (num / den) ** 0.5 if den > 0 else 0.0  # all parameters' gradients, one vector
+        row["loss_dense"], row["loss_sparse"] = loss_d, loss_s
+        # active neurons per token as the tracker counted them in the training forward: from h (dense) and from the
+        # op's own counts (observe_sparse); they differ only by bf16 rounding of the gate under autocast
+        row["dense_nnz_mean"], row["sparse_nnz_mean"] = nnz_d, nnz_s
+        row["sparse_path"] = f"FeedForward.sparse_train, sparse_ffn_train(backend={backend!r}), widths per layer"
+        row["notes"] = ("training step (forward, CE + λ·L1, backward, clip, AdamW at lr 0): dense FFNs vs every FFN "
+                        "on the sparse training op" + (" (the pure-torch reference on the CPU)"
+                                                       if backend == "torch" else "")
+                        + "; rel err = ‖g_sparse − g_dense‖/‖g_dense‖ over all gradients; dense and sparse timed "
+                        "one after the other (two training copies side by side would not fit the paper preset)")
+        return row
+
+    def _train_copy(self, sparse: Optional[bool], widths: list[int], backend: str) -> "_TrainCopy":
+        model = copy.deepcopy(self._ensure().dense).float().train()
+        if sparse:
+            for ffn, width in zip(model.ffns, widths):
+                ffn.sparse_train, ffn.sparse_backend, ffn.sparse_width = True, backend, width
+        return _TrainCopy(model, self.device)
+
+
+class _TrainCopy:
+    """A model being trained as the trainer does it: AdamW (lr 0, see ModelSuite.train_step), the sparsity tracker
+    as observer (the L1 term; with sparse FFNs it gets observe_sparse), bf16 autocast on a GPU."""
+
+    def __init__(self, model: SparseLlama, device: torch.device):
+        from sparsify_cli.sparsity import SparsityTracker
+        from sparsify_cli.train.optim import build_optimizer
+
+        self.model, self.device = model, device
+        self.opt = build_optimizer(model, OptimConfig())
+        for group in self.opt.param_groups:
+            group["lr"] = 0.0  # the same weights at every repetition; AdamW's work is unchanged
+        self.tracker = SparsityTracker(model.cfg.n_layers, model.cfg.d_ffn, 1 << 30, device)
+        model.set_observer(self.tracker)
+
+    def _loss(self, x: torch.Tensor) -> torch.Tensor:
+        from sparsify_cli.train.loop import autocast_for
+
+        y = torch.roll(x, -1, dims=1)
+        self.tracker.begin_forward(want_l1=True)
+        with autocast_for(self.device, "auto"):
+            logits = self.model(x)  # (B, T, V)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            return ce + L1_COEFF * self.tracker.end_forward()
+
+    def loss_and_grads(self, x: torch.Tensor) -> tuple[float, list[torch.Tensor], float]:
+        """One forward + backward, no optimizer step: the loss, every parameter's gradient (then cleared) and the
+        mean active FFN neurons per token over layers, as the tracker counted them."""
+        loss = self._loss(x)
+        loss.backward()
+        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                 for p in self.model.parameters()]
+        self.opt.zero_grad(set_to_none=True)
+        stats = self.tracker.layer_stats()
+        self.tracker.reset_window_stats()
+        return float(loss.detach()), grads, sum(st.mean_active for st in stats) / len(stats)
+
+    def step(self, x: torch.Tensor):
+        def run() -> torch.Tensor:
+            loss = self._loss(x)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
             return loss.detach()
 
-        row = self._base("train", x)
-        row.update(compare(step, None, device=self.device, tokens=x.numel(), reps=s.reps, warmup=s.warmup,
-                           energy=self.energy, check=False))
-        row["sparse_path"] = None
-        row["notes"] = "dense torch path only (forward, CE + λ·L1, backward, AdamW): no sparse training kernels yet"
-        del model, opt
-        return row
+        return run
