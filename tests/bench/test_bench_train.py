@@ -67,8 +67,8 @@ def test_a_wrong_sparse_result_shows_in_the_errors(monkeypatch):
     """The row's check can fail: a backend whose output is 1% off shows it in out and in every gradient."""
     ref = train_reference.TRAIN_BACKENDS["torch"]
 
-    def off(*args):
-        res = ref(*args)
+    def off(*args, **kwargs):
+        res = ref(*args, **kwargs)
         return res._replace(out=res.out * 1.01)
 
     monkeypatch.setitem(train_reference.TRAIN_BACKENDS, "torch", off)
