@@ -3,7 +3,7 @@ the device), cache, launch on torch's current stream.
 
 CuPy is imported lazily (CPU machines do not have it). Modules are cached in-process by (file, arch,
 template instances) and on disk by CuPy's own kernel cache. Launches pass raw ``tensor.data_ptr()`` integers
-and a cached ``cupy.cuda.ExternalStream`` of torch's current stream as ``stream=``: ~13 µs host cost per
+and a cached CuPy wrapper of torch's current stream as ``stream=``: ~13 µs host cost per
 launch instead of ~55 µs with dlpack conversion and stream contexts (PERFORMANCE.md).
 """
 
@@ -90,7 +90,11 @@ def get_function(name: str, expr: str, defines: tuple[str, ...] = ()):
 
 
 def current_stream():
-    """A cached cupy ExternalStream wrapping torch's current CUDA stream."""
+    """A cached CuPy stream object wrapping torch's current CUDA stream (no copy, no synchronization).
+
+    CuPy 14 wraps foreign streams through the CUDA stream protocol (``Stream.from_external`` on an object with
+    ``__cuda_stream__``, which torch's streams have); older CuPy only has ``ExternalStream``, deprecated in 14.
+    """
     import cupy
     import torch
 
@@ -98,7 +102,11 @@ def current_stream():
     key = (s.device.index if s.device.index is not None else 0, s.cuda_stream)
     ext = _streams.get(key)
     if ext is None:
-        ext = cupy.cuda.ExternalStream(s.cuda_stream, key[0])
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)
+        if from_external is not None and hasattr(s, "__cuda_stream__"):
+            ext = from_external(s)
+        else:
+            ext = cupy.cuda.ExternalStream(s.cuda_stream, key[0])
         _streams[key] = ext
     return ext
 
