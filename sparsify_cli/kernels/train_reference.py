@@ -232,27 +232,46 @@ class SparseFFNTrainFn(torch.autograd.Function):
 
 def sparse_ffn_train_reference(x: Tensor, gate_w: Optional[Tensor], up_w: Tensor, down_w: Tensor,
                                gate_b: Optional[Tensor] = None, up_b: Optional[Tensor] = None,
-                               down_b: Optional[Tensor] = None, width: int = DEFAULT_WIDTH) -> SparseFFNTrainOut:
-    """The pure-torch op (CPU or GPU). Shapes and math: module docstring. gate_w=None: the plain FFN."""
+                               down_b: Optional[Tensor] = None, width: int = DEFAULT_WIDTH,
+                               hot: Optional[Tensor] = None) -> SparseFFNTrainOut:
+    """The pure-torch op (CPU or GPU). Shapes and math: module docstring. gate_w=None: the plain FFN.
+
+    hot (which neurons a backend computes densely) is a speed hint of the CUDA op; the math, and so this
+    reference, does not depend on it.
+    """
     _check(x, gate_w, up_w, down_w, gate_b, up_b, down_b, width)
     return SparseFFNTrainOut(*SparseFFNTrainFn.apply(x, gate_w, up_w, down_w, gate_b, up_b, down_b, width))
 
 
-# The implementations the model can use. The CUDA op registers itself here ("cuda": ...) when it lands, and the
-# model's one call site (model/ffn.py) picks it by name.
+# The implementations the model can use, picked by name at the model's one call site (model/ffn.py). Modules that
+# need a GPU stack register themselves when imported; _LAZY_BACKENDS says which module registers which name, so
+# importing this module never loads CuPy.
 TRAIN_BACKENDS: dict[str, Callable[..., SparseFFNTrainOut]] = {"torch": sparse_ffn_train_reference}
+_LAZY_BACKENDS = {"cuda": "sparsify_cli.kernels.train_cuda"}  # bf16 CUDA kernels (kernels_cu/train_ffn.cu)
 DEFAULT_TRAIN_BACKEND = "torch"
+
+
+def train_backend(name: str) -> Callable[..., SparseFFNTrainOut]:
+    """The implementation registered as `name` (importing its module if needed)."""
+    if name not in TRAIN_BACKENDS and name in _LAZY_BACKENDS:
+        import importlib
+
+        importlib.import_module(_LAZY_BACKENDS[name])
+    if name not in TRAIN_BACKENDS:
+        choices = sorted(set(TRAIN_BACKENDS) | set(_LAZY_BACKENDS))
+        raise ValueError(f"sparse_ffn_train backend {name!r} is not available; choose one of {choices}")
+    return TRAIN_BACKENDS[name]
 
 
 def sparse_ffn_train(x: Tensor, gate_w: Optional[Tensor], up_w: Tensor, down_w: Tensor,
                      gate_b: Optional[Tensor] = None, up_b: Optional[Tensor] = None, down_b: Optional[Tensor] = None,
-                     width: int = DEFAULT_WIDTH, backend: Optional[str] = None) -> SparseFFNTrainOut:
+                     width: int = DEFAULT_WIDTH, backend: Optional[str] = None,
+                     hot: Optional[Tensor] = None) -> SparseFFNTrainOut:
     """The sparse training FFN the model calls: x (M, D) -> (out (M, D), l1 (), token_counts (M,), neuron_counts (H,)).
 
     gate_w (H, D) or None (plain FFN), up_w (H, D), down_w (D, H), biases optional; all in x's dtype and device.
-    backend: a key of TRAIN_BACKENDS (default DEFAULT_TRAIN_BACKEND).
+    backend: "torch" (the reference, CPU or GPU) or "cuda" (bf16 kernels; train_cuda.py); default DEFAULT_TRAIN_BACKEND.
+    hot: optional (H,) bool mask of neurons the CUDA op computes with dense GEMMs (a speed hint; same result).
     """
-    name = backend or DEFAULT_TRAIN_BACKEND
-    if name not in TRAIN_BACKENDS:
-        raise ValueError(f"sparse_ffn_train backend {name!r} is not available; choose one of {sorted(TRAIN_BACKENDS)}")
-    return TRAIN_BACKENDS[name](x, gate_w, up_w, down_w, gate_b, up_b, down_b, width)
+    return train_backend(backend or DEFAULT_TRAIN_BACKEND)(x, gate_w, up_w, down_w, gate_b, up_b, down_b, width,
+                                                          hot=hot)

@@ -49,6 +49,9 @@ class FeedForward(nn.Module):
         self.up = nn.Linear(d, h, bias=cfg.mlp_bias)
         self.down = nn.Linear(h, d, bias=cfg.mlp_bias)
         self.observer: Optional[ActivationObserver] = None
+        # The busiest neurons at the previous sparse call, (H,) bool on the device: the CUDA op computes them with
+        # dense GEMMs over their columns (a speed hint only: the result does not depend on it).
+        self.sparse_hot: Optional[torch.Tensor] = None
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         """h for input x: (B, T, D) -> (B, T, H)."""
@@ -65,6 +68,12 @@ class FeedForward(nn.Module):
         if self.observer is not None:
             self.observer(self.layer_index, h)
         return self.down(h)  # (B, T, D)
+
+    def _hot_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        hot = self.sparse_hot
+        if self.sparse_backend != "cuda" or hot is None or hot.device != x.device or hot.shape[0] != self.up.out_features:
+            return None
+        return hot
 
     def _sparse_forward(self, x: torch.Tensor, observe: Optional[Callable]) -> torch.Tensor:
         """The sparse training op on x (B, T, D) -> (B, T, D), in the dtype nn.Linear would compute in."""
@@ -84,8 +93,12 @@ class FeedForward(nn.Module):
             x.reshape(-1, x.shape[-1]).to(dtype),  # (M, D)
             param(self.gate, "weight"), param(self.up, "weight"), param(self.down, "weight"),
             param(self.gate, "bias"), param(self.up, "bias"), param(self.down, "bias"),
-            width=self.sparse_width, backend=self.sparse_backend,
+            width=self.sparse_width, backend=self.sparse_backend, hot=self._hot_for(x),
         )
+        if self.training and self.sparse_backend == "cuda":
+            from sparsify_cli.kernels.train_cuda import hot_mask
+
+            self.sparse_hot = hot_mask(res.neuron_counts.detach(), res.token_counts.shape[0])
         if observe is not None:
             observe(self.layer_index, res.l1, res.token_counts, res.neuron_counts)
         return res.out.reshape(*x.shape[:-1], res.out.shape[-1])  # (B, T, D)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the FFN benchmark on the device machine; logs and JSON go to $OUT (or ./gpu_out).
-# Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|profile|all] [extra args for the bench]
+# Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|profile|train|all] [extra args for the bench]
+# train: the training op's GPU tests and its fwd+bwd profile (tests/gpu/profile_train.py) only
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -9,6 +10,10 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 rc=0
 if [[ $what == tests || $what == all ]]; then
   python3 -m pytest -q -x tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 30 || rc=1
+fi
+if [[ $what == train ]]; then
+  python3 -m pytest -q tests/gpu/test_train_kernels.py -p no:cacheprovider 2>&1 | tee "$OUT/train_tests.log" | tail -n 40 || rc=1
+  python3 tests/gpu/profile_train.py --out "$OUT" "$@" 2>&1 | tee "$OUT/train_profile.log" || rc=1
 fi
 if [[ $what == bench || $what == all ]]; then
   python3 -m sparsify_cli.bench.ffn --out "$OUT/ffn_bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{' || rc=1

@@ -244,7 +244,9 @@ def test_refuses_bad_inputs_and_unknown_backend():
         sparse_ffn_train(x, None, uw, dw, gb)
     with pytest.raises(ValueError, match="M >= 1"):
         sparse_ffn_train(x[:0], gw, uw, dw)
-    with pytest.raises(ValueError, match="backend 'cuda' is not available"):
+    with pytest.raises(ValueError, match="backend 'nope' is not available"):
+        sparse_ffn_train(x, gw, uw, dw, backend="nope")
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):  # the CUDA op refuses CPU tensors, by name
         sparse_ffn_train(x, gw, uw, dw, backend="cuda")
 
 

@@ -1,0 +1,489 @@
+// Sparse FFN training kernels: forward and backward through the ReLU pattern (docs/TRAINING_KERNELS.md).
+//
+// The pattern is a hybrid ELL of width W (row-major, slot s = m * W + k): cols (M, W) int32 (ascending, padding
+// -1), g (M, W) bf16 gate values (padding 0), counts (M,) int32 TRUE non-zeros per row. Rows with count > W are
+// tail rows: every slot is padding and the host computes them with dense products (exact, no cap). Every kernel
+// here skips them (a row is an ELL row iff counts[m] <= W).
+//
+//   train_pattern_kernel      gate pre-activation a (M, H) -> cols, g, counts (relu applied; NaN counts as active)
+//                             and the per-neuron histogram of the ELL entries (the CSC segment sizes)
+//   transpose_bf16_kernel     Down (D, H) <-> DownT (H, D)
+//   train_fwd_kernel          per ELL slot: u = x_m . U_j + ub_j (rounded to bf16, saved), h = g * u;
+//                             out_m = sum h * DownT_j + db; per-token |h| sum and h != 0 count; per-neuron count
+//   train_bwd_token_kernel    per ELL slot: dh = gy_m . DownT_j + c * sign(h); dg = dh * u, du = dh * g (fp32,
+//                             saved for the neuron pass); dX_m = sum dg * G_j + du * U_j
+//   train_bwd_neuron_kernel   per neuron segment (CSC order, host-sorted): dDownT_j = sum h * gy_m,
+//                             dG_j = sum dg * x_m, dU_j = sum du * x_m; long segments are split into chunks whose
+//                             partial sums go to a scratch buffer, summed in order by train_reduce_kernel
+//                             (deterministic: no atomics on weight rows)
+// Plain FFN (GATED = false): the activation is relu(x . U_j + ub_j) itself: g holds it, there is no u, h = g,
+// and du = dh plays the gradient's role (no G).
+//
+// bf16 values travel as raw 16-bit patterns (common.cuh); all sums are fp32, outputs are rounded once.
+// Token-major kernels: one warp per token; lane l owns the 16-byte vectors l, l+32, ... of a D-chunk of
+// 256 * NV columns (registers), chunks looped for wider D.
+#include "common.cuh"
+
+#define TRAIN_WARPS 4
+#define TRAIN_MAX_WIDTH 512  // largest ELL width (per-warp shared lists); the host checks it
+#define NEURON_THREADS 256   // threads of a neuron-pass block: 8 columns each, 2048 columns per block
+#define NEURON_UNROLL 4      // token rows in flight per thread in the neuron pass
+
+// ---- pattern: relu + compaction of one row per warp ---------------------------------------------------------
+__global__ void __launch_bounds__(TRAIN_WARPS * 32) train_pattern_kernel(
+    const unsigned short* __restrict__ act,  // (M, H) gate pre-activation (bias included)
+    int* __restrict__ cols,                  // (M, W) out
+    unsigned short* __restrict__ g,          // (M, W) out
+    int* __restrict__ counts,                // (M,)   out: true count
+    int* __restrict__ hist,                  // (H,)   in/out: += ELL entries per neuron (tail rows excluded)
+    const unsigned char* __restrict__ skip,  // (H padded to 256) or null: 1 = hot neuron, computed densely
+    long long M, int H, int W, int vec_ok) {
+    const int lane = threadIdx.x & 31;
+    const long long m = (long long)blockIdx.x * TRAIN_WARPS + (threadIdx.x >> 5);
+    if (m >= M) return;
+    int* crow = cols + m * W;
+    unsigned short* grow = g + m * W;
+    const unsigned short* arow = act + m * (long long)H;
+    int n = 0;  // active, not skipped, in ascending column order: lane l holds columns c + 8l .. c + 8l + 7
+    for (int c = 0; c < H; c += 256) {
+        const int c0 = c + lane * 8;
+        unsigned short v[8];
+        load8(arow, c0, H, vec_ok != 0, v);
+        unsigned int sk0 = 0u, sk1 = 0u;
+        if (skip != nullptr) {
+            const uint2 q = *reinterpret_cast<const uint2*>(skip + c0);  // padded: never past the end
+            sk0 = q.x;
+            sk1 = q.y;
+        }
+        bool on[8];
+        int k = 0;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const unsigned int sk = ((e < 4 ? sk0 : sk1) >> (8 * (e & 3))) & 0xffu;
+            on[e] = relu_active(v[e]) && sk == 0u;
+            k += on[e] ? 1 : 0;
+        }
+        int incl = k;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(SPARSIFY_FULL_MASK, incl, o);
+            if (lane >= o) incl += y;
+        }
+        int rank = n + incl - k;
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            if (on[e]) {
+                if (rank < W) {
+                    crow[rank] = c0 + e;
+                    grow[rank] = v[e];
+                }
+                ++rank;
+            }
+        n += __shfl_sync(SPARSIFY_FULL_MASK, incl, 31);
+    }
+    __syncwarp();  // orders the entries above before the padding below (a tail row overwrites them)
+    for (int k = (n <= W ? n : 0) + lane; k < W; k += 32) {
+        crow[k] = -1;
+        grow[k] = 0;
+    }
+    if (n <= W)
+        for (int k = lane; k < n; k += 32) atomicAdd(hist + crow[k], 1);  // visible: the __syncwarp above
+    if (lane == 0) counts[m] = n;
+}
+
+// ---- bf16 transpose (rows, cols) -> (cols, rows): 32 x 32 tiles through shared memory -----------------------
+__global__ void __launch_bounds__(256) transpose_bf16_kernel(const unsigned short* __restrict__ in,
+                                                             unsigned short* __restrict__ out, int rows, int cols) {
+    __shared__ unsigned short tile[32][33];
+    const int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        const int r = r0 + i, c = c0 + threadIdx.x;
+        if (r < rows && c < cols) tile[i][threadIdx.x] = in[(long long)r * cols + c];
+    }
+    __syncthreads();
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        const int c = c0 + i, r = r0 + threadIdx.x;
+        if (c < cols && r < rows) out[(long long)c * rows + r] = tile[threadIdx.x][i];
+    }
+}
+
+// ---- forward: sparse up and down projections of the ELL rows ------------------------------------------------
+template <int NV, bool GATED>
+__global__ void __launch_bounds__(TRAIN_WARPS * 32, 3) train_fwd_kernel(
+    const unsigned short* __restrict__ x,       // (M, D)
+    const unsigned short* __restrict__ up,      // (H, D)
+    const unsigned short* __restrict__ up_b,    // (H,) or null (GATED only; plain: the bias is in g)
+    const unsigned short* __restrict__ down_t,  // (H, D)
+    const unsigned short* __restrict__ down_b,  // (D,) or null
+    const int* __restrict__ cols,               // (M, W)
+    const unsigned short* __restrict__ g,       // (M, W)
+    const int* __restrict__ counts,             // (M,)
+    unsigned short* __restrict__ u_out,         // (M, W) out (GATED): u rounded to bf16, padding 0
+    const unsigned short* __restrict__ init,    // (M, D) or null: added to out (the hot neurons' part)
+    unsigned short* __restrict__ out,           // (M, D) out; tail rows: init + db (the host overwrites them)
+    float* __restrict__ l1_tok,                 // (M,) out: sum |h|
+    int* __restrict__ tok_cnt,                  // (M,) out: h != 0
+    int* __restrict__ neuron_cnt,               // (H,) in/out: += h != 0 (atomics on counters only)
+    long long M, int D, int W) {
+    __shared__ int s_col[TRAIN_WARPS][TRAIN_MAX_WIDTH];
+    __shared__ float s_h[TRAIN_WARPS][TRAIN_MAX_WIDTH];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const long long m = (long long)blockIdx.x * TRAIN_WARPS + warp;
+    if (m >= M) return;
+    int* lc = s_col[warp];
+    float* lh = s_h[warp];
+    const int cnt = __ldg(counts + m);
+    const int n = cnt <= W ? cnt : 0;
+    const int nvec_d = D >> 3;
+    const uint4* xg = reinterpret_cast<const uint4*>(x + m * D);
+
+    for (int e = lane; e < n; e += 32) lc[e] = __ldg(cols + m * W + e);
+    __syncwarp();
+    // phase A: u and h per slot; the |h| sum and the non-zero count per lane, reduced at the end
+    float l1 = 0.f;
+    int nz = 0;
+    for (int e0 = 0; e0 < n; e0 += 2) {  // two slots at a time: 16 row loads in flight per lane
+        const bool two = e0 + 1 < n;
+        float s0 = 0.f, s1 = 0.f;
+        if (GATED)
+            warp_dot2(xg, reinterpret_cast<const uint4*>(up + (long long)lc[e0] * D),
+                      two ? reinterpret_cast<const uint4*>(up + (long long)lc[e0 + 1] * D) : nullptr, nvec_d, lane,
+                      s0, s1);
+        if (lane < (two ? 2 : 1)) {  // lane 0: slot e0, lane 1: slot e0 + 1
+            const int e = e0 + lane;
+            const int j = lc[e];
+            const float gv = bf16_to_f(__ldg(g + m * W + e));
+            float h = gv;
+            if (GATED) {
+                float sv = (lane == 0 ? s0 : s1);
+                if (up_b != nullptr) sv += bf16_to_f(__ldg(up_b + j));
+                const unsigned short ub = f_to_bf16(sv);
+                u_out[m * W + e] = ub;
+                h = gv * bf16_to_f(ub);
+            }
+            lh[e] = h;
+            l1 += fabsf(h);
+            if (h != 0.f) {
+                ++nz;
+                atomicAdd(neuron_cnt + j, 1);
+            }
+        }
+    }
+    if (GATED)
+        for (int e = n + lane; e < W; e += 32) u_out[m * W + e] = 0;
+    l1 = warp_sum(l1);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) nz += __shfl_xor_sync(SPARSIFY_FULL_MASK, nz, o);
+    if (lane == 0) {
+        l1_tok[m] = l1;
+        tok_cnt[m] = nz;
+    }
+    __syncwarp();
+    // phase B: out_m = sum h * DownT_j (+ db), one D-chunk of registers at a time, two rows in flight
+    for (int d0 = 0; d0 < D; d0 += 256 * NV) {
+        const int nvec_c = min(256 * NV, D - d0) >> 3;
+        float acc[8 * NV];
+#pragma unroll
+        for (int i = 0; i < 8 * NV; ++i) acc[i] = 0.f;
+        if (down_b != nullptr) {
+#pragma unroll
+            for (int k = 0; k < NV; ++k) {
+                const int vi = k * 32 + lane;
+                if (vi < nvec_c) axpy8(acc + 8 * k, 1.f, __ldg(reinterpret_cast<const uint4*>(down_b + d0) + vi));
+            }
+        }
+        if (init != nullptr) {
+#pragma unroll
+            for (int k = 0; k < NV; ++k) {
+                const int vi = k * 32 + lane;
+                if (vi < nvec_c) axpy8(acc + 8 * k, 1.f, __ldg(reinterpret_cast<const uint4*>(init + m * D + d0) + vi));
+            }
+        }
+        int e = 0;
+        for (; e + 2 <= n; e += 2) {
+            const uint4* r0 = reinterpret_cast<const uint4*>(down_t + (long long)lc[e] * D + d0);
+            const uint4* r1 = reinterpret_cast<const uint4*>(down_t + (long long)lc[e + 1] * D + d0);
+            uint4 q0[NV], q1[NV];
+#pragma unroll
+            for (int k = 0; k < NV; ++k) {
+                const int vi = k * 32 + lane;
+                q0[k] = vi < nvec_c ? __ldg(r0 + vi) : make_uint4(0u, 0u, 0u, 0u);
+                q1[k] = vi < nvec_c ? __ldg(r1 + vi) : make_uint4(0u, 0u, 0u, 0u);
+            }
+            const float h0 = lh[e], h1 = lh[e + 1];
+#pragma unroll
+            for (int k = 0; k < NV; ++k) {
+                axpy8(acc + 8 * k, h0, q0[k]);
+                axpy8(acc + 8 * k, h1, q1[k]);
+            }
+        }
+        if (e < n) {
+            const uint4* r0 = reinterpret_cast<const uint4*>(down_t + (long long)lc[e] * D + d0);
+            const float h0 = lh[e];
+#pragma unroll
+            for (int k = 0; k < NV; ++k) {
+                const int vi = k * 32 + lane;
+                if (vi < nvec_c) axpy8(acc + 8 * k, h0, __ldg(r0 + vi));
+            }
+        }
+        uint4* og = reinterpret_cast<uint4*>(out + m * D + d0);
+#pragma unroll
+        for (int k = 0; k < NV; ++k) {
+            const int vi = k * 32 + lane;
+            if (vi < nvec_c) {
+                const float* a8 = acc + 8 * k;
+                og[vi] = make_uint4(pack_bf16x2(a8[0], a8[1]), pack_bf16x2(a8[2], a8[3]),
+                                    pack_bf16x2(a8[4], a8[5]), pack_bf16x2(a8[6], a8[7]));
+            }
+        }
+    }
+}
+
+// ---- backward, token-major: dh, the per-slot gradients, dX ------------------------------------------------
+template <int NV, bool GATED>
+__global__ void __launch_bounds__(TRAIN_WARPS * 32, 3) train_bwd_token_kernel(
+    const unsigned short* __restrict__ gy,      // (M, D)
+    const unsigned short* __restrict__ down_t,  // (H, D)
+    const unsigned short* __restrict__ gate,    // (H, D) (GATED)
+    const unsigned short* __restrict__ up,      // (H, D)
+    const int* __restrict__ cols,               // (M, W)
+    const unsigned short* __restrict__ g,       // (M, W)
+    const unsigned short* __restrict__ u,       // (M, W) (GATED)
+    const int* __restrict__ counts,             // (M,)
+    float* __restrict__ dg_out,                 // (M, W) out (GATED): dh * u on live slots (others untouched)
+    float* __restrict__ du_out,                 // (M, W) out: dh * g (plain: dh) on live slots
+    const unsigned short* __restrict__ init,    // (M, D) or null: added to dx (the hot neurons' part)
+    unsigned short* __restrict__ dx,            // (M, D) out; tail rows: init (the host writes them)
+    const float* __restrict__ gl1,              // () dL/dl1, or null (the L1 term is unused)
+    float inv_m,                                // 1 / M: dl1/d|h|
+    long long M, int D, int W) {
+    __shared__ int s_col[TRAIN_WARPS][TRAIN_MAX_WIDTH];
+    __shared__ float s_dg[TRAIN_WARPS][TRAIN_MAX_WIDTH];
+    __shared__ float s_du[TRAIN_WARPS][TRAIN_MAX_WIDTH];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const long long m = (long long)blockIdx.x * TRAIN_WARPS + warp;
+    if (m >= M) return;
+    int* lc = s_col[warp];
+    float* ldg = s_dg[warp];
+    float* ldu = s_du[warp];
+    const int cnt = __ldg(counts + m);
+    const int n = cnt <= W ? cnt : 0;
+    const int nvec_d = D >> 3;
+    const uint4* gyg = reinterpret_cast<const uint4*>(gy + m * D);
+    const float c = gl1 != nullptr ? __ldg(gl1) * inv_m : 0.f;
+
+    for (int e = lane; e < n; e += 32) lc[e] = __ldg(cols + m * W + e);
+    __syncwarp();
+    // phase A: two slots at a time (16 row loads in flight per lane)
+    for (int e = 0; e < n; e += 2) {
+        const bool two = e + 1 < n;
+        float s0, s1;
+        warp_dot2(gyg, reinterpret_cast<const uint4*>(down_t + (long long)lc[e] * D),
+                  two ? reinterpret_cast<const uint4*>(down_t + (long long)lc[e + 1] * D) : nullptr, nvec_d, lane,
+                  s0, s1);
+        if (lane < (two ? 2 : 1)) {
+            const int ee = e + lane;
+            const float dot = lane == 0 ? s0 : s1;
+            const float gv = bf16_to_f(__ldg(g + m * W + ee));
+            const float uv = GATED ? bf16_to_f(__ldg(u + m * W + ee)) : 1.f;
+            const float h = gv * uv;
+            const float sg = h > 0.f ? 1.f : (h < 0.f ? -1.f : (h == 0.f ? 0.f : h));  // NaN stays NaN
+            const float dh = dot + c * sg;
+            const float dgv = GATED ? dh * uv : 0.f;
+            const float duv = GATED ? dh * gv : dh;
+            ldg[ee] = dgv;
+            ldu[ee] = duv;
+            if (GATED) dg_out[m * W + ee] = dgv;
+            du_out[m * W + ee] = duv;
+        }
+    }
+    __syncwarp();
+    // phase B: dX_m = sum dg * G_j + du * U_j per D-chunk
+    for (int d0 = 0; d0 < D; d0 += 256 * NV) {
+        const int nvec_c = min(256 * NV, D - d0) >> 3;
+        float acc[8 * NV];
+#pragma unroll
+        for (int i = 0; i < 8 * NV; ++i) acc[i] = 0.f;
+        if (init != nullptr) {
+#pragma unroll
+            for (int k = 0; k < NV; ++k) {
+                const int vi = k * 32 + lane;
+                if (vi < nvec_c) axpy8(acc + 8 * k, 1.f, __ldg(reinterpret_cast<const uint4*>(init + m * D + d0) + vi));
+            }
+        }
+        for (int e = 0; e < n; ++e) {
+            const long long j = lc[e];
+            const uint4* ru = reinterpret_cast<const uint4*>(up + j * D + d0);
+            uint4 qu[NV], qg[NV];
+#pragma unroll
+            for (int k = 0; k < NV; ++k) {
+                const int vi = k * 32 + lane;
+                qu[k] = vi < nvec_c ? __ldg(ru + vi) : make_uint4(0u, 0u, 0u, 0u);
+            }
+            if (GATED) {
+                const uint4* rg = reinterpret_cast<const uint4*>(gate + j * D + d0);
+#pragma unroll
+                for (int k = 0; k < NV; ++k) {
+                    const int vi = k * 32 + lane;
+                    qg[k] = vi < nvec_c ? __ldg(rg + vi) : make_uint4(0u, 0u, 0u, 0u);
+                }
+            }
+            const float a_u = ldu[e];
+            const float a_g = ldg[e];
+#pragma unroll
+            for (int k = 0; k < NV; ++k) {
+                axpy8(acc + 8 * k, a_u, qu[k]);
+                if (GATED) axpy8(acc + 8 * k, a_g, qg[k]);
+            }
+        }
+        uint4* og = reinterpret_cast<uint4*>(dx + m * D + d0);
+#pragma unroll
+        for (int k = 0; k < NV; ++k) {
+            const int vi = k * 32 + lane;
+            if (vi < nvec_c) {
+                const float* a8 = acc + 8 * k;
+                og[vi] = make_uint4(pack_bf16x2(a8[0], a8[1]), pack_bf16x2(a8[2], a8[3]),
+                                    pack_bf16x2(a8[4], a8[5]), pack_bf16x2(a8[6], a8[7]));
+            }
+        }
+    }
+}
+
+// ---- backward, neuron-major: the weight gradients ----------------------------------------------------------
+// Block b handles chunk b: entries [beg, end) of the CSC order `perm` (flat slots, tokens ascending within a
+// neuron) of neuron chunk_neuron[b], over columns [blockIdx.y * 2048, +2048). part < 0: the chunk is the neuron's
+// whole segment and writes the output rows directly; else it writes partial sums to scratch row `part`.
+template <typename OutT>
+__device__ __forceinline__ void store8(OutT* dst, const float* a);
+template <>
+__device__ __forceinline__ void store8<unsigned short>(unsigned short* dst, const float* a) {
+    *reinterpret_cast<uint4*>(dst) =
+        make_uint4(pack_bf16x2(a[0], a[1]), pack_bf16x2(a[2], a[3]), pack_bf16x2(a[4], a[5]), pack_bf16x2(a[6], a[7]));
+}
+template <>
+__device__ __forceinline__ void store8<float>(float* dst, const float* a) {
+    reinterpret_cast<float4*>(dst)[0] = make_float4(a[0], a[1], a[2], a[3]);
+    reinterpret_cast<float4*>(dst)[1] = make_float4(a[4], a[5], a[6], a[7]);
+}
+
+__device__ __forceinline__ void widen8(float* v, uint4 q) {
+    v[0] = bf16_lo(q.x); v[1] = bf16_hi(q.x); v[2] = bf16_lo(q.y); v[3] = bf16_hi(q.y);
+    v[4] = bf16_lo(q.z); v[5] = bf16_hi(q.z); v[6] = bf16_lo(q.w); v[7] = bf16_hi(q.w);
+}
+
+template <bool GATED, typename OutT>
+__global__ void __launch_bounds__(NEURON_THREADS) train_bwd_neuron_kernel(
+    const int* __restrict__ perm,           // (N,) flat slots m * W + k, neuron-major
+    const int* __restrict__ chunk_neuron,   // (C,)
+    const int* __restrict__ chunk_beg,      // (C,)
+    const int* __restrict__ chunk_end,      // (C,)
+    const int* __restrict__ chunk_part,     // (C,) -1 or scratch row
+    const unsigned short* __restrict__ x,   // (M, D)
+    const unsigned short* __restrict__ gy,  // (M, D)
+    const unsigned short* __restrict__ g,   // (M, W)
+    const unsigned short* __restrict__ u,   // (M, W) (GATED)
+    const float* __restrict__ dg,           // (M, W) (GATED)
+    const float* __restrict__ du,           // (M, W)
+    OutT* __restrict__ d_down_t,            // (H, D) out
+    OutT* __restrict__ d_gate,              // (H, D) out (GATED)
+    OutT* __restrict__ d_up,                // (H, D) out
+    float* __restrict__ scratch,            // (P, 3, D) partial sums (down, gate, up)
+    int D, int W) {
+    const int b = blockIdx.x;
+    const int col = blockIdx.y * (NEURON_THREADS * 8) + threadIdx.x * 8;
+    if (col >= D) return;
+    const int beg = __ldg(chunk_beg + b), end = __ldg(chunk_end + b);
+    float a_down[8], a_gate[8], a_up[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) a_down[i] = a_gate[i] = a_up[i] = 0.f;
+    for (int e = beg; e < end; e += NEURON_UNROLL) {  // NEURON_UNROLL tokens' rows in flight
+        uint4 xv[NEURON_UNROLL], yv[NEURON_UNROLL];
+        float hv[NEURON_UNROLL], dgv[NEURON_UNROLL], duv[NEURON_UNROLL];
+#pragma unroll
+        for (int r = 0; r < NEURON_UNROLL; ++r) {
+            const bool ok = e + r < end;
+            const int s = ok ? __ldg(perm + e + r) : 0;
+            const long long mm = s / W;
+            xv[r] = ok ? __ldg(reinterpret_cast<const uint4*>(x + mm * D + col)) : make_uint4(0u, 0u, 0u, 0u);
+            yv[r] = ok ? __ldg(reinterpret_cast<const uint4*>(gy + mm * D + col)) : make_uint4(0u, 0u, 0u, 0u);
+            hv[r] = ok ? bf16_to_f(__ldg(g + s)) * (GATED ? bf16_to_f(__ldg(u + s)) : 1.f) : 0.f;
+            duv[r] = ok ? __ldg(du + s) : 0.f;
+            dgv[r] = (ok && GATED) ? __ldg(dg + s) : 0.f;
+        }
+#pragma unroll
+        for (int r = 0; r < NEURON_UNROLL; ++r) {
+            axpy8(a_down, hv[r], yv[r]);
+            axpy8(a_up, duv[r], xv[r]);
+            if (GATED) axpy8(a_gate, dgv[r], xv[r]);
+        }
+    }
+    const int part = __ldg(chunk_part + b);
+    if (part < 0) {
+        const long long j = __ldg(chunk_neuron + b);
+        store8<OutT>(d_down_t + j * D + col, a_down);
+        store8<OutT>(d_up + j * D + col, a_up);
+        if (GATED) store8<OutT>(d_gate + j * D + col, a_gate);
+    } else {
+        float* p = scratch + (long long)part * 3 * D + col;
+        store8<float>(p, a_down);
+        store8<float>(p + D, a_gate);
+        store8<float>(p + 2 * D, a_up);
+    }
+}
+
+// Sums the partial rows [first, first + n) of each split neuron, in order, into its output rows.
+template <bool GATED, typename OutT>
+__global__ void __launch_bounds__(NEURON_THREADS) train_reduce_kernel(
+    const int* __restrict__ red_neuron,  // (Q,)
+    const int* __restrict__ red_first,   // (Q,)
+    const int* __restrict__ red_count,   // (Q,)
+    const float* __restrict__ scratch,   // (P, 3, D)
+    OutT* __restrict__ d_down_t, OutT* __restrict__ d_gate, OutT* __restrict__ d_up, int D) {
+    const int q = blockIdx.x;
+    const int col = blockIdx.y * (NEURON_THREADS * 8) + threadIdx.x * 8;
+    if (col >= D) return;
+    const int first = __ldg(red_first + q), n = __ldg(red_count + q);
+    float a[3][8];
+#pragma unroll
+    for (int t = 0; t < 3; ++t)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) a[t][i] = 0.f;
+    for (int p = first; p < first + n; ++p) {
+#pragma unroll
+        for (int t = 0; t < 3; ++t) {
+            const float4* src = reinterpret_cast<const float4*>(scratch + ((long long)p * 3 + t) * D + col);
+            const float4 v0 = __ldg(src), v1 = __ldg(src + 1);
+            a[t][0] += v0.x; a[t][1] += v0.y; a[t][2] += v0.z; a[t][3] += v0.w;
+            a[t][4] += v1.x; a[t][5] += v1.y; a[t][6] += v1.z; a[t][7] += v1.w;
+        }
+    }
+    const long long j = __ldg(red_neuron + q);
+    store8<OutT>(d_down_t + j * D + col, a[0]);
+    if (GATED) store8<OutT>(d_gate + j * D + col, a[1]);
+    store8<OutT>(d_up + j * D + col, a[2]);
+}
+
+#define SPARSIFY_TRAIN_TOKEN_INST(NV, G)                                                                         \
+    template __global__ void train_fwd_kernel<NV, G>(                                                            \
+        const unsigned short*, const unsigned short*, const unsigned short*, const unsigned short*,              \
+        const unsigned short*, const int*, const unsigned short*, const int*, unsigned short*,                  \
+        const unsigned short*, unsigned short*, float*, int*, int*, long long, int, int);                                                                \
+    template __global__ void train_bwd_token_kernel<NV, G>(                                                      \
+        const unsigned short*, const unsigned short*, const unsigned short*, const unsigned short*, const int*,  \
+        const unsigned short*, const unsigned short*, const int*, float*, float*, const unsigned short*,        \
+        unsigned short*, const float*, float, long long, int, int);
+SPARSIFY_TRAIN_TOKEN_INST(8, true)
+SPARSIFY_TRAIN_TOKEN_INST(8, false)
+SPARSIFY_TRAIN_TOKEN_INST(4, true)
+SPARSIFY_TRAIN_TOKEN_INST(4, false)
+
+#define SPARSIFY_TRAIN_NEURON_INST(G, T)                                                                          \
+    template __global__ void train_bwd_neuron_kernel<G, T>(                                                       \
+        const int*, const int*, const int*, const int*, const int*, const unsigned short*, const unsigned short*, \
+        const unsigned short*, const unsigned short*, const float*, const float*, T*, T*, T*, float*, int, int);  \
+    template __global__ void train_reduce_kernel<G, T>(const int*, const int*, const int*, const float*, T*, T*,  \
+                                                       T*, int);
+SPARSIFY_TRAIN_NEURON_INST(true, unsigned short)
+SPARSIFY_TRAIN_NEURON_INST(false, unsigned short)
+SPARSIFY_TRAIN_NEURON_INST(true, float)
+SPARSIFY_TRAIN_NEURON_INST(false, float)

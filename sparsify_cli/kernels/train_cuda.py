@@ -1,0 +1,380 @@
+"""The sparse FFN training op on the GPU: kernels_cu/train_ffn.cu behind the same interface as the reference.
+
+    sparse_ffn_train_cuda(x, gate_w, up_w, down_w, gate_b, up_b, down_b, width) -> SparseFFNTrainOut
+      bf16 CUDA tensors, nn.Linear layouts (train_reference.py's docstring has the math); registered as
+      TRAIN_BACKENDS["cuda"] (the model picks it by name).
+
+How the work is split (docs/TRAINING_KERNELS.md §6):
+  forward   cuBLAS gate GEMM a = x·Gᵀ + gb (M, H), not kept  →  train_pattern_kernel: relu + ELL of width W
+            (rows with more than W active neurons: the dense tail)  →  train_fwd_kernel on the ELL rows (u, h,
+            out, |h| and non-zero counts)  →  the tail rows by cuBLAS on those R rows, masked by the pattern.
+  backward  train_bwd_token_kernel (dh per slot, dg, du, dX of the ELL rows)  →  a stable sort of the live slots
+            by neuron (the CSC order; tokens ascending within a neuron)  →  train_bwd_neuron_kernel (dDown, dG,
+            dU, long neuron segments split into chunks and summed in order by train_reduce_kernel: deterministic)
+            →  the tail rows by cuBLAS.
+Every row is exact whatever the sparsity: rows above W are computed densely, never dropped or capped.
+
+One host sync per forward (the tail's size and the backward's chunk counts, read together after the pattern
+kernel); none in backward. The op is not CUDA-graph capturable. Saved for backward: what the reference saves (no (M, H) tensor).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparsify_cli.kernels import loader
+from sparsify_cli.kernels.train_reference import TRAIN_BACKENDS, SparseFFNTrainOut, _check
+
+SOURCE = "train_ffn.cu"
+TRAIN_WARPS = 4  # warps (= tokens) per block of the token-major kernels; must match kernels_cu/train_ffn.cu
+MAX_WIDTH = 512  # TRAIN_MAX_WIDTH in kernels_cu/train_ffn.cu (per-warp shared-memory lists)
+NEURON_THREADS = 256  # NEURON_THREADS in kernels_cu/train_ffn.cu: 8 columns each
+NEURON_COLS = NEURON_THREADS * 8  # columns per neuron-pass block
+NEURON_CHUNK = 128  # tokens per neuron-pass block; longer neuron segments are split (and summed in order)
+# A neuron firing on more than this share of tokens is cheaper through dense GEMMs over its column (8 GEMM-columns
+# of work) than through per-pair gathers (~6 ns per pair on an H100 at D = 2048: the break-even is ~0.7%).
+# Measured in BENCHMARKS.md (training FFN); any value gives the same result, only the speed changes.
+HOT_RATE = 0.01
+HOT_ALIGN = 64  # the hot GEMMs' width is padded to a multiple of this
+
+
+def _nv(d: int) -> int:
+    """16-byte vectors per lane of a token-major kernel's D-chunk (4: D <= 1024, else 8 with chunks)."""
+    return 4 if d <= 1024 else 8
+
+
+def _i32(v: int):
+    import numpy as np
+
+    return np.int32(v)
+
+
+def _i64(v: int):
+    import numpy as np
+
+    return np.int64(v)
+
+
+def _f32(v: float):
+    import numpy as np
+
+    return np.float32(v)
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def check_cuda_args(x: Tensor, gate_w: Optional[Tensor], up_w: Tensor, down_w: Tensor, width: int) -> None:
+    """What the kernels need beyond the reference's checks (which run first): one line per problem."""
+    if x.device.type != "cuda":
+        raise ValueError(f"sparse_ffn_train (cuda): x must be a CUDA tensor; got {x.device}")
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"sparse_ffn_train (cuda): the kernels take bf16; got {x.dtype} (use backend 'torch')")
+    d = x.shape[1]
+    if d % 8:
+        raise ValueError(f"sparse_ffn_train (cuda): D={d} must be a multiple of 8 (16-byte rows)")
+    if not 1 <= width <= MAX_WIDTH:
+        raise ValueError(f"sparse_ffn_train (cuda): width={width} must be in [1, {MAX_WIDTH}]")
+    if x.shape[0] * width >= 2**31:
+        raise ValueError(f"sparse_ffn_train (cuda): M·W = {x.shape[0] * width} slots exceed int32 indexing")
+
+
+def _fn(expr: str):
+    return loader.get_function(SOURCE, expr)
+
+
+def _b(v: bool) -> str:
+    return "true" if v else "false"
+
+
+def _true_indices(mask: Tensor, n: int) -> Tensor:
+    """The n indices where the bool vector `mask` is True, ascending, without a host sync (n is known)."""
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=mask.device)
+    return torch.argsort((~mask).to(torch.uint8), stable=True)[:n]
+
+
+def _padded(idx: Tensor) -> Tensor:
+    """idx extended to a multiple of HOT_ALIGN entries by repeating its first one (the caller zeroes those
+    columns): cuBLAS picks its fast kernels only for aligned widths (an odd one fell back to sm75 kernels, ~6x
+    slower, on the H100)."""
+    n = idx.numel()
+    pad = -n % HOT_ALIGN
+    if n == 0 or pad == 0:
+        return idx
+    return torch.cat([idx, idx[:1].expand(pad)])
+
+
+def transpose(t: Tensor) -> Tensor:
+    """(rows, cols) bf16 -> (cols, rows) contiguous, by transpose_bf16_kernel (torch's strided copy is ~5x slower)."""
+    if t.dtype != torch.bfloat16 or t.dim() != 2:
+        raise ValueError(f"transpose: expects a 2-D bf16 tensor; got {t.dtype} {tuple(t.shape)}")
+    rows, cols = t.shape
+    src = t.contiguous()
+    out = torch.empty(cols, rows, dtype=t.dtype, device=t.device)
+    if t.numel():
+        loader.launch(_fn("transpose_bf16_kernel"), ((cols + 31) // 32, (rows + 31) // 32), (32, 8),
+                      (src.data_ptr(), out.data_ptr(), _i32(rows), _i32(cols)))
+    return out
+
+
+class SparseFFNTrainCudaFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate_w, up_w, down_w, gate_b, up_b, down_b, width, hot):
+        gated = gate_w is not None
+        m, d = x.shape
+        h = up_w.shape[0]
+        dev = x.device
+        with torch.autocast("cuda", enabled=False):
+            a = F.linear(x, gate_w if gated else up_w, gate_b if gated else up_b).contiguous()  # (M, H), not kept
+            cols = torch.empty(m, width, dtype=torch.int32, device=dev)
+            g = torch.empty(m, width, dtype=torch.bfloat16, device=dev)
+            counts = torch.empty(m, dtype=torch.int32, device=dev)
+            hist = torch.zeros(h, dtype=torch.int32, device=dev)  # ELL entries per neuron (CSC segment sizes)
+            skip = None
+            if hot is not None:  # hot neurons: left out of the pattern, computed by dense GEMMs below
+                skip = torch.zeros((h + 255) // 256 * 256, dtype=torch.uint8, device=dev)
+                skip[:h] = hot
+            vec_ok = int(h % 8 == 0 and a.data_ptr() % 16 == 0)
+            grid_rows = ((m + TRAIN_WARPS - 1) // TRAIN_WARPS,)
+            loader.launch(_fn("train_pattern_kernel"), grid_rows, (32 * TRAIN_WARPS,),
+                          (a.data_ptr(), cols.data_ptr(), g.data_ptr(), counts.data_ptr(), hist.data_ptr(),
+                           _ptr(skip), _i64(m), _i32(h), _i32(width), _i32(vec_ok)))
+            # The op's one host sync: the tail's size and the backward's chunk counts, fetched together.
+            in_tail = counts > width
+            n_chunks = torch.clamp((hist + NEURON_CHUNK - 1) // NEURON_CHUNK, min=1)  # (H,) neuron-pass blocks
+            split = n_chunks > 1
+            n_hot_t = hot.sum() if hot is not None else torch.zeros((), dtype=torch.int64, device=dev)
+            r, n_live, n_total, n_split_chunks, n_split, n_hot = (int(v) for v in torch.stack([
+                in_tail.sum(), hist.sum(), n_chunks.sum(), torch.where(split, n_chunks, 0).sum(), split.sum(),
+                n_hot_t]).tolist())
+            tail_rows = _true_indices(in_tail, r)  # (R,) int64 ascending
+            g_tail = a.index_select(0, tail_rows).relu_()  # (R, H)
+            if n_hot:
+                g_tail.masked_fill_(hot, 0)  # the tail covers the cold neurons only
+            hot_idx = _true_indices(hot, n_hot) if n_hot else torch.empty(0, dtype=torch.int64, device=dev)
+            hot_cols = _padded(hot_idx)  # (Hp,): the GEMMs over the hot columns need an aligned width
+            g_hot = a.index_select(1, hot_cols).relu_()  # (M, Hp): hot gate values, dense
+            g_hot[:, n_hot:] = 0  # padding columns: never active
+            del a
+
+            u = torch.empty(m, width, dtype=torch.bfloat16, device=dev) if gated else None
+            out = torch.empty(m, d, dtype=torch.bfloat16, device=dev)
+            l1_tok = torch.empty(m, dtype=torch.float32, device=dev)
+            tok_cnt = torch.empty(m, dtype=torch.int32, device=dev)
+            neuron_cnt = torch.zeros(h, dtype=torch.int32, device=dev)
+            down_t = transpose(down_w)  # (H, D): Down's column j as a row
+            out_hot = u_hot = h_hot = None
+            if n_hot:  # the hot neurons: dense GEMMs over their Hh columns, masked by the pattern
+                if gated:
+                    u_hot = torch.where(g_hot != 0, F.linear(x, up_w.index_select(0, hot_cols),
+                                                             None if up_b is None else up_b.index_select(0, hot_cols)), 0)
+                    h_hot = g_hot * u_hot
+                else:
+                    h_hot = g_hot
+                out_hot = h_hot @ down_t.index_select(0, hot_cols)  # (M, D)
+            loader.launch(_fn(f"train_fwd_kernel<{_nv(d)}, {_b(gated)}>"), grid_rows, (32 * TRAIN_WARPS,),
+                          (x.data_ptr(), up_w.data_ptr(), _ptr(up_b if gated else None), down_t.data_ptr(),
+                           _ptr(down_b), cols.data_ptr(), g.data_ptr(), counts.data_ptr(), _ptr(u), _ptr(out_hot),
+                           out.data_ptr(), l1_tok.data_ptr(), tok_cnt.data_ptr(), neuron_cnt.data_ptr(), _i64(m),
+                           _i32(d), _i32(width)))
+            l1_sum = l1_tok.sum()
+            u_tail = None
+            if tail_rows.numel():  # the rows above W, whole and dense, masked by the pattern
+                x_t = x.index_select(0, tail_rows)
+                on = g_tail != 0
+                if gated:
+                    u_tail = torch.where(on, F.linear(x_t, up_w, up_b), 0)
+                    h_t = g_tail * u_tail
+                else:
+                    h_t = g_tail
+                out_t = F.linear(h_t, down_w, down_b)
+                if out_hot is not None:
+                    out_t += out_hot.index_select(0, tail_rows)
+                out.index_copy_(0, tail_rows, out_t)
+                l1_sum = l1_sum + h_t.float().abs().sum()
+                nz = h_t != 0
+                tok_cnt.index_copy_(0, tail_rows, nz.sum(1, dtype=torch.int32))
+                neuron_cnt += nz.sum(0, dtype=torch.int32)
+            if h_hot is not None:
+                l1_sum = l1_sum + h_hot.float().abs().sum()
+                nz = h_hot != 0
+                tok_cnt += nz.sum(1, dtype=torch.int32)
+                neuron_cnt.index_add_(0, hot_idx, nz.sum(0, dtype=torch.int32)[:n_hot])
+            l1 = l1_sum / m
+
+        ctx.gated, ctx.width, ctx.has_bias = gated, width, (gate_b is not None, up_b is not None, down_b is not None)
+        ctx.sizes = (n_live, n_total, n_split_chunks, n_split)
+        ctx.save_for_backward(x, gate_w, up_w, down_w, g, cols, counts, u, tail_rows, g_tail, u_tail, hist, hot_idx,
+                              g_hot, u_hot)
+        token_counts, neuron_counts = tok_cnt.long(), neuron_cnt.long()
+        ctx.mark_non_differentiable(token_counts, neuron_counts)
+        return out, l1, token_counts, neuron_counts
+
+    @staticmethod
+    def backward(ctx, gy, gl1, _g_tc, _g_nc):
+        (x, gate_w, up_w, down_w, g, cols, counts, u, tail_rows, g_tail, u_tail, seg, hot_idx, g_hot,
+         u_hot) = ctx.saved_tensors
+        gated, width = ctx.gated, ctx.width
+        n_live, n_total, n_split_chunks, n_split = ctx.sizes
+        need = ctx.needs_input_grad
+        m, d = x.shape
+        h = up_w.shape[0]
+        dev = x.device
+        with torch.autocast("cuda", enabled=False):
+            gy = torch.zeros_like(x) if gy is None else gy.to(torch.bfloat16).contiguous()
+            gl1_f = None if gl1 is None else gl1.detach().to(torch.float32).reshape(1).contiguous()
+            down_t = transpose(down_w)
+            dg = torch.empty(m, width, dtype=torch.float32, device=dev) if gated else None
+            du = torch.empty(m, width, dtype=torch.float32, device=dev)
+            dx = torch.empty_like(x)
+            c = torch.zeros((), dtype=torch.bfloat16, device=dev) if gl1_f is None else (gl1_f[0] / m).to(
+                torch.bfloat16)  # dl1/d|h| scaled by the incoming gradient, for the dense (hot, tail) parts
+            n_hot = hot_idx.numel()
+            hot_cols = _padded(hot_idx)
+            dx_hot = dg_hot = du_hot = None
+            if n_hot:  # hot neurons: dense GEMMs over their (padded) columns, masked by the pattern
+                w_hot = [None if w is None else w.index_select(0, hot_cols) for w in (gate_w, up_w)]
+                down_hot_t = down_t.index_select(0, hot_cols)  # (Hp, D)
+                h_hot = g_hot * u_hot if gated else g_hot
+                dh_hot = torch.where(g_hot != 0, gy @ down_hot_t.t() + c * torch.sign(h_hot), 0)  # (M, Hh)
+                if gated:
+                    dg_hot, du_hot = dh_hot * u_hot, dh_hot * g_hot
+                    dx_hot = torch.cat([dg_hot, du_hot], 1) @ torch.cat(w_hot, 0)  # (M, D), one GEMM
+                else:
+                    du_hot = dh_hot
+                    dx_hot = du_hot @ w_hot[1]
+            grid_rows = ((m + TRAIN_WARPS - 1) // TRAIN_WARPS,)
+            loader.launch(_fn(f"train_bwd_token_kernel<{_nv(d)}, {_b(gated)}>"), grid_rows, (32 * TRAIN_WARPS,),
+                          (gy.data_ptr(), down_t.data_ptr(), _ptr(gate_w), up_w.data_ptr(), cols.data_ptr(),
+                           g.data_ptr(), _ptr(u), counts.data_ptr(), _ptr(dg), du.data_ptr(), _ptr(dx_hot),
+                           dx.data_ptr(), _ptr(gl1_f), _f32(1.0 / m), _i64(m), _i32(d), _i32(width)))
+
+            # CSC order of the live ELL slots: a stable sort by neuron keeps tokens ascending within a neuron;
+            # padding (-1) sorts last as key H. No host sync: the sizes came from the forward.
+            flat = cols.view(-1)
+            keys = torch.where(flat >= 0, flat, h).to(torch.int16 if h < 2**15 - 1 else torch.int32)
+            keys_sorted, order = torch.sort(keys, stable=True)
+            perm64, keys_live = order[:n_live], keys_sorted[:n_live].long()
+            perm = perm64.to(torch.int32)
+            n_chunks = torch.clamp((seg + NEURON_CHUNK - 1) // NEURON_CHUNK, min=1).long()  # (H,)
+            split = n_chunks > 1
+            seg = seg.long()
+            chunk_neuron = torch.repeat_interleave(torch.arange(h, device=dev), n_chunks, output_size=n_total)
+            first_chunk = torch.cumsum(n_chunks, 0) - n_chunks
+            seg_beg = torch.cumsum(seg, 0) - seg
+            k = torch.arange(n_total, device=dev) - first_chunk[chunk_neuron]
+            beg = seg_beg[chunk_neuron] + k * NEURON_CHUNK
+            end = torch.minimum(beg + NEURON_CHUNK, (seg_beg + seg)[chunk_neuron])
+            chunk_split = split[chunk_neuron]
+            part = torch.where(chunk_split, torch.cumsum(chunk_split, 0) - 1, -1)
+
+            has_tail = tail_rows.numel() > 0
+            out_dtype = torch.float32 if has_tail else torch.bfloat16  # the tail is added before rounding
+            d_down_t = torch.empty(h, d, dtype=out_dtype, device=dev)
+            d_gate = torch.empty(h, d, dtype=out_dtype, device=dev) if gated else None
+            d_up = torch.empty(h, d, dtype=out_dtype, device=dev)
+            scratch = torch.empty(max(n_split_chunks, 1), 3, d, dtype=torch.float32, device=dev)
+            out_t = "float" if has_tail else "unsigned short"
+            i32 = torch.int32
+            chunk_args = [t.to(i32).contiguous() for t in (chunk_neuron, beg, end, part)]
+            ycols = (d + NEURON_COLS - 1) // NEURON_COLS
+            loader.launch(_fn(f"train_bwd_neuron_kernel<{_b(gated)}, {out_t}>"), (n_total, ycols),
+                          (NEURON_THREADS,),
+                          (perm.data_ptr(), *(t.data_ptr() for t in chunk_args), x.data_ptr(), gy.data_ptr(),
+                           g.data_ptr(), _ptr(u), _ptr(dg), du.data_ptr(), d_down_t.data_ptr(), _ptr(d_gate),
+                           d_up.data_ptr(), scratch.data_ptr(), _i32(d), _i32(width)))
+            if n_split:
+                red_neuron = _true_indices(split, n_split)  # (Q,) ascending
+                red_first = part[first_chunk[red_neuron]]
+                red_count = n_chunks[red_neuron]
+                red_args = [t.to(i32).contiguous() for t in (red_neuron, red_first, red_count)]
+                loader.launch(_fn(f"train_reduce_kernel<{_b(gated)}, {out_t}>"), (n_split, ycols),
+                              (NEURON_THREADS,),
+                              (*(t.data_ptr() for t in red_args), scratch.data_ptr(), d_down_t.data_ptr(),
+                               _ptr(d_gate), d_up.data_ptr(), _i32(d)))
+            if n_hot:  # the hot rows of the weight gradients (their CSC segments are empty: written as zeros)
+                d_down_t.index_copy_(0, hot_idx, (h_hot.t() @ gy)[:n_hot].to(out_dtype))
+                d_up.index_copy_(0, hot_idx, (du_hot.t() @ x)[:n_hot].to(out_dtype))
+                if gated:
+                    d_gate.index_copy_(0, hot_idx, (dg_hot.t() @ x)[:n_hot].to(out_dtype))
+
+            dg_tail = du_tail = None
+            if has_tail:  # the rows above W: dense products over those R rows, masked by the pattern
+                gy_t, x_t = gy.index_select(0, tail_rows), x.index_select(0, tail_rows)
+                on = g_tail != 0
+                h_t = g_tail * u_tail if gated else g_tail
+                dh_t = torch.where(on, gy_t @ down_w + c * torch.sign(h_t), 0)  # (R, H)
+                if gated:
+                    dg_tail, du_tail = dh_t * u_tail, dh_t * g_tail
+                    dx_t = dg_tail @ gate_w + du_tail @ up_w
+                    d_gate += (dg_tail.t() @ x_t).float()
+                else:
+                    du_tail = dh_t
+                    dx_t = du_tail @ up_w
+                if dx_hot is not None:
+                    dx_t += dx_hot.index_select(0, tail_rows)
+                dx.index_copy_(0, tail_rows, dx_t)
+                d_up += (du_tail.t() @ x_t).float()
+                d_down_t += (h_t.t() @ gy_t).float()
+                d_down_t, d_up = d_down_t.to(torch.bfloat16), d_up.to(torch.bfloat16)
+                d_gate = None if d_gate is None else d_gate.to(torch.bfloat16)
+
+            grads = [None] * 9
+            grads[0] = dx if need[0] else None
+            grads[1] = d_gate if need[1] else None
+            grads[2] = d_up if need[2] else None
+            grads[3] = transpose(d_down_t) if need[3] else None  # (D, H)
+
+            def bias_grad(per_slot: Optional[Tensor], per_tail: Optional[Tensor], per_hot: Optional[Tensor]) -> Tensor:
+                acc = torch.zeros(h, dtype=torch.float32, device=dev)
+                acc.index_add_(0, keys_live, per_slot.view(-1).index_select(0, perm64))
+                if per_tail is not None:
+                    acc += per_tail.float().sum(0)
+                if per_hot is not None:
+                    acc.index_add_(0, hot_idx, per_hot.float().sum(0)[:n_hot])
+                return acc.to(torch.bfloat16)
+
+            if ctx.has_bias[0] and need[4]:
+                grads[4] = bias_grad(dg, dg_tail, dg_hot)
+            if ctx.has_bias[1] and need[5]:
+                grads[5] = bias_grad(du, du_tail, du_hot)
+            if ctx.has_bias[2] and need[6]:
+                grads[6] = gy.float().sum(0).to(torch.bfloat16)
+        return tuple(grads)
+
+
+def sparse_ffn_train_cuda(x: Tensor, gate_w: Optional[Tensor], up_w: Tensor, down_w: Tensor,
+                          gate_b: Optional[Tensor] = None, up_b: Optional[Tensor] = None,
+                          down_b: Optional[Tensor] = None, width: int = 128,
+                          hot: Optional[Tensor] = None) -> SparseFFNTrainOut:
+    """The CUDA op (bf16, one GPU). Same signature, outputs and semantics as sparse_ffn_train_reference.
+
+    hot: optional (H,) bool, the neurons to compute with dense GEMMs over their columns instead of per pair
+    (the busiest ones; hot_mask() picks them from the previous call's neuron_counts). Same result either way.
+    """
+    _check(x, gate_w, up_w, down_w, gate_b, up_b, down_b, width)
+    check_cuda_args(x, gate_w, up_w, down_w, width)
+    if hot is not None and (hot.dtype != torch.bool or tuple(hot.shape) != (up_w.shape[0],) or hot.device != x.device):
+        raise ValueError(f"sparse_ffn_train (cuda): hot must be a bool ({up_w.shape[0]},) mask on {x.device}")
+    args = [t if t is None else t.contiguous() for t in (x, gate_w, up_w, down_w, gate_b, up_b, down_b)]
+    return SparseFFNTrainOut(*SparseFFNTrainCudaFn.apply(*args, width, hot))
+
+
+def hot_mask(neuron_counts: Tensor, n_tokens: int, rate: float = HOT_RATE) -> Tensor:
+    """(H,) bool: neurons active on more than `rate` of the tokens (from a previous call's neuron_counts)."""
+    return neuron_counts > rate * n_tokens
+
+
+def saved_bytes(m: int, width: int, r: int, h: int, gated: bool = True) -> int:
+    """Bytes the op saves beyond x and the weights (bf16): the per-slot pattern and values and the tail."""
+    per_slot = 2 + 4 + (2 if gated else 0)  # g, cols, u
+    return m * width * per_slot + 4 * m + 8 * r + r * h * 2 * (2 if gated else 1)
+
+
+TRAIN_BACKENDS["cuda"] = sparse_ffn_train_cuda
