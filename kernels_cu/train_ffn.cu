@@ -12,6 +12,8 @@
 //                             out_m = sum h * DownT_j + db; per-token |h| sum and h != 0 count; per-neuron count
 //   train_bwd_token_kernel    per ELL slot: dh = gy_m . DownT_j + c * sign(h); dg = dh * u, du = dh * g (fp32,
 //                             saved for the neuron pass); dX_m = sum dg * G_j + du * U_j
+//   train_hot_fwd/bwd_kernel  the elementwise work around the dense GEMMs of the hot neurons (relu, mask, h,
+//                             |h| and counts; dh, dg, du)
 //   train_bwd_neuron_kernel   per neuron segment (CSC order, host-sorted): dDownT_j = sum h * gy_m,
 //                             dG_j = sum dg * x_m, dU_j = sum du * x_m; long segments are split into chunks whose
 //                             partial sums go to a scratch buffer, summed in order by train_reduce_kernel
@@ -124,7 +126,8 @@ __global__ void __launch_bounds__(TRAIN_WARPS * 32, 3) train_fwd_kernel(
     float* __restrict__ l1_tok,                 // (M,) out: sum |h|
     int* __restrict__ tok_cnt,                  // (M,) out: h != 0
     int* __restrict__ neuron_cnt,               // (H,) in/out: += h != 0 (atomics on counters only)
-    long long M, int D, int W) {
+    long long M, int D, int W,
+    int accumulate) {                           // 1: add to l1_tok / tok_cnt (train_hot_fwd_kernel wrote them)
     __shared__ int s_col[TRAIN_WARPS][TRAIN_MAX_WIDTH];
     __shared__ float s_h[TRAIN_WARPS][TRAIN_MAX_WIDTH];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -175,8 +178,8 @@ __global__ void __launch_bounds__(TRAIN_WARPS * 32, 3) train_fwd_kernel(
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) nz += __shfl_xor_sync(SPARSIFY_FULL_MASK, nz, o);
     if (lane == 0) {
-        l1_tok[m] = l1;
-        tok_cnt[m] = nz;
+        l1_tok[m] = accumulate ? l1_tok[m] + l1 : l1;
+        tok_cnt[m] = accumulate ? tok_cnt[m] + nz : nz;
     }
     __syncwarp();
     // phase B: out_m = sum h * DownT_j (+ db), one D-chunk of registers at a time, two rows in flight
@@ -463,11 +466,129 @@ __global__ void __launch_bounds__(NEURON_THREADS) train_reduce_kernel(
     store8<OutT>(d_up + j * D + col, a[2]);
 }
 
+// ---- the hot neurons (dense GEMMs over their columns): the elementwise work around the GEMMs, one warp per row --
+// Hp (padded hot width) is a multiple of 8; columns >= n_hot are padding (never active).
+// forward: g = relu(g) in place (padding -> 0); GATED: u = g != 0 ? u : 0 in place and h = g * u -> h_out (bf16,
+// for the down GEMM; plain: h = g); per-row |h| sum and h != 0 count written to l1_tok / tok_cnt (the cold kernel
+// adds its own after); per-neuron counts added to neuron_cnt[hot_cols[c]].
+template <bool GATED>
+__global__ void __launch_bounds__(TRAIN_WARPS * 32) train_hot_fwd_kernel(
+    unsigned short* __restrict__ g,          // (M, Hp) in: gathered gate pre-activation; out: relu'd
+    unsigned short* __restrict__ u,          // (M, Hp) in/out (GATED): masked by the pattern
+    unsigned short* __restrict__ h_out,      // (M, Hp) out (GATED)
+    const long long* __restrict__ hot_cols,  // (Hp,) neuron of each column
+    float* __restrict__ l1_tok, int* __restrict__ tok_cnt, int* __restrict__ neuron_cnt,
+    long long M, int Hp, int n_hot) {
+    const int lane = threadIdx.x & 31;
+    const long long m = (long long)blockIdx.x * TRAIN_WARPS + (threadIdx.x >> 5);
+    if (m >= M) return;
+    float l1 = 0.f;
+    int nz = 0;
+    for (int c0 = lane * 8; c0 < Hp; c0 += 256) {
+        uint4* gp = reinterpret_cast<uint4*>(g + m * Hp + c0);
+        const uint4 gq = *gp;
+        unsigned short gv[8] = {(unsigned short)(gq.x & 0xffffu), (unsigned short)(gq.x >> 16),
+                                (unsigned short)(gq.y & 0xffffu), (unsigned short)(gq.y >> 16),
+                                (unsigned short)(gq.z & 0xffffu), (unsigned short)(gq.z >> 16),
+                                (unsigned short)(gq.w & 0xffffu), (unsigned short)(gq.w >> 16)};
+        unsigned short uv[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (GATED) {
+            const uint4 uq = *reinterpret_cast<const uint4*>(u + m * Hp + c0);
+            uv[0] = uq.x & 0xffffu; uv[1] = uq.x >> 16; uv[2] = uq.y & 0xffffu; uv[3] = uq.y >> 16;
+            uv[4] = uq.z & 0xffffu; uv[5] = uq.z >> 16; uv[6] = uq.w & 0xffffu; uv[7] = uq.w >> 16;
+        }
+        float hv[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const bool on = c0 + e < n_hot && relu_active(gv[e]);
+            if (!on) {
+                gv[e] = 0;
+                uv[e] = 0;
+            }
+            hv[e] = bf16_to_f(gv[e]) * (GATED ? bf16_to_f(uv[e]) : 1.f);
+            l1 += fabsf(hv[e]);
+            if (hv[e] != 0.f) {
+                ++nz;
+                atomicAdd(neuron_cnt + hot_cols[c0 + e], 1);
+            }
+        }
+        *gp = make_uint4((unsigned)gv[0] | ((unsigned)gv[1] << 16), (unsigned)gv[2] | ((unsigned)gv[3] << 16),
+                         (unsigned)gv[4] | ((unsigned)gv[5] << 16), (unsigned)gv[6] | ((unsigned)gv[7] << 16));
+        if (GATED) {
+            *reinterpret_cast<uint4*>(u + m * Hp + c0) =
+                make_uint4((unsigned)uv[0] | ((unsigned)uv[1] << 16), (unsigned)uv[2] | ((unsigned)uv[3] << 16),
+                           (unsigned)uv[4] | ((unsigned)uv[5] << 16), (unsigned)uv[6] | ((unsigned)uv[7] << 16));
+            *reinterpret_cast<uint4*>(h_out + m * Hp + c0) =
+                make_uint4(pack_bf16x2(hv[0], hv[1]), pack_bf16x2(hv[2], hv[3]), pack_bf16x2(hv[4], hv[5]),
+                           pack_bf16x2(hv[6], hv[7]));
+        }
+    }
+    l1 = warp_sum(l1);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) nz += __shfl_xor_sync(SPARSIFY_FULL_MASK, nz, o);
+    if (lane == 0) {
+        l1_tok[m] = l1;
+        tok_cnt[m] = nz;
+    }
+}
+
+// backward: dh = g != 0 ? dh_raw + c * sign(g * u) : 0 (dh_raw = gy . DownT_j from a GEMM);
+// GATED: dgdu[:, :Hp] = dh * u (dg), dgdu[:, Hp:] = dh * g (du), h_out = g * u; plain: dgdu = dh, (M, Hp).
+template <bool GATED>
+__global__ void __launch_bounds__(TRAIN_WARPS * 32) train_hot_bwd_kernel(
+    const unsigned short* __restrict__ g, const unsigned short* __restrict__ u,  // (M, Hp)
+    const unsigned short* __restrict__ dh_raw,                                   // (M, Hp)
+    const float* __restrict__ gl1, float inv_m,
+    unsigned short* __restrict__ dgdu,   // (M, 2 Hp) gated, (M, Hp) plain
+    unsigned short* __restrict__ h_out,  // (M, Hp) (GATED)
+    long long M, int Hp) {
+    const int lane = threadIdx.x & 31;
+    const long long m = (long long)blockIdx.x * TRAIN_WARPS + (threadIdx.x >> 5);
+    if (m >= M) return;
+    const float c = gl1 != nullptr ? __ldg(gl1) * inv_m : 0.f;
+    const int ld = GATED ? 2 * Hp : Hp;
+    for (int c0 = lane * 8; c0 < Hp; c0 += 256) {
+        float gv[8], dv[8], uv[8];
+        widen8(gv, __ldg(reinterpret_cast<const uint4*>(g + m * Hp + c0)));
+        widen8(dv, __ldg(reinterpret_cast<const uint4*>(dh_raw + m * Hp + c0)));
+        if (GATED) widen8(uv, __ldg(reinterpret_cast<const uint4*>(u + m * Hp + c0)));
+        float a[8], b[8], hh[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const float uu = GATED ? uv[e] : 1.f;
+            const float h = gv[e] * uu;
+            const float sg = h > 0.f ? 1.f : (h < 0.f ? -1.f : (h == 0.f ? 0.f : h));
+            const float dh = gv[e] != 0.f ? dv[e] + c * sg : 0.f;
+            a[e] = GATED ? dh * uu : dh;  // dg (plain: dh)
+            b[e] = dh * gv[e];            // du (GATED)
+            hh[e] = h;
+        }
+        *reinterpret_cast<uint4*>(dgdu + m * ld + c0) = make_uint4(
+            pack_bf16x2(a[0], a[1]), pack_bf16x2(a[2], a[3]), pack_bf16x2(a[4], a[5]), pack_bf16x2(a[6], a[7]));
+        if (GATED) {
+            *reinterpret_cast<uint4*>(dgdu + m * ld + Hp + c0) = make_uint4(
+                pack_bf16x2(b[0], b[1]), pack_bf16x2(b[2], b[3]), pack_bf16x2(b[4], b[5]), pack_bf16x2(b[6], b[7]));
+            *reinterpret_cast<uint4*>(h_out + m * Hp + c0) = make_uint4(
+                pack_bf16x2(hh[0], hh[1]), pack_bf16x2(hh[2], hh[3]), pack_bf16x2(hh[4], hh[5]), pack_bf16x2(hh[6], hh[7]));
+        }
+    }
+}
+template __global__ void train_hot_fwd_kernel<true>(unsigned short*, unsigned short*, unsigned short*,
+                                                    const long long*, float*, int*, int*, long long, int, int);
+template __global__ void train_hot_fwd_kernel<false>(unsigned short*, unsigned short*, unsigned short*,
+                                                     const long long*, float*, int*, int*, long long, int, int);
+template __global__ void train_hot_bwd_kernel<true>(const unsigned short*, const unsigned short*,
+                                                    const unsigned short*, const float*, float, unsigned short*,
+                                                    unsigned short*, long long, int);
+template __global__ void train_hot_bwd_kernel<false>(const unsigned short*, const unsigned short*,
+                                                     const unsigned short*, const float*, float, unsigned short*,
+                                                     unsigned short*, long long, int);
+
 #define SPARSIFY_TRAIN_TOKEN_INST(NV, G)                                                                         \
     template __global__ void train_fwd_kernel<NV, G>(                                                            \
         const unsigned short*, const unsigned short*, const unsigned short*, const unsigned short*,              \
         const unsigned short*, const int*, const unsigned short*, const int*, unsigned short*,                  \
-        const unsigned short*, unsigned short*, float*, int*, int*, long long, int, int);                                                                \
+        const unsigned short*, unsigned short*, float*, int*, int*, long long, int, int, int);         \
     template __global__ void train_bwd_token_kernel<NV, G>(                                                      \
         const unsigned short*, const unsigned short*, const unsigned short*, const unsigned short*, const int*,  \
         const unsigned short*, const unsigned short*, const int*, float*, float*, const unsigned short*,        \

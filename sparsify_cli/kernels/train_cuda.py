@@ -159,8 +159,7 @@ class SparseFFNTrainCudaFn(torch.autograd.Function):
                 g_tail.masked_fill_(hot, 0)  # the tail covers the cold neurons only
             hot_idx = _true_indices(hot, n_hot) if n_hot else torch.empty(0, dtype=torch.int64, device=dev)
             hot_cols = _padded(hot_idx)  # (Hp,): the GEMMs over the hot columns need an aligned width
-            g_hot = a.index_select(1, hot_cols).relu_()  # (M, Hp): hot gate values, dense
-            g_hot[:, n_hot:] = 0  # padding columns: never active
+            g_hot = a.index_select(1, hot_cols)  # (M, Hp): hot gate pre-activations (relu'd by train_hot_fwd_kernel)
             del a
 
             u = torch.empty(m, width, dtype=torch.bfloat16, device=dev) if gated else None
@@ -169,20 +168,24 @@ class SparseFFNTrainCudaFn(torch.autograd.Function):
             tok_cnt = torch.empty(m, dtype=torch.int32, device=dev)
             neuron_cnt = torch.zeros(h, dtype=torch.int32, device=dev)
             down_t = transpose(down_w)  # (H, D): Down's column j as a row
-            out_hot = u_hot = h_hot = None
-            if n_hot:  # the hot neurons: dense GEMMs over their Hh columns, masked by the pattern
+            out_hot = u_hot = None
+            if n_hot:  # the hot neurons: dense GEMMs over their Hp columns, masked by the pattern
+                hp = hot_cols.numel()
                 if gated:
-                    u_hot = torch.where(g_hot != 0, F.linear(x, up_w.index_select(0, hot_cols),
-                                                             None if up_b is None else up_b.index_select(0, hot_cols)), 0)
-                    h_hot = g_hot * u_hot
-                else:
-                    h_hot = g_hot
+                    u_hot = F.linear(x, up_w.index_select(0, hot_cols),
+                                     None if up_b is None else up_b.index_select(0, hot_cols)).contiguous()
+                h_hot = torch.empty(m, hp, dtype=torch.bfloat16, device=dev) if gated else g_hot
+                loader.launch(_fn(f"train_hot_fwd_kernel<{_b(gated)}>"), grid_rows, (32 * TRAIN_WARPS,),
+                              (g_hot.data_ptr(), _ptr(u_hot), _ptr(h_hot if gated else None), hot_cols.data_ptr(),
+                               l1_tok.data_ptr(), tok_cnt.data_ptr(), neuron_cnt.data_ptr(), _i64(m), _i32(hp),
+                               _i32(n_hot)))
                 out_hot = h_hot @ down_t.index_select(0, hot_cols)  # (M, D)
+                del h_hot
             loader.launch(_fn(f"train_fwd_kernel<{_nv(d)}, {_b(gated)}>"), grid_rows, (32 * TRAIN_WARPS,),
                           (x.data_ptr(), up_w.data_ptr(), _ptr(up_b if gated else None), down_t.data_ptr(),
                            _ptr(down_b), cols.data_ptr(), g.data_ptr(), counts.data_ptr(), _ptr(u), _ptr(out_hot),
                            out.data_ptr(), l1_tok.data_ptr(), tok_cnt.data_ptr(), neuron_cnt.data_ptr(), _i64(m),
-                           _i32(d), _i32(width)))
+                           _i32(d), _i32(width), _i32(1 if n_hot else 0)))
             l1_sum = l1_tok.sum()
             u_tail = None
             if tail_rows.numel():  # the rows above W, whole and dense, masked by the pattern
@@ -199,13 +202,8 @@ class SparseFFNTrainCudaFn(torch.autograd.Function):
                 out.index_copy_(0, tail_rows, out_t)
                 l1_sum = l1_sum + h_t.float().abs().sum()
                 nz = h_t != 0
-                tok_cnt.index_copy_(0, tail_rows, nz.sum(1, dtype=torch.int32))
+                tok_cnt.index_add_(0, tail_rows, nz.sum(1, dtype=torch.int32))  # (the hot part is already there)
                 neuron_cnt += nz.sum(0, dtype=torch.int32)
-            if h_hot is not None:
-                l1_sum = l1_sum + h_hot.float().abs().sum()
-                nz = h_hot != 0
-                tok_cnt += nz.sum(1, dtype=torch.int32)
-                neuron_cnt.index_add_(0, hot_idx, nz.sum(0, dtype=torch.int32)[:n_hot])
             l1 = l1_sum / m
 
         ctx.gated, ctx.width, ctx.has_bias = gated, width, (gate_b is not None, up_b is not None, down_b is not None)
@@ -233,23 +231,25 @@ class SparseFFNTrainCudaFn(torch.autograd.Function):
             dg = torch.empty(m, width, dtype=torch.float32, device=dev) if gated else None
             du = torch.empty(m, width, dtype=torch.float32, device=dev)
             dx = torch.empty_like(x)
-            c = torch.zeros((), dtype=torch.bfloat16, device=dev) if gl1_f is None else (gl1_f[0] / m).to(
-                torch.bfloat16)  # dl1/d|h| scaled by the incoming gradient, for the dense (hot, tail) parts
+            grid_rows = ((m + TRAIN_WARPS - 1) // TRAIN_WARPS,)
             n_hot = hot_idx.numel()
             hot_cols = _padded(hot_idx)
             dx_hot = dg_hot = du_hot = None
             if n_hot:  # hot neurons: dense GEMMs over their (padded) columns, masked by the pattern
-                w_hot = [None if w is None else w.index_select(0, hot_cols) for w in (gate_w, up_w)]
-                down_hot_t = down_t.index_select(0, hot_cols)  # (Hp, D)
-                h_hot = g_hot * u_hot if gated else g_hot
-                dh_hot = torch.where(g_hot != 0, gy @ down_hot_t.t() + c * torch.sign(h_hot), 0)  # (M, Hh)
+                hp = hot_cols.numel()
+                dh_raw = gy @ down_t.index_select(0, hot_cols).t()  # (M, Hp)
+                dgdu = torch.empty(m, 2 * hp if gated else hp, dtype=torch.bfloat16, device=dev)  # [dg | du]
+                h_hot = torch.empty(m, hp, dtype=torch.bfloat16, device=dev) if gated else g_hot
+                loader.launch(_fn(f"train_hot_bwd_kernel<{_b(gated)}>"), grid_rows, (32 * TRAIN_WARPS,),
+                              (g_hot.data_ptr(), _ptr(u_hot), dh_raw.data_ptr(), _ptr(gl1_f), _f32(1.0 / m),
+                               dgdu.data_ptr(), _ptr(h_hot if gated else None), _i64(m), _i32(hp)))
+                del dh_raw
                 if gated:
-                    dg_hot, du_hot = dh_hot * u_hot, dh_hot * g_hot
-                    dx_hot = torch.cat([dg_hot, du_hot], 1) @ torch.cat(w_hot, 0)  # (M, D), one GEMM
+                    dg_hot, du_hot = dgdu[:, :hp], dgdu[:, hp:]
+                    w_hot = torch.cat([gate_w.index_select(0, hot_cols), up_w.index_select(0, hot_cols)])  # (2Hp, D)
                 else:
-                    du_hot = dh_hot
-                    dx_hot = du_hot @ w_hot[1]
-            grid_rows = ((m + TRAIN_WARPS - 1) // TRAIN_WARPS,)
+                    du_hot, w_hot = dgdu, up_w.index_select(0, hot_cols)
+                dx_hot = dgdu @ w_hot  # (M, D): both branches in one GEMM
             loader.launch(_fn(f"train_bwd_token_kernel<{_nv(d)}, {_b(gated)}>"), grid_rows, (32 * TRAIN_WARPS,),
                           (gy.data_ptr(), down_t.data_ptr(), _ptr(gate_w), up_w.data_ptr(), cols.data_ptr(),
                            g.data_ptr(), _ptr(u), counts.data_ptr(), _ptr(dg), du.data_ptr(), _ptr(dx_hot),
@@ -309,6 +309,8 @@ class SparseFFNTrainCudaFn(torch.autograd.Function):
                 gy_t, x_t = gy.index_select(0, tail_rows), x.index_select(0, tail_rows)
                 on = g_tail != 0
                 h_t = g_tail * u_tail if gated else g_tail
+                c = torch.zeros((), dtype=torch.bfloat16, device=dev) if gl1_f is None else (gl1_f[0] / m).to(
+                    torch.bfloat16)  # dl1/d|h| times the incoming gradient
                 dh_t = torch.where(on, gy_t @ down_w + c * torch.sign(h_t), 0)  # (R, H)
                 if gated:
                     dg_tail, du_tail = dh_t * u_tail, dh_t * g_tail

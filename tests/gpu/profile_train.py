@@ -83,7 +83,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu_out")
     ap.add_argument("--m", type=int, default=16384)
-    ap.add_argument("--nnz", default="29,56,112")
+    ap.add_argument("--nnz", default="29,56,112,225")
     args = ap.parse_args()
     rows = []
     d, h = 2048, 5632
@@ -95,7 +95,7 @@ def main():
         from sparsify_cli.kernels.train_cuda import hot_mask
 
         variants = [(width_for(nnz), None, 0.0)] + [(width_for(nnz), hot_mask(counts, args.m, r), r)
-                                                   for r in (0.005, 0.01, 0.02)]
+                                                   for r in (0.005, 0.01)]
         for w, hot, rate in variants:
             def sp():
                 for t in leaves:
