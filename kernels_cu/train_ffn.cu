@@ -14,6 +14,8 @@
 //                             saved for the neuron pass); dX_m = sum dg * G_j + du * U_j
 //   train_hot_fwd/bwd_kernel  the elementwise work around the dense GEMMs of the hot neurons (relu, mask, h,
 //                             |h| and counts; dh, dg, du)
+//   train_plan_kernel         one block: tail rows, hot neurons and the sizes the host needs, after the pattern
+//   train_chunks_kernel       one block: the neuron pass's chunks and reduce lists (backward)
 //   train_bwd_neuron_kernel   per neuron segment (CSC order, host-sorted): dDownT_j = sum h * gy_m,
 //                             dG_j = sum dg * x_m, dU_j = sum du * x_m; long segments are split into chunks whose
 //                             partial sums go to a scratch buffer, summed in order by train_reduce_kernel
@@ -121,13 +123,11 @@ __global__ void __launch_bounds__(TRAIN_WARPS * 32, 3) train_fwd_kernel(
     const unsigned short* __restrict__ g,       // (M, W)
     const int* __restrict__ counts,             // (M,)
     unsigned short* __restrict__ u_out,         // (M, W) out (GATED): u rounded to bf16, padding 0
-    const unsigned short* __restrict__ init,    // (M, D) or null: added to out (the hot neurons' part)
-    unsigned short* __restrict__ out,           // (M, D) out; tail rows: init + db (the host overwrites them)
+    unsigned short* __restrict__ out,           // (M, D) out; tail rows: db (the host adds theirs and the hot part)
     float* __restrict__ l1_tok,                 // (M,) out: sum |h|
     int* __restrict__ tok_cnt,                  // (M,) out: h != 0
     int* __restrict__ neuron_cnt,               // (H,) in/out: += h != 0 (atomics on counters only)
-    long long M, int D, int W,
-    int accumulate) {                           // 1: add to l1_tok / tok_cnt (train_hot_fwd_kernel wrote them)
+    long long M, int D, int W) {
     __shared__ int s_col[TRAIN_WARPS][TRAIN_MAX_WIDTH];
     __shared__ float s_h[TRAIN_WARPS][TRAIN_MAX_WIDTH];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -178,8 +178,8 @@ __global__ void __launch_bounds__(TRAIN_WARPS * 32, 3) train_fwd_kernel(
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) nz += __shfl_xor_sync(SPARSIFY_FULL_MASK, nz, o);
     if (lane == 0) {
-        l1_tok[m] = accumulate ? l1_tok[m] + l1 : l1;
-        tok_cnt[m] = accumulate ? tok_cnt[m] + nz : nz;
+        l1_tok[m] = l1;
+        tok_cnt[m] = nz;
     }
     __syncwarp();
     // phase B: out_m = sum h * DownT_j (+ db), one D-chunk of registers at a time, two rows in flight
@@ -193,13 +193,6 @@ __global__ void __launch_bounds__(TRAIN_WARPS * 32, 3) train_fwd_kernel(
             for (int k = 0; k < NV; ++k) {
                 const int vi = k * 32 + lane;
                 if (vi < nvec_c) axpy8(acc + 8 * k, 1.f, __ldg(reinterpret_cast<const uint4*>(down_b + d0) + vi));
-            }
-        }
-        if (init != nullptr) {
-#pragma unroll
-            for (int k = 0; k < NV; ++k) {
-                const int vi = k * 32 + lane;
-                if (vi < nvec_c) axpy8(acc + 8 * k, 1.f, __ldg(reinterpret_cast<const uint4*>(init + m * D + d0) + vi));
             }
         }
         int e = 0;
@@ -469,8 +462,8 @@ __global__ void __launch_bounds__(NEURON_THREADS) train_reduce_kernel(
 // ---- the hot neurons (dense GEMMs over their columns): the elementwise work around the GEMMs, one warp per row --
 // Hp (padded hot width) is a multiple of 8; columns >= n_hot are padding (never active).
 // forward: g = relu(g) in place (padding -> 0); GATED: u = g != 0 ? u : 0 in place and h = g * u -> h_out (bf16,
-// for the down GEMM; plain: h = g); per-row |h| sum and h != 0 count written to l1_tok / tok_cnt (the cold kernel
-// adds its own after); per-neuron counts added to neuron_cnt[hot_cols[c]].
+// for the down GEMM; plain: h = g); per-row |h| sum and h != 0 count added to l1_tok / tok_cnt (the cold kernel wrote
+// them first); per-neuron counts added to neuron_cnt[hot_cols[c]].
 template <bool GATED>
 __global__ void __launch_bounds__(TRAIN_WARPS * 32) train_hot_fwd_kernel(
     unsigned short* __restrict__ g,          // (M, Hp) in: gathered gate pre-activation; out: relu'd
@@ -527,8 +520,8 @@ __global__ void __launch_bounds__(TRAIN_WARPS * 32) train_hot_fwd_kernel(
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) nz += __shfl_xor_sync(SPARSIFY_FULL_MASK, nz, o);
     if (lane == 0) {
-        l1_tok[m] = l1;
-        tok_cnt[m] = nz;
+        l1_tok[m] += l1;
+        tok_cnt[m] += nz;
     }
 }
 
@@ -584,11 +577,121 @@ template __global__ void train_hot_bwd_kernel<false>(const unsigned short*, cons
                                                      const unsigned short*, const float*, float, unsigned short*,
                                                      unsigned short*, long long, int);
 
+// ---- bookkeeping in one block (replaces a dozen small torch ops per call: the host cost was the bottleneck) ----
+#define PLAN_THREADS 1024
+
+// Exclusive block-wide prefix sums of four ints at once; every thread of the block calls it and gets its
+// exclusive prefix and the block's totals. PLAN_THREADS = 1024: 32 warps, one warp scans the warp totals.
+__device__ __forceinline__ int4 warp_incl_scan4(int4 v, int lane) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int a = __shfl_up_sync(SPARSIFY_FULL_MASK, v.x, o), b = __shfl_up_sync(SPARSIFY_FULL_MASK, v.y, o);
+        const int c = __shfl_up_sync(SPARSIFY_FULL_MASK, v.z, o), d = __shfl_up_sync(SPARSIFY_FULL_MASK, v.w, o);
+        if (lane >= o) {
+            v.x += a; v.y += b; v.z += c; v.w += d;
+        }
+    }
+    return v;
+}
+
+__device__ __forceinline__ int4 block_scan4(int4 v, int4& total) {
+    __shared__ int4 s_warp[PLAN_THREADS / 32];
+    __shared__ int4 s_tot;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int4 incl = warp_incl_scan4(v, lane);
+    if (lane == 31) s_warp[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        const int4 w = s_warp[lane];
+        const int4 wi = warp_incl_scan4(w, lane);
+        s_warp[lane] = make_int4(wi.x - w.x, wi.y - w.y, wi.z - w.z, wi.w - w.w);
+        if (lane == 31) s_tot = wi;
+    }
+    __syncthreads();
+    const int4 base = s_warp[warp];
+    total = s_tot;
+    __syncthreads();  // s_warp / s_tot are reused by the next call
+    return make_int4(base.x + incl.x - v.x, base.y + incl.y - v.y, base.z + incl.z - v.z, base.w + incl.w - v.w);
+}
+
+// After the pattern kernel: tail rows (count > W, ascending), hot neurons (ascending), and the numbers the host
+// needs, in one launch: stats = {R, live ELL entries, neuron-pass chunks, chunks of split neurons, split neurons,
+// hot neurons}.
+__global__ void __launch_bounds__(PLAN_THREADS) train_plan_kernel(
+    const int* __restrict__ counts, const int* __restrict__ hist, const unsigned char* __restrict__ hot,  // hot: null ok
+    long long* __restrict__ tail_rows,  // (M,) out: first R entries
+    long long* __restrict__ hot_idx,    // (H,) out: first n_hot entries
+    long long* __restrict__ stats,      // (8,) out
+    int M, int H, int W, int chunk) {
+    int r = 0;
+    for (int base = 0; base < M; base += PLAN_THREADS) {
+        const int i = base + threadIdx.x;
+        const int f = (i < M && __ldg(counts + i) > W) ? 1 : 0;
+        int4 tot;
+        const int4 ex = block_scan4(make_int4(f, 0, 0, 0), tot);
+        if (f) tail_rows[r + ex.x] = i;
+        r += tot.x;
+    }
+    int4 acc = make_int4(0, 0, 0, 0);  // (live entries, chunks, split chunks, split neurons)
+    int n_hot = 0;
+    for (int base = 0; base < H; base += PLAN_THREADS) {
+        const int j = base + threadIdx.x;
+        const int seg = j < H ? __ldg(hist + j) : 0;
+        const int nch = j < H ? max(1, (seg + chunk - 1) / chunk) : 0;
+        const int hf = (j < H && hot != nullptr && hot[j] != 0) ? 1 : 0;
+        int4 tot;
+        const int4 ex = block_scan4(make_int4(hf, 0, 0, 0), tot);
+        if (hf) hot_idx[n_hot + ex.x] = j;
+        n_hot += tot.x;
+        block_scan4(make_int4(seg, nch, nch > 1 ? nch : 0, nch > 1 ? 1 : 0), tot);
+        acc.x += tot.x; acc.y += tot.y; acc.z += tot.z; acc.w += tot.w;
+    }
+    if (threadIdx.x == 0) {
+        stats[0] = r; stats[1] = acc.x; stats[2] = acc.y; stats[3] = acc.z; stats[4] = acc.w; stats[5] = n_hot;
+        stats[6] = 0; stats[7] = 0;
+    }
+}
+
+// Backward: the neuron pass's chunks from the per-neuron ELL counts (CSC segment sizes), as the host used to
+// build them: chunk c of neuron j covers entries [seg_beg_j + k * chunk, ...) of the CSC order; split neurons
+// (more than one chunk) get consecutive scratch rows and one entry in the reduce lists.
+__global__ void __launch_bounds__(PLAN_THREADS) train_chunks_kernel(
+    const int* __restrict__ hist, int H, int chunk,
+    int* __restrict__ c_neuron, int* __restrict__ c_beg, int* __restrict__ c_end, int* __restrict__ c_part,
+    int* __restrict__ r_neuron, int* __restrict__ r_first, int* __restrict__ r_count) {
+    int4 run = make_int4(0, 0, 0, 0);  // (entries, chunks, split chunks, split neurons) before this slice
+    for (int base = 0; base < H; base += PLAN_THREADS) {
+        const int j = base + threadIdx.x;
+        const int seg = j < H ? __ldg(hist + j) : 0;
+        const int nch = j < H ? max(1, (seg + chunk - 1) / chunk) : 0;
+        const bool split = nch > 1;
+        int4 tot;
+        const int4 ex = block_scan4(make_int4(seg, nch, split ? nch : 0, split ? 1 : 0), tot);
+        if (j < H) {
+            const int beg0 = run.x + ex.x, c0 = run.y + ex.y, p0 = run.z + ex.z;
+            for (int k = 0; k < nch; ++k) {
+                const int b = beg0 + k * chunk;
+                c_neuron[c0 + k] = j;
+                c_beg[c0 + k] = b;
+                c_end[c0 + k] = min(b + chunk, beg0 + seg);
+                c_part[c0 + k] = split ? p0 + k : -1;
+            }
+            if (split) {
+                const int q = run.w + ex.w;
+                r_neuron[q] = j;
+                r_first[q] = p0;
+                r_count[q] = nch;
+            }
+        }
+        run.x += tot.x; run.y += tot.y; run.z += tot.z; run.w += tot.w;
+    }
+}
+
 #define SPARSIFY_TRAIN_TOKEN_INST(NV, G)                                                                         \
     template __global__ void train_fwd_kernel<NV, G>(                                                            \
         const unsigned short*, const unsigned short*, const unsigned short*, const unsigned short*,              \
         const unsigned short*, const int*, const unsigned short*, const int*, unsigned short*,                  \
-        const unsigned short*, unsigned short*, float*, int*, int*, long long, int, int, int);         \
+        unsigned short*, float*, int*, int*, long long, int, int);         \
     template __global__ void train_bwd_token_kernel<NV, G>(                                                      \
         const unsigned short*, const unsigned short*, const unsigned short*, const unsigned short*, const int*,  \
         const unsigned short*, const unsigned short*, const int*, float*, float*, const unsigned short*,        \

@@ -84,11 +84,11 @@ def dense_step(x, gate, up, down, gy, lam) -> tuple[torch.Tensor, torch.Tensor, 
     return out.detach(), l1.detach(), grads
 
 
-def sparse_step(x, gate, up, down, gy, lam, width: int, backend: str):
+def sparse_step(x, gate, up, down, gy, lam, width: int, backend: str, hot=None):
     """The same through sparse_ffn_train: (out, l1, (dx, dG, dU, dDown), token_counts)."""
     from sparsify_cli.kernels.train_reference import sparse_ffn_train
 
-    res = sparse_ffn_train(x, gate, up, down, width=width, backend=backend)
+    res = sparse_ffn_train(x, gate, up, down, width=width, backend=backend, hot=hot)
     grads = torch.autograd.grad([res.out, res.l1], [x, gate, up, down], [gy, lam.to(res.l1.dtype)])
     return res.out.detach(), res.l1.detach(), grads, res.token_counts
 
@@ -138,13 +138,24 @@ def suite_row(s, m: int, nnz: float, device: torch.device, energy=None) -> dict:
                backend=backend, dtype=str(dtype).removeprefix("torch."), l1_coeff=s.l1_coeff,
                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
 
+    hot = None
+    if backend == "cuda":  # the busiest neurons go through dense GEMMs, chosen as a training layer does: from the
+        # neuron counts of the previous call (FeedForward.sparse_hot)
+        from sparsify_cli.kernels.train_cuda import HOT_RATE, hot_mask
+        from sparsify_cli.kernels.train_reference import sparse_ffn_train
+
+        with torch.no_grad():
+            first = sparse_ffn_train(*(t.detach() for t in leaves), width=width, backend=backend)
+        hot = hot_mask(first.neuron_counts, m)
+        row.update(n_hot=int(hot.sum()), hot_rate=HOT_RATE)
+
     def dense() -> tuple:
         return dense_step(*leaves, gy, lam)
 
     def sparse() -> tuple:
-        return sparse_step(*leaves, gy, lam, width, backend)[:3]
+        return sparse_step(*leaves, gy, lam, width, backend, hot)[:3]
 
-    row.update(_errors(leaves, gy, lam, width, backend, ref_dtype))
+    row.update(_errors(leaves, gy, lam, width, backend, ref_dtype, hot))
     timing = compare(dense, sparse, device=device, tokens=m, reps=s.reps, warmup=s.warmup, energy=energy,
                      check=False)
     row.update({k: v for k, v in timing.items() if k != "rel_err"})
@@ -160,11 +171,11 @@ def suite_row(s, m: int, nnz: float, device: torch.device, energy=None) -> dict:
     return row
 
 
-def _errors(leaves, gy, lam, width: int, backend: str, ref_dtype: torch.dtype) -> dict[str, Any]:
+def _errors(leaves, gy, lam, width: int, backend: str, ref_dtype: torch.dtype, hot=None) -> dict[str, Any]:
     """Errors of one sparse call against one dense call and both against a ``ref_dtype`` dense reference."""
     x, gate, up, down = leaves
     try:
-        s_out, s_l1, s_grads, counts = sparse_step(x, gate, up, down, gy, lam, width, backend)
+        s_out, s_l1, s_grads, counts = sparse_step(x, gate, up, down, gy, lam, width, backend, hot)
     except ValueError as exc:  # the op's own shape/dtype checks
         raise UserError(f"sparse_ffn_train(backend={backend!r}) refused the row's inputs: {exc}") from None
     d_out, d_l1, d_grads = dense_step(x, gate, up, down, gy, lam)

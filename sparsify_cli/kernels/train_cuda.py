@@ -14,8 +14,9 @@ How the work is split (docs/TRAINING_KERNELS.md §6):
             →  the tail rows by cuBLAS.
 Every row is exact whatever the sparsity: rows above W are computed densely, never dropped or capped.
 
-One host sync per forward (the tail's size and the backward's chunk counts, read together after the pattern
-kernel); none in backward. The op is not CUDA-graph capturable. Saved for backward: what the reference saves (no (M, H) tensor).
+One host wait per forward, for the sizes of the tail, the hot set and the backward's chunks: train_plan_kernel
+computes them after the pattern, they are copied to pinned memory behind an event, and the host waits on that
+event only after queueing the cold forward kernel (so the GPU stays busy); none in backward. The op is not CUDA-graph capturable. Saved for backward: what the reference saves (no (M, H) tensor).
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ TRAIN_WARPS = 4  # warps (= tokens) per block of the token-major kernels; must m
 MAX_WIDTH = 512  # TRAIN_MAX_WIDTH in kernels_cu/train_ffn.cu (per-warp shared-memory lists)
 NEURON_THREADS = 256  # NEURON_THREADS in kernels_cu/train_ffn.cu: 8 columns each
 NEURON_COLS = NEURON_THREADS * 8  # columns per neuron-pass block
+PLAN_THREADS = 1024  # PLAN_THREADS in kernels_cu/train_ffn.cu (the one-block bookkeeping kernels)
 NEURON_CHUNK = 128  # tokens per neuron-pass block; longer neuron segments are split (and summed in order)
-# A neuron firing on more than this share of tokens is cheaper through dense GEMMs over its column (8 GEMM-columns
-# of work) than through per-pair gathers (~6 ns per pair on an H100 at D = 2048: the break-even is ~0.7%).
-# Measured in BENCHMARKS.md (training FFN); any value gives the same result, only the speed changes.
-HOT_RATE = 0.01
+# A neuron firing on more than this share of tokens goes through dense GEMMs over its column (8 GEMM-columns of
+# work) instead of per-pair gathers (~6 ns per pair on an H100 at D = 2048: break-even ~0.7% by that count).
+# Measured (BENCHMARKS.md, training FFN, M 16384): 0.5% beat 1% at nnz 29/56/112 (1.76/1.60/1.59x vs
+# 1.54/1.43/1.56x), 1% was better at nnz 225. Any value gives the same result; only the speed changes.
+HOT_RATE = 0.005
 HOT_ALIGN = 64  # the hot GEMMs' width is padded to a multiple of this
 
 
@@ -92,13 +95,6 @@ def _b(v: bool) -> str:
     return "true" if v else "false"
 
 
-def _true_indices(mask: Tensor, n: int) -> Tensor:
-    """The n indices where the bool vector `mask` is True, ascending, without a host sync (n is known)."""
-    if n == 0:
-        return torch.empty(0, dtype=torch.int64, device=mask.device)
-    return torch.argsort((~mask).to(torch.uint8), stable=True)[:n]
-
-
 def _padded(idx: Tensor) -> Tensor:
     """idx extended to a multiple of HOT_ALIGN entries by repeating its first one (the caller zeroes those
     columns): cuBLAS picks its fast kernels only for aligned widths (an odd one fell back to sm75 kernels, ~6x
@@ -130,65 +126,71 @@ class SparseFFNTrainCudaFn(torch.autograd.Function):
         m, d = x.shape
         h = up_w.shape[0]
         dev = x.device
+        grid_rows = ((m + TRAIN_WARPS - 1) // TRAIN_WARPS,)
+        warps = (32 * TRAIN_WARPS,)
         with torch.autocast("cuda", enabled=False):
             a = F.linear(x, gate_w if gated else up_w, gate_b if gated else up_b).contiguous()  # (M, H), not kept
             cols = torch.empty(m, width, dtype=torch.int32, device=dev)
             g = torch.empty(m, width, dtype=torch.bfloat16, device=dev)
             counts = torch.empty(m, dtype=torch.int32, device=dev)
-            hist = torch.zeros(h, dtype=torch.int32, device=dev)  # ELL entries per neuron (CSC segment sizes)
+            ints = torch.zeros(2 * h, dtype=torch.int32, device=dev)  # one memset for both counters
+            hist, neuron_cnt = ints[:h], ints[h:]  # ELL entries per neuron (CSC segment sizes); h != 0 per neuron
             skip = None
             if hot is not None:  # hot neurons: left out of the pattern, computed by dense GEMMs below
                 skip = torch.zeros((h + 255) // 256 * 256, dtype=torch.uint8, device=dev)
                 skip[:h] = hot
             vec_ok = int(h % 8 == 0 and a.data_ptr() % 16 == 0)
-            grid_rows = ((m + TRAIN_WARPS - 1) // TRAIN_WARPS,)
-            loader.launch(_fn("train_pattern_kernel"), grid_rows, (32 * TRAIN_WARPS,),
+            loader.launch(_fn("train_pattern_kernel"), grid_rows, warps,
                           (a.data_ptr(), cols.data_ptr(), g.data_ptr(), counts.data_ptr(), hist.data_ptr(),
                            _ptr(skip), _i64(m), _i32(h), _i32(width), _i32(vec_ok)))
-            # The op's one host sync: the tail's size and the backward's chunk counts, fetched together.
-            in_tail = counts > width
-            n_chunks = torch.clamp((hist + NEURON_CHUNK - 1) // NEURON_CHUNK, min=1)  # (H,) neuron-pass blocks
-            split = n_chunks > 1
-            n_hot_t = hot.sum() if hot is not None else torch.zeros((), dtype=torch.int64, device=dev)
-            r, n_live, n_total, n_split_chunks, n_split, n_hot = (int(v) for v in torch.stack([
-                in_tail.sum(), hist.sum(), n_chunks.sum(), torch.where(split, n_chunks, 0).sum(), split.sum(),
-                n_hot_t]).tolist())
-            tail_rows = _true_indices(in_tail, r)  # (R,) int64 ascending
-            g_tail = a.index_select(0, tail_rows).relu_()  # (R, H)
-            if n_hot:
-                g_tail.masked_fill_(hot, 0)  # the tail covers the cold neurons only
-            hot_idx = _true_indices(hot, n_hot) if n_hot else torch.empty(0, dtype=torch.int64, device=dev)
-            hot_cols = _padded(hot_idx)  # (Hp,): the GEMMs over the hot columns need an aligned width
-            g_hot = a.index_select(1, hot_cols)  # (M, Hp): hot gate pre-activations (relu'd by train_hot_fwd_kernel)
-            del a
+            # The sizes the host needs (tail rows, hot neurons, the backward's chunks): computed on the device,
+            # copied to pinned memory behind an event. The host waits for that event only after queueing the
+            # work that does not depend on them, so the GPU is never left idle at this point.
+            idx = torch.empty(m + h, dtype=torch.int64, device=dev)  # tail rows, then hot neurons
+            stats = torch.empty(8, dtype=torch.int64, device=dev)
+            loader.launch(_fn("train_plan_kernel"), (1,), (PLAN_THREADS,),
+                          (counts.data_ptr(), hist.data_ptr(), _ptr(skip), idx.data_ptr(), idx[m:].data_ptr(),
+                           stats.data_ptr(), _i32(m), _i32(h), _i32(width), _i32(NEURON_CHUNK)))
+            stats_host = torch.empty(8, dtype=torch.int64, pin_memory=True)
+            stats_host.copy_(stats, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
 
             u = torch.empty(m, width, dtype=torch.bfloat16, device=dev) if gated else None
             out = torch.empty(m, d, dtype=torch.bfloat16, device=dev)
             l1_tok = torch.empty(m, dtype=torch.float32, device=dev)
             tok_cnt = torch.empty(m, dtype=torch.int32, device=dev)
-            neuron_cnt = torch.zeros(h, dtype=torch.int32, device=dev)
             down_t = transpose(down_w)  # (H, D): Down's column j as a row
-            out_hot = u_hot = None
+            loader.launch(_fn(f"train_fwd_kernel<{_nv(d)}, {_b(gated)}>"), grid_rows, warps,
+                          (x.data_ptr(), up_w.data_ptr(), _ptr(up_b if gated else None), down_t.data_ptr(),
+                           _ptr(down_b), cols.data_ptr(), g.data_ptr(), counts.data_ptr(), _ptr(u), out.data_ptr(),
+                           l1_tok.data_ptr(), tok_cnt.data_ptr(), neuron_cnt.data_ptr(), _i64(m), _i32(d),
+                           _i32(width)))
+            ready.synchronize()  # the plan only: the fwd kernel above may still be running
+            r, n_live, n_total, n_split_chunks, n_split, n_hot = stats_host.tolist()[:6]
+            tail_rows, hot_idx = idx[:r], idx[m:m + n_hot]  # ascending
+
+            g_tail = a.index_select(0, tail_rows).relu_()  # (R, H)
+            if n_hot:
+                g_tail.masked_fill_(hot, 0)  # the tail covers the cold neurons only
+            hot_cols = _padded(hot_idx)  # (Hp,): the GEMMs over the hot columns need an aligned width
+            g_hot = a.index_select(1, hot_cols)  # (M, Hp): hot gate pre-activations (relu'd by train_hot_fwd_kernel)
+            del a
+            u_hot = None
             if n_hot:  # the hot neurons: dense GEMMs over their Hp columns, masked by the pattern
                 hp = hot_cols.numel()
                 if gated:
                     u_hot = F.linear(x, up_w.index_select(0, hot_cols),
                                      None if up_b is None else up_b.index_select(0, hot_cols)).contiguous()
                 h_hot = torch.empty(m, hp, dtype=torch.bfloat16, device=dev) if gated else g_hot
-                loader.launch(_fn(f"train_hot_fwd_kernel<{_b(gated)}>"), grid_rows, (32 * TRAIN_WARPS,),
+                loader.launch(_fn(f"train_hot_fwd_kernel<{_b(gated)}>"), grid_rows, warps,
                               (g_hot.data_ptr(), _ptr(u_hot), _ptr(h_hot if gated else None), hot_cols.data_ptr(),
                                l1_tok.data_ptr(), tok_cnt.data_ptr(), neuron_cnt.data_ptr(), _i64(m), _i32(hp),
                                _i32(n_hot)))
-                out_hot = h_hot @ down_t.index_select(0, hot_cols)  # (M, D)
+                out.addmm_(h_hot, down_t.index_select(0, hot_cols))  # out += h_hot · Down_hotᵀ
                 del h_hot
-            loader.launch(_fn(f"train_fwd_kernel<{_nv(d)}, {_b(gated)}>"), grid_rows, (32 * TRAIN_WARPS,),
-                          (x.data_ptr(), up_w.data_ptr(), _ptr(up_b if gated else None), down_t.data_ptr(),
-                           _ptr(down_b), cols.data_ptr(), g.data_ptr(), counts.data_ptr(), _ptr(u), _ptr(out_hot),
-                           out.data_ptr(), l1_tok.data_ptr(), tok_cnt.data_ptr(), neuron_cnt.data_ptr(), _i64(m),
-                           _i32(d), _i32(width), _i32(1 if n_hot else 0)))
-            l1_sum = l1_tok.sum()
             u_tail = None
-            if tail_rows.numel():  # the rows above W, whole and dense, masked by the pattern
+            if r:  # the rows above W, whole and dense, masked by the pattern (their ELL slots are padding)
                 x_t = x.index_select(0, tail_rows)
                 on = g_tail != 0
                 if gated:
@@ -196,15 +198,12 @@ class SparseFFNTrainCudaFn(torch.autograd.Function):
                     h_t = g_tail * u_tail
                 else:
                     h_t = g_tail
-                out_t = F.linear(h_t, down_w, down_b)
-                if out_hot is not None:
-                    out_t += out_hot.index_select(0, tail_rows)
-                out.index_copy_(0, tail_rows, out_t)
-                l1_sum = l1_sum + h_t.float().abs().sum()
+                out.index_add_(0, tail_rows, F.linear(h_t, down_w))  # onto db and the hot part
+                l1_tok.index_add_(0, tail_rows, h_t.float().abs().sum(1))
                 nz = h_t != 0
-                tok_cnt.index_add_(0, tail_rows, nz.sum(1, dtype=torch.int32))  # (the hot part is already there)
+                tok_cnt.index_add_(0, tail_rows, nz.sum(1, dtype=torch.int32))
                 neuron_cnt += nz.sum(0, dtype=torch.int32)
-            l1 = l1_sum / m
+            l1 = l1_tok.sum() / m
 
         ctx.gated, ctx.width, ctx.has_bias = gated, width, (gate_b is not None, up_b is not None, down_b is not None)
         ctx.sizes = (n_live, n_total, n_split_chunks, n_split)
@@ -260,19 +259,13 @@ class SparseFFNTrainCudaFn(torch.autograd.Function):
             flat = cols.view(-1)
             keys = torch.where(flat >= 0, flat, h).to(torch.int16 if h < 2**15 - 1 else torch.int32)
             keys_sorted, order = torch.sort(keys, stable=True)
-            perm64, keys_live = order[:n_live], keys_sorted[:n_live].long()
+            perm64 = order[:n_live]
             perm = perm64.to(torch.int32)
-            n_chunks = torch.clamp((seg + NEURON_CHUNK - 1) // NEURON_CHUNK, min=1).long()  # (H,)
-            split = n_chunks > 1
-            seg = seg.long()
-            chunk_neuron = torch.repeat_interleave(torch.arange(h, device=dev), n_chunks, output_size=n_total)
-            first_chunk = torch.cumsum(n_chunks, 0) - n_chunks
-            seg_beg = torch.cumsum(seg, 0) - seg
-            k = torch.arange(n_total, device=dev) - first_chunk[chunk_neuron]
-            beg = seg_beg[chunk_neuron] + k * NEURON_CHUNK
-            end = torch.minimum(beg + NEURON_CHUNK, (seg_beg + seg)[chunk_neuron])
-            chunk_split = split[chunk_neuron]
-            part = torch.where(chunk_split, torch.cumsum(chunk_split, 0) - 1, -1)
+            chunks = torch.empty(4, max(n_total, 1), dtype=torch.int32, device=dev)  # neuron, beg, end, part
+            reduce = torch.empty(3, max(n_split, 1), dtype=torch.int32, device=dev)  # neuron, first part, parts
+            loader.launch(_fn("train_chunks_kernel"), (1,), (PLAN_THREADS,),
+                          (seg.data_ptr(), _i32(h), _i32(NEURON_CHUNK), *(chunks[i].data_ptr() for i in range(4)),
+                           *(reduce[i].data_ptr() for i in range(3))))
 
             has_tail = tail_rows.numel() > 0
             out_dtype = torch.float32 if has_tail else torch.bfloat16  # the tail is added before rounding
@@ -281,22 +274,16 @@ class SparseFFNTrainCudaFn(torch.autograd.Function):
             d_up = torch.empty(h, d, dtype=out_dtype, device=dev)
             scratch = torch.empty(max(n_split_chunks, 1), 3, d, dtype=torch.float32, device=dev)
             out_t = "float" if has_tail else "unsigned short"
-            i32 = torch.int32
-            chunk_args = [t.to(i32).contiguous() for t in (chunk_neuron, beg, end, part)]
             ycols = (d + NEURON_COLS - 1) // NEURON_COLS
             loader.launch(_fn(f"train_bwd_neuron_kernel<{_b(gated)}, {out_t}>"), (n_total, ycols),
                           (NEURON_THREADS,),
-                          (perm.data_ptr(), *(t.data_ptr() for t in chunk_args), x.data_ptr(), gy.data_ptr(),
+                          (perm.data_ptr(), *(chunks[i].data_ptr() for i in range(4)), x.data_ptr(), gy.data_ptr(),
                            g.data_ptr(), _ptr(u), _ptr(dg), du.data_ptr(), d_down_t.data_ptr(), _ptr(d_gate),
                            d_up.data_ptr(), scratch.data_ptr(), _i32(d), _i32(width)))
             if n_split:
-                red_neuron = _true_indices(split, n_split)  # (Q,) ascending
-                red_first = part[first_chunk[red_neuron]]
-                red_count = n_chunks[red_neuron]
-                red_args = [t.to(i32).contiguous() for t in (red_neuron, red_first, red_count)]
                 loader.launch(_fn(f"train_reduce_kernel<{_b(gated)}, {out_t}>"), (n_split, ycols),
                               (NEURON_THREADS,),
-                              (*(t.data_ptr() for t in red_args), scratch.data_ptr(), d_down_t.data_ptr(),
+                              (*(reduce[i].data_ptr() for i in range(3)), scratch.data_ptr(), d_down_t.data_ptr(),
                                _ptr(d_gate), d_up.data_ptr(), _i32(d)))
             if n_hot:  # the hot rows of the weight gradients (their CSC segments are empty: written as zeros)
                 d_down_t.index_copy_(0, hot_idx, (h_hot.t() @ gy)[:n_hot].to(out_dtype))
@@ -335,7 +322,7 @@ class SparseFFNTrainCudaFn(torch.autograd.Function):
 
             def bias_grad(per_slot: Optional[Tensor], per_tail: Optional[Tensor], per_hot: Optional[Tensor]) -> Tensor:
                 acc = torch.zeros(h, dtype=torch.float32, device=dev)
-                acc.index_add_(0, keys_live, per_slot.view(-1).index_select(0, perm64))
+                acc.index_add_(0, keys_sorted[:n_live].long(), per_slot.view(-1).index_select(0, perm64))
                 if per_tail is not None:
                     acc += per_tail.float().sum(0)
                 if per_hot is not None:

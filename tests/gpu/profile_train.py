@@ -75,6 +75,20 @@ def breakdown(fn):
     return top
 
 
+def host_table(fn, path):
+    """CPU-side cost of one call: torch.profiler's ops by self CPU time (where the host overhead goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    Path(path).write_text(table)
+    return table
+
+
 def width_for(nnz):
     return int(min(512, max(64, 32 * round(3 * nnz / 32))))
 
@@ -84,6 +98,7 @@ def main():
     ap.add_argument("--out", default="gpu_out")
     ap.add_argument("--m", type=int, default=16384)
     ap.add_argument("--nnz", default="29,56,112,225")
+    ap.add_argument("--host", action="store_true", help="also write the CPU-side op table of each sparse row")
     args = ap.parse_args()
     rows = []
     d, h = 2048, 5632
@@ -116,6 +131,9 @@ def main():
                    "sparse_peak_mb": peak_mb(sp)}
             row["ratio"] = row["dense_ms"] / row["sparse_ms"]
             row["sparse_kernels_ms"] = breakdown(sp)
+            if args.host:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                print(host_table(sp, Path(args.out) / f"host_{nnz:g}_{rate:g}.txt")[:3000])
             if hot is None:
                 row["dense_kernels_ms"] = breakdown(de)
             rows.append(row)
