@@ -34,10 +34,11 @@ from sparsify_cli.errors import UserError
 from sparsify_cli.kernels.availability import cuda_kernels_status
 from sparsify_cli.model.ffn import FeedForward
 
-# Mean active neurons per token, as a share of H, up to which a layer trains faster through the sparse op than
-# dense. From the training-kernel benchmark in BENCHMARKS.md; 0.02 is a placeholder until it is measured on the
-# H100 (the sparse inference FFN's crossover was 0.0075-0.02 of H: kernels/ffn.py's SparsePolicy).
-SPARSE_CROSSOVER = 0.02
+# Mean active neurons per token, as a share of H, up to which a layer trains through the sparse op. From the
+# training-FFN benchmark (BENCHMARKS.md, H100, D 2048, H 5632, M 16384, PERFORMANCE.md's skewed firing rates):
+# fwd+bwd 1.76x/1.60x/1.59x/1.44x faster than dense at 0.5%/1%/2%/4% of H (the busiest neurons go through dense
+# GEMMs: kernels/train_cuda.py HOT_RATE). 4% is the densest point measured, so it is the crossover used.
+SPARSE_CROSSOVER = 0.04
 # A sparse layer goes back to dense only above SPARSE_CROSSOVER × this (no flapping near the crossover).
 DENSE_HYSTERESIS = 1.25
 # ELL width of a sparse layer: about 3× its mean active count (rows above it take the exact dense tail), a
