@@ -16,7 +16,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     for p in model.parameters():  # each tied parameter once
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    # On a GPU the fused kernel does the whole update in one pass over each tensor (the foreach default made ~8% of
+    # a paper-shaped training step on the H100). Plain CUDA tensors only: sharded (DTensor) parameters and the CPU
+    # keep the default implementation.
+    params = decay + no_decay
+    fused = bool(params) and all(p.is_cuda and type(p.data) is torch.Tensor for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
 def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
