@@ -59,6 +59,16 @@ def autocast_for(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def take_peak_memory_gib(device: torch.device) -> float | None:
+    """The most memory torch allocated on `device` since the previous call (GiB), then a fresh window; None off
+    CUDA. The trainer logs it at each log line as memory/peak_gib (this process's GPU)."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
 def load_init(path: str, allow_torch_bin: bool = False, weights: bool = True) -> hf.Imported:
     """train.init: a local Hugging Face directory, or a run/checkpoint directory of ours."""
     if hf.is_hf_dir(path):
@@ -373,6 +383,9 @@ class Trainer:
                             metrics[f"layer{i}/active_max"] = ls.max_active
                             metrics[f"layer{i}/dead_fraction"] = ls.dead_fraction
                         metrics["tokens_per_s"] = window_tokens / elapsed
+                        peak = take_peak_memory_gib(self.device)
+                        if peak is not None:  # CUDA only: no such key on CPU
+                            metrics["memory/peak_gib"] = peak
                         self.tracker.reset_window_stats()
                         window_tokens, window_start = 0, time.perf_counter()
                         if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:

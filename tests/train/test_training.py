@@ -6,7 +6,7 @@ import torch
 from sparsify_cli.config.compose import compose
 from sparsify_cli.errors import UserError
 from sparsify_cli.train import checkpoint as ckpt
-from sparsify_cli.train.loop import Trainer, TrainingDiverged
+from sparsify_cli.train.loop import Trainer, TrainingDiverged, take_peak_memory_gib
 from sparsify_cli.train.optim import lr_at
 from sparsify_cli.config.schema import OptimConfig
 
@@ -24,6 +24,7 @@ def test_short_run_lowers_the_loss_and_writes_a_checkpoint(small_overrides, tmp_
     assert ces[-1] < ces[0] - 0.5, ces
     assert "sparsity" in lines[0] and "tokens_per_s" in lines[0]
     assert {"layer0/active_mean", "layer1/active_max", "layer1/dead_fraction"} <= set(lines[0])
+    assert "memory/peak_gib" not in lines[0]  # CUDA only
     assert result.heldout_ce < ces[0]
     model, config = ckpt.load_model(tmp_path / "run")
     assert config["model"]["d_ffn"] == 64 and config["format_version"] == ckpt.FORMAT_VERSION
@@ -107,6 +108,16 @@ def test_grad_accumulation_matches_one_big_batch(small_overrides, tmp_path):
         t.train_step()
     for g1, g2 in zip(grads[1], grads[2]):
         assert torch.allclose(g1, g2, atol=1e-6, rtol=1e-4)
+
+
+def test_peak_memory_is_read_and_reset_per_log_window_on_cuda_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: calls.append(("peak", d)) or 3 * 2**29)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(("reset", d)))
+    assert take_peak_memory_gib(torch.device("cpu")) is None and calls == []
+    cuda = torch.device("cuda", 1)
+    assert take_peak_memory_gib(cuda) == 1.5
+    assert calls == [("peak", cuda), ("reset", cuda)]
 
 
 def test_lr_schedule():
