@@ -39,6 +39,11 @@ from sparsify_cli.model.ffn import FeedForward
 # fwd+bwd 1.76x/1.60x/1.59x/1.44x faster than dense at 0.5%/1%/2%/4% of H (the busiest neurons go through dense
 # GEMMs: kernels/train_cuda.py HOT_RATE). 4% is the densest point measured, so it is the crossover used.
 SPARSE_CROSSOVER = 0.04
+# The sparse op has a fixed host cost per call (~60 launches and one host wait, ~1 ms): below this much FFN work
+# per micro-batch (tokens × d_model × d_ffn) it loses to dense whatever the sparsity. Measured on the H100: the
+# tiny recipe (2048 × 128 × 512 ≈ 1.3e8) trained at 0.5-0.6× the dense tokens/s with every layer sparse; a 4-layer
+# paper-shaped model (16384 × 2048 × 5632 ≈ 1.9e11) at 1.22×; BENCHMARKS.md has the numbers in between.
+MIN_SPARSE_WORK = 4.0e10
 # A sparse layer goes back to dense only above SPARSE_CROSSOVER × this (no flapping near the crossover).
 DENSE_HYSTERESIS = 1.25
 # ELL width of a sparse layer: about 3× its mean active count (rows above it take the exact dense tail), a
@@ -105,9 +110,19 @@ def _load_sparse_op(name: str) -> Optional[str]:
     return None
 
 
+def too_small_for_sparse(tokens_per_micro_batch: int, d_model: int, d_ffn: int) -> Optional[str]:
+    """Why the sparse op cannot pay at this size (one line), or None: see MIN_SPARSE_WORK."""
+    work = tokens_per_micro_batch * d_model * d_ffn
+    if work >= MIN_SPARSE_WORK:
+        return None
+    return (f"the FFNs are too small for the sparse op to pay ({tokens_per_micro_batch} tokens × d_model {d_model} × "
+            f"d_ffn {d_ffn} = {work:.2g} per micro-batch, below {MIN_SPARSE_WORK:.2g}: its fixed cost per call wins)")
+
+
 def resolve_train_kernels(requested: str, device: torch.device, precision: str, activation: str) -> TrainKernels:
     """train.kernels for a run on `device`: torch stays torch; cuda raises UserError when it cannot run; auto
-    falls back to torch with the reason."""
+    falls back to torch with the reason. (The Trainer also turns auto into torch, once the model's size is known,
+    when too_small_for_sparse says so; kernels=cuda then runs the op anyway, with a warning: the user asked.)"""
     if requested == "torch":
         return TrainKernels(requested, "torch")
     blocker = cuda_training_blocker(device, precision, activation)

@@ -85,6 +85,12 @@ def test_cuda_fails_with_the_reason_and_auto_falls_back(machine, setup, device, 
     assert k.note.startswith("train.kernels=auto: dense torch FFNs") and reason in k.note
 
 
+def test_too_small_for_sparse():
+    assert ffn_kernels.too_small_for_sparse(16384, 2048, 5632) is None  # the paper-shaped layer measured at 1.22x
+    why = ffn_kernels.too_small_for_sparse(2048, 128, 512)  # the tiny recipe: measured at 0.5-0.6x
+    assert why and "too small" in why and "2048 tokens" in why and "\n" not in why
+
+
 def test_torch_is_torch_without_asking(monkeypatch):
     def ask():
         raise AssertionError("kernels=torch must not look for the CUDA kernels")
