@@ -40,10 +40,11 @@ from sparsify_cli.model.ffn import FeedForward
 # GEMMs: kernels/train_cuda.py HOT_RATE). 4% is the densest point measured, so it is the crossover used.
 SPARSE_CROSSOVER = 0.04
 # The sparse op has a fixed host cost per call (~60 launches and one host wait, ~1 ms): below this much FFN work
-# per micro-batch (tokens × d_model × d_ffn) it loses to dense whatever the sparsity. Measured on the H100: the
-# tiny recipe (2048 × 128 × 512 ≈ 1.3e8) trained at 0.5-0.6× the dense tokens/s with every layer sparse; a 4-layer
-# paper-shaped model (16384 × 2048 × 5632 ≈ 1.9e11) at 1.22×; BENCHMARKS.md has the numbers in between.
-MIN_SPARSE_WORK = 4.0e10
+# per micro-batch (tokens × d_model × d_ffn) it loses to dense whatever the sparsity. Measured on the H100 with
+# every FFN sparse (BENCHMARKS.md): the tiny recipe (2048 × 128 × 512 ≈ 1.3e8) trained at 0.5-0.6× the dense
+# tokens/s, a 28-layer paper-shaped model at 4096 tokens (4.7e10) at 0.89×, at 16384 tokens (1.9e11) at 1.24×.
+# The threshold sits between the last two (the crossover itself was not measured).
+MIN_SPARSE_WORK = 1.0e11
 # A sparse layer goes back to dense only above SPARSE_CROSSOVER × this (no flapping near the crossover).
 DENSE_HYSTERESIS = 1.25
 # ELL width of a sparse layer: about 3× its mean active count (rows above it take the exact dense tail), a

@@ -89,6 +89,7 @@ def test_too_small_for_sparse():
     assert ffn_kernels.too_small_for_sparse(16384, 2048, 5632) is None  # the paper-shaped layer measured at 1.22x
     why = ffn_kernels.too_small_for_sparse(2048, 128, 512)  # the tiny recipe: measured at 0.5-0.6x
     assert why and "too small" in why and "2048 tokens" in why and "\n" not in why
+    assert ffn_kernels.too_small_for_sparse(4096, 2048, 5632)  # the paper shape at 4096 tokens: measured 0.89x
 
 
 def test_torch_is_torch_without_asking(monkeypatch):
