@@ -50,8 +50,11 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(h, d, bias=cfg.mlp_bias)
         self.observer: Optional[ActivationObserver] = None
         # The busiest neurons at the previous sparse call, (H,) bool on the device: the CUDA op computes them with
-        # dense GEMMs over their columns (a speed hint only: the result does not depend on it).
+        # dense GEMMs over their columns (a speed hint only: the result does not depend on it). A new mask waits in
+        # _hot_next until the next collecting forward, so a forward recomputed in backward (activation
+        # checkpointing) uses the same hot set, hence saves tensors of the same shapes, as the original one.
         self.sparse_hot: Optional[torch.Tensor] = None
+        self._hot_next: Optional[torch.Tensor] = None
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         """h for input x: (B, T, D) -> (B, T, H)."""
@@ -89,16 +92,20 @@ class FeedForward(nn.Module):
             t = None if linear is None else getattr(linear, name)
             return None if t is None else t.to(dtype)
 
+        # the original forward of a training step (not a recomputation inside backward, not evaluation)
+        fresh = self.training and self.sparse_backend == "cuda" and getattr(self.observer, "collecting", True)
+        if fresh and self._hot_next is not None:
+            self.sparse_hot, self._hot_next = self._hot_next, None
         res = sparse_ffn_train(
             x.reshape(-1, x.shape[-1]).to(dtype),  # (M, D)
             param(self.gate, "weight"), param(self.up, "weight"), param(self.down, "weight"),
             param(self.gate, "bias"), param(self.up, "bias"), param(self.down, "bias"),
             width=self.sparse_width, backend=self.sparse_backend, hot=self._hot_for(x),
         )
-        if self.training and self.sparse_backend == "cuda":
+        if fresh:
             from sparsify_cli.kernels.train_cuda import hot_mask
 
-            self.sparse_hot = hot_mask(res.neuron_counts.detach(), res.token_counts.shape[0])
+            self._hot_next = hot_mask(res.neuron_counts.detach(), res.token_counts.shape[0])
         if observe is not None:
             observe(self.layer_index, res.l1, res.token_counts, res.neuron_counts)
         return res.out.reshape(*x.shape[:-1], res.out.shape[-1])  # (B, T, D)
