@@ -37,6 +37,17 @@ class SparsePolicy:
     decode_max_density: float = 0.02
     decode_max_m: int = 64
     sample_rows: int = 256
+    # Decode run eagerly (not captured in a CUDA graph, not compiled): the sparse path's host cost per call (a
+    # custom op, a few CuPy launches: tens of µs) exceeds the ~18 µs its kernels save on a ~40 µs layer, and a
+    # whole 28-layer model decoded at 0.79-0.84x dense that way (BENCHMARKS.md). So eager decode goes dense;
+    # under a CUDA graph the sparse kernels' 1.55-1.85x is kept.
+    eager_decode_dense: bool = True
+
+    def use_dense_decode(self, m: int) -> bool:
+        """True for a decode-sized call run eagerly (see eager_decode_dense)."""
+        if not self.eager_decode_dense or m > self.decode_max_m:
+            return False
+        return not (torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling())
 
     def choose_sparse(self, m: int, nnz_mean: float, hidden: int) -> bool:
         density = nnz_mean / max(hidden, 1)
@@ -121,6 +132,8 @@ def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, d
         return dense_ffn(x, w_act, up, down_t, down=down)
     if mode not in ("auto", "sparse"):
         raise ValueError(f"mode must be auto, sparse or dense, got {mode!r}")
+    if mode == "auto" and policy.use_dense_decode(x.shape[0]):
+        return dense_ffn(x, w_act, up, down_t, down=down)
     from sparsify_cli.kernels import ops
 
     from sparsify_cli.kernels import launchers
