@@ -190,6 +190,8 @@ class TrainConfig:
     # and the tokenizer, come from it; of model.*, only model.activation applies (relu: "relufication").
     init: Optional[str] = None
     allow_torch_bin: bool = False  # let init read pytorch_model.bin (torch.load with weights_only=True)
+    # Set by recipes that fine-tune a pretrained model (relufy): such a run stops at once without train.init.
+    init_required: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_batches"):

@@ -85,6 +85,11 @@ class Trainer:
         from sparsify_cli.data import BatchSampler, prepare_data
 
         tc = cfg.train
+        if tc.init_required and not tc.init:
+            raise UserError(
+                f"run {cfg.run_name!r} fine-tunes a pretrained model: give its checkpoint with --init PATH "
+                "(train.init=PATH: a local Hugging Face directory or a sparsify run)"
+            )
         self.dist = dist.env_world()
         dist.check_batch_split(tc.batch_size, tc.grad_accum, self.dist.world)
         if self.dist.active and cfg.sparsity.reinit_dead and tc.parallel == "fsdp":

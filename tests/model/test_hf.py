@@ -253,6 +253,14 @@ def _init_overrides(small_overrides: list[str], src: Path) -> list[str]:
     return keep + [f"train.init={src}", "train.grad_accum=1", "train.max_steps=3", "sparsity.l1_coeff=1e-3"]
 
 
+def test_relufy_without_init_stops_at_once_saying_so(small_overrides, tmp_path):
+    from sparsify_cli.errors import UserError
+
+    with pytest.raises(UserError, match="fine-tunes a pretrained model: give its checkpoint with --init"):
+        Trainer(compose("relufy", small_overrides), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_relufy_init_starts_from_the_imported_weights_and_resumes(small_overrides, tmp_path, tokenizer_json):
     reference = hf_model("llama", num_key_value_heads=2, tie_word_embeddings=True)
     src = save_hf(reference, tmp_path / "hf", tokenizer_json)
