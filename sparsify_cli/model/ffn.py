@@ -5,7 +5,8 @@ With act = ReLU, h is exactly zero wherever the gate (or the up projection, for 
 on h pushes most of it there. Each forward hands h to an optional observer (L1 term, statistics), so the
 sparsity code needs no hooks into the model.
 
-Sparse training path (off by default: FeedForward.sparse_train = False). When on, the block runs
+Sparse training path (off by default: FeedForward.sparse_train = False; the training loop's per-layer policy,
+train/ffn_kernels.py, switches it with train.kernels=cuda). When on, the block runs
 kernels.train_reference.sparse_ffn_train, which never forms the dense h: it returns the output, the L1 term and
 the active counts, and the observer gets those through its optional `observe_sparse` method instead of h. An
 observer without that method needs h itself (eval's recorder, the divergence probe): that forward takes the dense
