@@ -4,19 +4,23 @@
       bf16 CUDA tensors, nn.Linear layouts (train_reference.py's docstring has the math); registered as
       TRAIN_BACKENDS["cuda"] (the model picks it by name).
 
-How the work is split (docs/TRAINING_KERNELS.md §6):
-  forward   cuBLAS gate GEMM a = x·Gᵀ + gb (M, H), not kept  →  train_pattern_kernel: relu + ELL of width W
-            (rows with more than W active neurons: the dense tail)  →  train_fwd_kernel on the ELL rows (u, h,
-            out, |h| and non-zero counts)  →  the tail rows by cuBLAS on those R rows, masked by the pattern.
-  backward  train_bwd_token_kernel (dh per slot, dg, du, dX of the ELL rows)  →  a stable sort of the live slots
-            by neuron (the CSC order; tokens ascending within a neuron)  →  train_bwd_neuron_kernel (dDown, dG,
-            dU, long neuron segments split into chunks and summed in order by train_reduce_kernel: deterministic)
-            →  the tail rows by cuBLAS.
+How the work is split (docs/TRAINING_KERNELS.md §6 has the details and the measurements):
+  forward   cuBLAS gate GEMM a = x·Gᵀ + gb (M, H), not kept  →  train_pattern_kernel: relu + ELL of width W over
+            the cold neurons (rows with more than W: the dense tail)  →  train_plan_kernel (tail rows, hot neurons,
+            sizes)  →  train_fwd_kernel on the ELL rows (u, h, out, |h| and non-zero counts)  →  the hot neurons
+            (`hot`: the busiest, from the previous call) by cuBLAS over their columns + train_hot_fwd_kernel  →  the
+            tail rows by cuBLAS on those R rows, masked by the pattern.
+  backward  hot: cuBLAS + train_hot_bwd_kernel  →  train_bwd_token_kernel (dh per slot, dg, du, dX)  →  a stable
+            sort of the live slots by neuron (CSC order, tokens ascending within a neuron) and
+            train_chunks_kernel  →  train_bwd_neuron_kernel (dDown, dG, dU; long segments split into chunks summed
+            in order by train_reduce_kernel: deterministic)  →  the tail rows by cuBLAS.
 Every row is exact whatever the sparsity: rows above W are computed densely, never dropped or capped.
 
 One host wait per forward, for the sizes of the tail, the hot set and the backward's chunks: train_plan_kernel
 computes them after the pattern, they are copied to pinned memory behind an event, and the host waits on that
-event only after queueing the cold forward kernel (so the GPU stays busy); none in backward. The op is not CUDA-graph capturable. Saved for backward: what the reference saves (no (M, H) tensor).
+event only after queueing the cold forward kernel (so the GPU stays busy); none in backward. The op is not
+CUDA-graph capturable. Saved for backward: what the reference saves (no (M, H) tensor), plus, with a hot set,
+the hot neurons' gate and up values (M, Hp) and the per-neuron ELL counts (H,).
 """
 
 from __future__ import annotations
@@ -287,9 +291,13 @@ class SparseFFNTrainCudaFn(torch.autograd.Function):
                                _ptr(d_gate), d_up.data_ptr(), _i32(d)))
             if n_hot:  # the hot rows of the weight gradients (their CSC segments are empty: written as zeros)
                 d_down_t.index_copy_(0, hot_idx, (h_hot.t() @ gy)[:n_hot].to(out_dtype))
-                d_up.index_copy_(0, hot_idx, (du_hot.t() @ x)[:n_hot].to(out_dtype))
+                dgu = dgdu.t() @ x  # (2Hp, D) gated: dG_hot rows then dU_hot rows, one GEMM; plain (Hp, D): dU_hot
                 if gated:
-                    d_gate.index_copy_(0, hot_idx, (dg_hot.t() @ x)[:n_hot].to(out_dtype))
+                    d_gate.index_copy_(0, hot_idx, dgu[:n_hot].to(out_dtype))
+                    d_up.index_copy_(0, hot_idx, dgu[hp:hp + n_hot].to(out_dtype))
+                else:
+                    d_up.index_copy_(0, hot_idx, dgu[:n_hot].to(out_dtype))
+                del dgu
 
             dg_tail = du_tail = None
             if has_tail:  # the rows above W: dense products over those R rows, masked by the pattern
@@ -358,12 +366,6 @@ def sparse_ffn_train_cuda(x: Tensor, gate_w: Optional[Tensor], up_w: Tensor, dow
 def hot_mask(neuron_counts: Tensor, n_tokens: int, rate: float = HOT_RATE) -> Tensor:
     """(H,) bool: neurons active on more than `rate` of the tokens (from a previous call's neuron_counts)."""
     return neuron_counts > rate * n_tokens
-
-
-def saved_bytes(m: int, width: int, r: int, h: int, gated: bool = True) -> int:
-    """Bytes the op saves beyond x and the weights (bf16): the per-slot pattern and values and the tail."""
-    per_slot = 2 + 4 + (2 if gated else 0)  # g, cols, u
-    return m * width * per_slot + 4 * m + 8 * r + r * h * 2 * (2 if gated else 1)
 
 
 TRAIN_BACKENDS["cuda"] = sparse_ffn_train_cuda
