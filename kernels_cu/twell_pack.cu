@@ -20,14 +20,8 @@ __global__ void twell_pack_kernel(const unsigned short* __restrict__ act,  // (M
     const unsigned short* row = act + m * (long long)H;
 
     unsigned short v[EPL];
-    if (EPL == 8 && vec_ok && c0 + EPL <= H) {
-        uint4 q = *reinterpret_cast<const uint4*>(row + c0);
-        unsigned int w[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            v[2 * e] = (unsigned short)(w[e] & 0xffffu);
-            v[2 * e + 1] = (unsigned short)(w[e] >> 16);
-        }
+    if constexpr (EPL == 8) {
+        load8(row, c0, H, vec_ok != 0, v);  // one 16-byte load when aligned and inside the row
     } else {
 #pragma unroll
         for (int e = 0; e < EPL; ++e) v[e] = (c0 + e < H) ? row[c0 + e] : (unsigned short)0;
