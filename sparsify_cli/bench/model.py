@@ -11,8 +11,8 @@ Where the two models come from:
   fixed feature: the gate's threshold is a weight on it (CONST_FEATURE explains the embeddings' scale). The
   measured sparsity is what the report shows.
 
-Rows: prefill (batch × seq_len tokens, one forward), decode at batch 1…64 (one new token per sequence: the model has
-no KV cache yet, so attention sees only that token — the FFN and projection weights are read as in real decode),
+Rows: prefill (batch × seq_len tokens, one forward), decode at batch 1…64 (one new token per sequence after
+`context` tokens held in each model's KV cache, model/kv_cache.py),
 and one training step (forward, CE + λ·L1, backward, AdamW) of the dense model, timed twice: with every FFN on the
 dense torch path, and with every FFN on the sparse training op (`FeedForward.sparse_train`, backend "cuda" on a
 GPU — the CUDA op — and "torch", the pure-torch reference, on the CPU; ELL width per layer by the training loop's
@@ -283,8 +283,34 @@ class ModelSuite:
         return row
 
     def decode(self, batch: int) -> dict[str, Any]:
-        row = self._compare("decode", self._tokens(batch, 1, 2))
-        row["notes"] = "one token per sequence, no KV cache (attention over the new token only)"
+        """One decode step: a new token per sequence after `context` tokens held in each model's KV cache (filled
+        by that model's own prefill); each repetition rewinds the cache to the context, so all time the same step."""
+        from sparsify_cli.model import KVCache
+
+        m = self._ensure()
+        ctx = self.settings.context
+        step_tokens = self._tokens(batch, 1, 2)
+        row = self._base("decode", step_tokens)
+        dtype = next(m.dense.parameters()).dtype
+        steps = []
+        with torch.inference_mode():
+            for model in (m.dense, m.sparse):
+                cache = KVCache.allocate(model.cfg, batch, ctx + 1, self.device, dtype)
+                if ctx:
+                    model(self._tokens(batch, ctx, 4), cache)
+
+                def step(model=model, cache=cache):
+                    cache.length = ctx
+                    return model(step_tokens, cache)
+
+                steps.append(step)
+            row.update(compare(steps[0], steps[1], device=self.device, tokens=step_tokens.numel(),
+                               reps=self.settings.reps, warmup=self.settings.warmup, energy=self.energy))
+            del steps
+        row["sparse_path"] = f"PackedFFN ({m.backend})"
+        row["context"] = ctx
+        row["notes"] = (f"one new token per sequence after {ctx} cached tokens (KV cache), run eagerly: no CUDA "
+                        "graphs, so at these sizes the packed FFNs take their dense path (kernels/ffn.py)")
         return row
 
     def train_step(self) -> dict[str, Any]:

@@ -45,12 +45,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Whole model: synthetic weights (or a checkpoint / packed dir), prefill, a training step, decode.
     "model": {
         "tiny": dict(d_model=128, d_ffn=512, layers=2, heads=4, vocab=1024, seq_len=64, batch=4, train_batch=4,
-                     decode=(1, 8, 64), sparsity=0.98, reps=5, warmup=1, threads=1),
+                     decode=(1, 8, 64), context=16, sparsity=0.98, reps=5, warmup=1, threads=1),
         "small": dict(d_model=512, d_ffn=1408, layers=4, heads=8, vocab=8192, seq_len=256, batch=4, train_batch=4,
-                      decode=(1, 8, 64), sparsity=0.99, reps=10, warmup=2),
-        # 16 × 2048 prefill tokens and a 2 × 2048-token training step fit an 80 GB GPU beside both models.
+                      decode=(1, 8, 64), context=64, sparsity=0.99, reps=10, warmup=2),
+        # 16 × 2048 prefill tokens and a 2 × 2048-token training step fit an 80 GB GPU beside both models; so do
+        # the two models' KV caches for 64 sequences of 512 positions (~7.5 GB each in bf16).
         "paper": dict(d_model=2048, d_ffn=5632, layers=28, heads=32, vocab=32000, seq_len=2048, batch=16,
-                      train_batch=2, decode=(1, 2, 4, 8, 16, 32, 64), sparsity=0.995, reps=20, warmup=3),
+                      train_batch=2, decode=(1, 2, 4, 8, 16, 32, 64), context=512, sparsity=0.995, reps=20,
+                      warmup=3),
     },
     # FFN forward + backward with the L1 term, dense torch autograd vs kernels.train_reference.sparse_ffn_train
     # (bench/train_ffn.py): PERFORMANCE.md's training shape and inputs; the small presets run the torch reference
@@ -81,6 +83,7 @@ class BenchSettings:
     d_ffn: int = 0
     tokens: tuple[int, ...] = ()  # prefill tokens per call (cpu, ffn)
     decode: tuple[int, ...] = ()  # decode batch sizes (tokens per call)
+    context: int = 0  # model: tokens already in each sequence's KV cache when a decode step runs
     nnz: tuple[float, ...] = ()  # target active neurons per token (cpu, ffn)
     layers: int = 0
     heads: int = 0
@@ -110,7 +113,7 @@ SUITE_KEYS = {
     "cpu": {"shapes", "d_model", "d_ffn", "tokens", "decode", "nnz", "reps", "warmup", "threads", "seed"},
     "ffn": {"shapes", "tokens", "decode", "nnz", "reps", "warmup", "seed", "detail"},
     "model": {"shapes", "d_model", "d_ffn", "layers", "heads", "vocab", "seq_len", "batch", "train_batch", "decode",
-              "sparsity", "reps", "warmup", "threads", "seed", "width"},
+              "context", "sparsity", "reps", "warmup", "threads", "seed", "width"},
     "train": {"shapes", "d_model", "d_ffn", "tokens", "nnz", "reps", "warmup", "threads", "seed", "width", "backend",
               "l1_coeff"},
 }
@@ -187,6 +190,8 @@ def _check(s: BenchSettings) -> None:
     if s.suite == "model":
         for name in ("layers", "heads", "vocab", "seq_len", "batch", "train_batch"):
             positive(name, getattr(s, name))
+        if not 0 <= s.context < s.seq_len:
+            raise UserError(f"context={s.context} must be in [0, seq_len={s.seq_len}): the decode step's cached tokens")
         if not 0.65 < s.sparsity < 1.0:
             raise UserError(f"sparsity={s.sparsity:g} must be between 0.65 and 1 (e.g. 0.99: 1% of neurons active; "
                             "PERFORMANCE.md's rates leave 30% of neurons dead and cap the others at 0.5)")

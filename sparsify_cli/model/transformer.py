@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sparsify_cli.config.schema import ModelConfig, RopeScalingConfig
 from sparsify_cli.model.ffn import ActivationObserver, FeedForward
+from sparsify_cli.model.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -68,16 +69,31 @@ class Attention(nn.Module):
         self.v = nn.Linear(d, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+        """x (B, T, D) at positions pos … pos+T-1, cos/sin for those positions. cache = (keys, values, pos): this
+        layer's KVCache buffers; the new keys/values are written at [pos, pos+T) and attention covers [0, pos+T)."""
         b, t, _ = x.shape
         q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        pos = 0
+        if cache is not None:
+            keys, values, pos = cache
+            keys[:, :, pos:pos + t] = k
+            values[:, :, pos:pos + t] = v
+            k, v = keys[:, :, :pos + t].to(q.dtype), values[:, :, :pos + t].to(q.dtype)  # (B, nkv, pos+T, hd)
         if self.n_kv_heads != self.n_heads:  # grouped KV: each KV head serves n_heads / n_kv_heads queries
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        if pos == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        elif t == 1:  # one new token: it sees every cached position and itself
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:  # new token i (position pos+i) sees positions <= pos+i
+            allowed = torch.ones(t, pos + t, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.o(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -89,13 +105,17 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = FeedForward(cfg, layer_index)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.ffn(self.ffn_norm(x))
 
 
 class SparseLlama(nn.Module):
-    """The decoder. forward(tokens (B, T)) -> logits (B, T, V)."""
+    """The decoder. forward(tokens (B, T), cache=None) -> logits (B, T, V).
+
+    With a KVCache (model/kv_cache.py) the tokens continue the cached ones: they sit at positions cache.length …,
+    attend to everything cached, and are appended (cache.length grows by T)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -137,17 +157,24 @@ class SparseLlama(nn.Module):
         for ffn in self.ffns:
             ffn.observer = observer
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = tokens.shape[1]
-        if t > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {t} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        b, t = tokens.shape
+        pos = 0 if cache is None else cache.length
+        if pos + t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {pos + t} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if cache is not None:
+            cache.check_append(b, t)
         x = self.embed(tokens)  # (B, T, D)
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
-        for block in self.blocks:
-            if self.activation_checkpointing and self.training:
+        cos, sin = self.rope_cos[pos:pos + t], self.rope_sin[pos:pos + t]
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x = block(x, cos, sin, (cache.keys[i], cache.values[i], pos))
+            elif self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin)
+        if cache is not None:
+            cache.length = pos + t
         return self.lm_head(self.norm(x))  # (B, T, V)
 
     def num_parameters(self) -> int:
