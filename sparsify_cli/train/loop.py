@@ -92,8 +92,6 @@ class Trainer:
             )
         self.dist = dist.env_world()
         dist.check_batch_split(tc.batch_size, tc.grad_accum, self.dist.world)
-        if self.dist.active and cfg.sparsity.reinit_dead and tc.parallel == "fsdp":
-            raise UserError("sparsity.reinit_dead is not supported with train.parallel=fsdp (sharded gate rows); use ddp")
         # Only rank 0 talks to the console, the metrics file and W&B.
         self.cfg, self.run_dir, self.console = cfg, Path(run_dir), console if self.dist.is_main else None
         self.device = resolve_device(cfg.train.device, self.dist.local_rank)
