@@ -120,10 +120,23 @@ def too_small_for_sparse(tokens_per_micro_batch: int, d_model: int, d_ffn: int) 
             f"d_ffn {d_ffn} = {work:.2g} per micro-batch, below {MIN_SPARSE_WORK:.2g}: its fixed cost per call wins)")
 
 
+def fit_to_size(kernels: TrainKernels, tokens_per_micro_batch: int, d_model: int, d_ffn: int
+                ) -> tuple[TrainKernels, str]:
+    """The run's kernels once the model's size is known (train.init may set it), and the line to print ("" for
+    none): auto turns into torch when too_small_for_sparse says so; cuda stays cuda (the user asked), with a
+    warning."""
+    small = too_small_for_sparse(tokens_per_micro_batch, d_model, d_ffn) if kernels.resolved == "cuda" else None
+    if not small:
+        return kernels, ""
+    if kernels.requested == "auto":
+        fitted = TrainKernels(kernels.requested, "torch", small)
+        return fitted, fitted.note
+    return kernels, f"train.kernels=cuda: running the sparse op as asked, but {small}"
+
+
 def resolve_train_kernels(requested: str, device: torch.device, precision: str, activation: str) -> TrainKernels:
     """train.kernels for a run on `device`: torch stays torch; cuda raises UserError when it cannot run; auto
-    falls back to torch with the reason. (The Trainer also turns auto into torch, once the model's size is known,
-    when too_small_for_sparse says so; kernels=cuda then runs the op anyway, with a warning: the user asked.)"""
+    falls back to torch with the reason. (Once the model's size is known, fit_to_size may turn auto into torch.)"""
     if requested == "torch":
         return TrainKernels(requested, "torch")
     blocker = cuda_training_blocker(device, precision, activation)

@@ -22,7 +22,7 @@ from sparsify_cli.sparsity import SparsityTracker, l1_coefficient, summarize
 from sparsify_cli.sparsity.dead import reinit_dead_neurons
 from sparsify_cli.train import checkpoint as ckpt
 from sparsify_cli.train import distributed as dist
-from sparsify_cli.train.ffn_kernels import SparseLayerPolicy, TrainKernels, resolve_train_kernels, too_small_for_sparse
+from sparsify_cli.train.ffn_kernels import SparseLayerPolicy, fit_to_size, resolve_train_kernels
 from sparsify_cli.train.metrics import MetricsSink
 from sparsify_cli.train.optim import build_optimizer, flatten_moments, lr_at, unflatten_moments
 from sparsify_cli.train.progress import TrainProgress
@@ -129,14 +129,11 @@ class Trainer:
             model_cfg.n_layers, model_cfg.d_ffn, cfg.sparsity.dead_window_tokens, self.device, token_scale=self.dist.world
         )
         self.model.set_observer(self.tracker)
-        if self.kernels.resolved == "cuda":  # the model's size is known only now (train.init may set it)
-            micro_tokens = tc.batch_size // (tc.grad_accum * self.dist.world) * tc.seq_len
-            small = too_small_for_sparse(micro_tokens, model_cfg.d_model, model_cfg.d_ffn)
-            if small and tc.kernels == "auto":
-                self.kernels = TrainKernels(tc.kernels, "torch", small)
-                self._say(self.kernels.note)
-            elif small:
-                self._say(f"train.kernels=cuda: running the sparse op as asked, but {small}")
+        # the model's size is known only now (train.init may set it): auto stays dense where the op cannot pay
+        micro_tokens = tc.batch_size // (tc.grad_accum * self.dist.world) * tc.seq_len
+        self.kernels, note = fit_to_size(self.kernels, micro_tokens, model_cfg.d_model, model_cfg.d_ffn)
+        if note:
+            self._say(note)
         # kernels=cuda: the per-layer dense/sparse choice, made before each step (None: every FFN dense).
         self.ffn_policy = (
             SparseLayerPolicy(model_cfg.n_layers, model_cfg.d_ffn) if self.kernels.resolved == "cuda" else None

@@ -2,61 +2,29 @@
 
     python3 tests/gpu/profile_train.py [--out DIR] [--m 16384]
 Prints one line per row and writes train_profile.json to DIR: ms (median of CUDA-event timings), peak memory of
-one fwd+bwd, and the GPU time per kernel name of one sparse fwd+bwd (torch.profiler). This is the development
-tool behind the numbers; `sparsify bench --suite train` is the user-facing benchmark.
+one fwd+bwd, and the GPU time per kernel name of one sparse fwd+bwd (torch.profiler), for several hot-neuron
+rates. The steps, timing, memory and ELL width are the train suite's (`sparsify bench --suite train`, the
+user-facing benchmark); this tool adds the per-kernel and host-side breakdowns behind BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from sparsify_cli.bench.ffn import cuda_time
+from sparsify_cli.bench.measure import peak_mb
 from sparsify_cli.bench.synthetic import make_ffn_inputs
+from sparsify_cli.bench.train_ffn import dense_step, sparse_step
+from sparsify_cli.kernels.train_cuda import hot_mask
 from sparsify_cli.kernels.train_reference import sparse_ffn_train
+from sparsify_cli.train.ffn_kernels import ell_width
 
-LAM = 2e-5  # the paper's λ
-
-
-def dense_step(x, g, u, dn, gy):
-    h = F.relu(F.linear(x, g)) * F.linear(x, u)
-    out = F.linear(h, dn)
-    l1 = h.float().abs().sum() / x.shape[0]
-    ((out * gy).sum() + LAM * l1).backward()
-
-
-def sparse_step(x, g, u, dn, gy, width, hot=None):
-    res = sparse_ffn_train(x, g, u, dn, width=width, backend="cuda", hot=hot)
-    ((res.out * gy).sum() + LAM * res.l1).backward()
-    return res
-
-
-def timed(fn, reps=10, warm=3):
-    for _ in range(warm):
-        fn()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
-
-
-def peak_mb(fn):
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+DEV = torch.device("cuda")
 
 
 def breakdown(fn):
@@ -89,10 +57,6 @@ def host_table(fn, path):
     return table
 
 
-def width_for(nnz):
-    return int(min(512, max(64, 32 * round(3 * nnz / 32))))
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu_out")
@@ -103,32 +67,26 @@ def main():
     rows = []
     d, h = 2048, 5632
     for nnz in [float(v) for v in args.nnz.split(",")]:
-        inp = make_ffn_inputs(args.m, d, h, nnz, device="cuda", seed=1)
+        inp = make_ffn_inputs(args.m, d, h, nnz, device=DEV, seed=1)
         leaves = [t.detach().clone().requires_grad_(True) for t in (inp.x, inp.gate, inp.up, inp.down)]
-        gy = torch.randn_like(inp.x)
-        counts = sparse_step(*leaves, gy, width_for(nnz)).neuron_counts
-        from sparsify_cli.kernels.train_cuda import hot_mask
-
-        variants = [(width_for(nnz), None, 0.0)] + [(width_for(nnz), hot_mask(counts, args.m, r), r)
-                                                   for r in (0.005, 0.01)]
-        for w, hot, rate in variants:
-            def sp():
-                for t in leaves:
-                    t.grad = None
-                sparse_step(*leaves, gy, w, hot)
+        gy = torch.randn_like(inp.x) / args.m  # ∂(token-mean loss)/∂out, as the train suite
+        lam = torch.tensor(2e-5, device=DEV)  # the paper's λ
+        with torch.no_grad():
+            cnt = (inp.x @ inp.gate.T > 0).sum(1).float()  # active neurons per token
+            w = ell_width(cnt.mean().item())
+            counts = sparse_ffn_train(*(t.detach() for t in leaves), width=w, backend="cuda").neuron_counts
+        for hot, rate in [(None, 0.0)] + [(hot_mask(counts, args.m, r), r) for r in (0.005, 0.01)]:
+            def sp(hot=hot):
+                return sparse_step(*leaves, gy, lam, w, "cuda", hot)
 
             def de():
-                for t in leaves:
-                    t.grad = None
-                dense_step(*leaves, gy)
+                return dense_step(*leaves, gy, lam)
 
-            with torch.no_grad():
-                a = inp.x @ inp.gate.T
-                cnt = (a > 0).sum(1).float()
-            row = {"m": args.m, "nnz_target": nnz, "hot_rate": rate, "n_hot": 0 if hot is None else int(hot.sum()), "nnz_mean": cnt.mean().item(), "nnz_p99": cnt.quantile(0.99).item(),
-                   "nnz_max": cnt.max().item(), "width": w, "tail_rows": int((cnt > w).sum()),
-                   "dense_ms": timed(de), "sparse_ms": timed(sp), "dense_peak_mb": peak_mb(de),
-                   "sparse_peak_mb": peak_mb(sp)}
+            row = {"m": args.m, "nnz_target": nnz, "hot_rate": rate, "n_hot": 0 if hot is None else int(hot.sum()),
+                   "nnz_mean": cnt.mean().item(), "nnz_p99": cnt.quantile(0.99).item(), "nnz_max": cnt.max().item(),
+                   "width": w, "tail_rows": int((cnt > w).sum()),
+                   "dense_ms": cuda_time(de, reps=10, warmup=3), "sparse_ms": cuda_time(sp, reps=10, warmup=3),
+                   "dense_peak_mb": peak_mb(de, DEV), "sparse_peak_mb": peak_mb(sp, DEV)}
             row["ratio"] = row["dense_ms"] / row["sparse_ms"]
             row["sparse_kernels_ms"] = breakdown(sp)
             if args.host:

@@ -92,6 +92,17 @@ def test_too_small_for_sparse():
     assert ffn_kernels.too_small_for_sparse(4096, 2048, 5632)  # the paper shape at 4096 tokens: measured 0.89x
 
 
+def test_fit_to_size_keeps_auto_dense_for_small_ffns_and_warns_for_cuda():
+    auto, cuda = ffn_kernels.TrainKernels("auto", "cuda"), ffn_kernels.TrainKernels("cuda", "cuda")
+    assert ffn_kernels.fit_to_size(auto, 16384, 2048, 5632) == (auto, "")
+    fitted, note = ffn_kernels.fit_to_size(auto, 2048, 128, 512)
+    assert fitted.resolved == "torch" and "too small" in fitted.reason and note == fitted.note
+    kept, note = ffn_kernels.fit_to_size(cuda, 2048, 128, 512)
+    assert kept is cuda and note.startswith("train.kernels=cuda: running the sparse op as asked, but")
+    torch_run = ffn_kernels.TrainKernels("torch", "torch")
+    assert ffn_kernels.fit_to_size(torch_run, 1, 1, 1) == (torch_run, "")
+
+
 def test_torch_is_torch_without_asking(monkeypatch):
     def ask():
         raise AssertionError("kernels=torch must not look for the CUDA kernels")
