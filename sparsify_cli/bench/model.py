@@ -12,7 +12,9 @@ Where the two models come from:
   measured sparsity is what the report shows.
 
 Rows: prefill (batch × seq_len tokens, one forward), decode at batch 1…64 (one new token per sequence after
-`context` tokens held in each model's KV cache, model/kv_cache.py),
+`context` tokens held in each model's KV cache, model/kv_cache.py) run eagerly, the same decode steps on a GPU
+as CUDA-graph replays ("decode (graphs)", DecodeGraph: eager decode-sized calls keep the packed FFNs on their
+dense path, kernels/ffn.py, while under a graph they run the sparse decode kernels; `graphs=false` leaves them out),
 and one training step (forward, CE + λ·L1, backward, AdamW) of the dense model, timed twice: with every FFN on the
 dense torch path, and with every FFN on the sparse training op (`FeedForward.sparse_train`, backend "cuda" on a
 GPU — the CUDA op — and "torch", the pure-torch reference, on the CPU; ELL width per layer by the training loop's
@@ -31,7 +33,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from sparsify_cli.bench.measure import compare, nnz_stats
+from sparsify_cli.bench.measure import compare, nnz_stats, rel_err
 from sparsify_cli.bench.synthetic import firing_rates
 from sparsify_cli.config.schema import ModelConfig, OptimConfig
 from sparsify_cli.errors import UserError
@@ -222,6 +224,76 @@ def measure_nnz(model: SparseLlama, tokens: torch.Tensor) -> tuple[dict[str, Any
     return stats, [s["nnz_mean"] for s in per_layer]
 
 
+def sparse_under_graph(ffn, m: int) -> bool:
+    """Whether ffn_forward's policy runs PackedFFN `ffn` on its sparse kernels for m tokens under a CUDA graph
+    (where the eager decode rule does not apply): decided from the layer's calibrated nnz_hint, as PackedFFN
+    passes it."""
+    from sparsify_cli.kernels.ffn import DEFAULT_POLICY
+
+    return ffn.width > 0 and DEFAULT_POLICY.choose_sparse(m, ffn.nnz_hint, ffn.width)
+
+
+class DecodeGraph:
+    """One decode step of `model` captured in a CUDA graph, to be replayed.
+
+    `tokens` (B, 1) holds the new token of each sequence, `context` (B, ctx) or None the tokens before them,
+    prefilled eagerly into a KV cache of the model's own (capacity ctx + 1). The graph holds one step at the fixed
+    position ctx: the rotary rows, the cache slot written and the attended length are baked into it. forward
+    advances `cache.length` on the host (the graph does not read it), so step() and replay() rewind it to ctx
+    first. replay() returns the graph's static logits (B, 1, V), overwritten by the next replay.
+
+    Capture as torch.cuda.graphs asks: warm-up steps on a side stream first (cuBLAS handles, the attention
+    kernels, the CuPy modules). Eagerly a packed FFN takes its dense path at decode sizes, so the first warm-up
+    step runs the packed FFNs that the graph will run sparse (sparse_under_graph) with mode="sparse": the kernels
+    the capture records are then compiled and loaded before it. Nothing in the step reads back to the host: the
+    position and KVCache.check_append are host integers, and PackedFFN passes its calibrated nnz_hint, so the
+    policy never calls estimate_nnz (whose .item() would fail the capture).
+    """
+
+    def __init__(self, model: SparseLlama, tokens: torch.Tensor, context: Optional[torch.Tensor] = None,
+                 warmup: int = 2):
+        from sparsify_cli.model import KVCache
+        from sparsify_cli.pack.packed import PackedFFN
+
+        self.model = model
+        self.ctx = 0 if context is None else context.shape[1]
+        self.tokens = tokens.clone()  # the graph's static input (B, 1)
+        dtype = next(model.parameters()).dtype
+        self.cache = KVCache.allocate(model.cfg, tokens.shape[0], self.ctx + 1, tokens.device, dtype)
+        if self.ctx:
+            model(context, self.cache)
+        packed = [f for f in model.ffns if isinstance(f, PackedFFN) and sparse_under_graph(f, tokens.shape[0])]
+        side = torch.cuda.Stream(tokens.device)
+        side.wait_stream(torch.cuda.current_stream(tokens.device))
+        with torch.cuda.stream(side):
+            modes = [f.mode for f in packed]
+            try:
+                for f in packed:
+                    f.mode = "sparse"
+                self.step()
+            finally:
+                for f, mode in zip(packed, modes):
+                    f.mode = mode
+            for _ in range(warmup):
+                self.step()
+        torch.cuda.current_stream(tokens.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.cache.length = self.ctx
+        with torch.cuda.graph(self.graph):
+            self.out = self.model(self.tokens, self.cache)  # recorded, not run: replay() fills it
+        self.cache.length = self.ctx
+
+    def step(self) -> torch.Tensor:
+        """The same step run eagerly (a packed model's FFNs then take the dense path at decode sizes)."""
+        self.cache.length = self.ctx
+        return self.model(self.tokens, self.cache)
+
+    def replay(self) -> torch.Tensor:
+        self.cache.length = self.ctx
+        self.graph.replay()
+        return self.out
+
+
 class ModelSuite:
     """The model suite's rows, built lazily: the models are loaded by the first row that needs them."""
 
@@ -234,8 +306,25 @@ class ModelSuite:
         s = self.settings
         out = [(f"prefill {s.batch}×{s.seq_len}", self.prefill)]
         out += [(f"decode batch {b}", lambda b=b: self.decode(b)) for b in s.decode]
+        if self.graphs_status()[0]:
+            out += [(f"decode batch {b} (CUDA graphs)", lambda b=b: self.decode_graphs(b)) for b in s.decode]
         out.append((f"train step {s.train_batch}×{s.seq_len} (dense vs sparse)", self.train_step))
         return out
+
+    def graphs_status(self) -> tuple[bool, str]:
+        """Whether the decode rows also run as CUDA-graph replays, and if not, why."""
+        if not self.settings.graphs:
+            return False, "graphs=false"
+        if self.device.type != "cuda":
+            return False, "CUDA graphs need a GPU (--device cuda)"
+        return True, ""
+
+    def notes(self) -> list[str]:
+        """What the suite left out and why (the report header's notes)."""
+        ok, why = self.graphs_status()
+        if ok or not self.settings.decode:
+            return []
+        return [f"decode (graphs): not run ({why}); the decode rows ran eagerly"]
 
     def _ensure(self) -> Models:
         if self.models is None:
@@ -311,6 +400,41 @@ class ModelSuite:
         row["context"] = ctx
         row["notes"] = (f"one new token per sequence after {ctx} cached tokens (KV cache), run eagerly: no CUDA "
                         "graphs, so at these sizes the packed FFNs take their dense path (kernels/ffn.py)")
+        return row
+
+    def decode_graphs(self, batch: int) -> dict[str, Any]:
+        """The decode row's step (same tokens, same context) captured once per model in a CUDA graph
+        (DecodeGraph) and timed as replays; rel err: the sparse graph's logits against the dense graph's."""
+        m = self._ensure()
+        ctx = self.settings.context
+        step_tokens = self._tokens(batch, 1, 2)
+        row = self._base("decode (graphs)", step_tokens)
+        with torch.inference_mode():
+            context = self._tokens(batch, ctx, 4) if ctx else None
+            dense, sparse = DecodeGraph(m.dense, step_tokens, context), DecodeGraph(m.sparse, step_tokens, context)
+            eager = dense.step().clone()
+            # the dense model's replay against its own eager step: the same computation, so ~0 (a check that the
+            # graph replays the step at position ctx it should)
+            row["replay_vs_eager_err"] = rel_err(dense.replay(), eager)
+            del eager
+            row.update(compare(dense.replay, sparse.replay, device=self.device, tokens=step_tokens.numel(),
+                               reps=self.settings.reps, warmup=self.settings.warmup, energy=self.energy))
+        # a replay allocates nothing (its memory was reserved at capture): compare's peak would read 0
+        row["dense_peak_mb"] = row["sparse_peak_mb"] = None
+        n_sparse = sum(m.backend == "cuda" and sparse_under_graph(f, batch) for f in m.sparse.ffns)
+        row["sparse_layers"] = n_sparse
+        row["sparse_path"] = (f"PackedFFN ({m.backend}) in a CUDA graph: sparse kernels in {n_sparse}/"
+                              f"{len(m.sparse.ffns)} layers")
+        row["context"] = ctx
+        row["notes"] = (f"decode (graphs): one decode step at the fixed position {ctx} (a new token per sequence after "
+                        f"{ctx} cached tokens) captured once per model in a CUDA graph and timed as g.replay(), the "
+                        "cache rewound to the context before each replay; under the graph the sparse model's FFNs "
+                        "run the sparse decode kernels (in sparse_layers of the layers: those whose calibrated "
+                        "density the policy takes sparse), not the dense path of eager decode; rel err: the sparse "
+                        "graph's logits vs the dense graph's; peak memory: not measured (a replay allocates nothing)")
+        del dense, sparse
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         return row
 
     def train_step(self) -> dict[str, Any]:

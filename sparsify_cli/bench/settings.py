@@ -2,7 +2,7 @@
 
     sparsify bench --suite ffn shapes=paper            # a preset (per suite: tiny, small, paper, quick)
     sparsify bench --suite cpu tokens=128 nnz=29,56    # lists are comma-separated
-    sparsify bench --suite model sparsity=0.99 layers=4 decode=1,8,64
+    sparsify bench --suite model sparsity=0.99 layers=4 decode=1,8,64 graphs=false
     sparsify bench --suite train nnz=29 tokens=16384 width=128
 
 A preset fills every setting; a key given on the command line replaces the preset's value. The presets and the
@@ -98,6 +98,9 @@ class BenchSettings:
     seed: int = 0
     detail: bool = True  # ffn suite: also bench/ffn.py's per-kernel timings (prefill_row/decode_row)
     width: int = 0  # train, model: ELL width of the sparse training op; 0: train/ffn_kernels.ell_width
+    # model: on a GPU, also time each decode step as CUDA-graph replays ("decode (graphs)" rows): eager decode keeps
+    # the packed FFNs on their dense path (kernels/ffn.py), under a graph they run the sparse kernels. CPU: skipped.
+    graphs: bool = True
     backend: str = ""  # train: the sparse_ffn_train backend (cuda, torch); "": cuda on a GPU, torch on the CPU
     l1_coeff: float = 0.0  # train: λ of the loss ⟨out, gy⟩ + λ·l1 (TRAIN_L1 explains the presets' value)
     given: tuple[str, ...] = field(default=())  # the keys set on the command line
@@ -113,7 +116,7 @@ SUITE_KEYS = {
     "cpu": {"shapes", "d_model", "d_ffn", "tokens", "decode", "nnz", "reps", "warmup", "threads", "seed"},
     "ffn": {"shapes", "tokens", "decode", "nnz", "reps", "warmup", "seed", "detail"},
     "model": {"shapes", "d_model", "d_ffn", "layers", "heads", "vocab", "seq_len", "batch", "train_batch", "decode",
-              "context", "sparsity", "reps", "warmup", "threads", "seed", "width"},
+              "context", "sparsity", "reps", "warmup", "threads", "seed", "width", "graphs"},
     "train": {"shapes", "d_model", "d_ffn", "tokens", "nnz", "reps", "warmup", "threads", "seed", "width", "backend",
               "l1_coeff"},
 }

@@ -4,8 +4,8 @@
     ffn    the CUDA kernels vs cuBLAS dense, bf16: bench/ffn.py's prefill and decode rows (PERFORMANCE.md's
            shapes and inputs), plus, per prefill row, ffn_forward as a packed model calls it, with peak memory
            and energy
-    model  a dense model and its packed twin: prefill, decode at batch 1…64, a training step dense vs the sparse
-           training op (model.py)
+    model  a dense model and its packed twin: prefill, decode at batch 1…64 (eager, and on a GPU as CUDA-graph
+           replays), a training step dense vs the sparse training op (model.py)
     train  FFN forward + backward with the L1 term, dense torch autograd vs kernels.train_reference's
            sparse_ffn_train (the CUDA op on a GPU, the torch reference on the CPU): train_ffn.py
 
@@ -88,7 +88,7 @@ def plan(s: bench_settings.BenchSettings, source: Optional[str] = None,
     from sparsify_cli.bench.model import ModelSuite
 
     suite = ModelSuite(s, source, device, energy, say)
-    return suite.cases(), lambda: {"notes": notes, **suite.info()}
+    return suite.cases(), lambda: {"notes": notes + suite.notes(), **suite.info()}
 
 
 @contextlib.contextmanager

@@ -34,7 +34,8 @@ Every row: shape, measured active neurons per token (mean/max, max per 256-tile)
 against dense (checked in the same run, on the same inputs), peak memory (GPU) and energy per token (NVIDIA
 GPUs, NVML; needs pynvml). Settings are key=value words after the options: shapes (cpu: paper|small|tiny, ffn:
 paper|quick, model: tiny|small|paper, train: paper|quick|small|tiny), tokens, decode, nnz, reps, warmup, threads,
-seed; model: d_model, d_ffn, layers, heads, vocab, seq_len, batch, train_batch, sparsity, width; train: d_model,
+seed; model: d_model, d_ffn, layers, heads, vocab, seq_len, batch, train_batch, context, sparsity, width, graphs
+(true|false: on a GPU also the "decode (graphs)" rows, each decode step as CUDA-graph replays); train: d_model,
 d_ffn, width (ELL width; 0: the training loop's rule), backend (cuda|torch), l1_coeff.
 """
 

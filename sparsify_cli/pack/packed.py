@@ -53,6 +53,10 @@ class PackedFFN(nn.Module):
         stats = layout["stats"]
         self.nnz_hint = float(stats["cold_mean_active"] if self.n_hot else stats["mean_active"])
         self.backend = "torch"
+        # ffn_forward's mode on the CUDA backend: auto (the policy: eager decode-sized calls go dense), sparse or
+        # dense. bench/model.py's DecodeGraph sets sparse for a warm-up step, so that the decode kernels a CUDA
+        # graph records are compiled and loaded before the capture.
+        self.mode = "auto"
         self.observer: Optional[ActivationObserver] = None
 
     @property
@@ -94,7 +98,7 @@ class PackedFFN(nn.Module):
         w_act = self.gate_w if self.gated else self.up_w
         up = self.up_w if self.gated else None
         out = ffn_forward(
-            flat.to(self.up_w.dtype), w_act, up, self.down_t, kernels="cuda", nnz_hint=self.nnz_hint,
+            flat.to(self.up_w.dtype), w_act, up, self.down_t, kernels="cuda", mode=self.mode, nnz_hint=self.nnz_hint,
             tile=self.tile, slots=self.tile // self.compression, n_hot=self.n_hot,
         )
         if self.down_b is not None:

@@ -48,6 +48,9 @@ def test_model_suite_synthetic_rows(tmp_path):
     assert report["model_source"] == "synthetic" and report["ffn_backend"] == "torch"
     rows = {(x["kind"], x["M"]): x for x in report["rows"]}
     assert set(rows) == {("prefill", 256), ("decode", 1), ("decode", 8), ("train", 256)}
+    assert report["settings"]["graphs"] is True  # the CUDA-graph decode rows: skipped on the CPU, and said so
+    assert "decode (graphs): not run (CUDA graphs need a GPU (--device cuda)); the decode rows ran eagerly" in (
+        report["notes"])
     pre = rows[("prefill", 256)]
     assert abs(pre["sparsity"] - 0.98) < 0.005  # target 0.98, measured on the row's own tokens
     assert abs(rows[("decode", 8)]["sparsity"] - 0.98) < 0.015

@@ -42,7 +42,15 @@ def test_model_suite_tiny_on_the_gpu(tmp_path):
     for row in report["rows"]:
         if row["kind"] != "train":
             assert row["rel_err"] < 3e-2  # bf16 model vs bf16 model
+        if row["kind"] in ("prefill", "decode"):
             assert row["dense_peak_mb"] > 0
+    graphs = [(r["kind"], r["M"]) for r in report["rows"] if r["kind"] == "decode (graphs)"]
+    assert graphs == [("decode (graphs)", 1), ("decode (graphs)", 64)]  # graphs=true is the default
+    for row in report["rows"]:
+        if row["kind"] == "decode (graphs)":
+            assert row["replay_vs_eager_err"] < 1e-3  # the dense graph replays the eager step
+            assert row["dense_peak_mb"] is None and "CUDA graph" in row["sparse_path"]
+            assert 0 <= row["sparse_layers"] <= row["layers"] and row["speedup"] > 0
 
 
 def _train_rows(tmp_path, *settings):

@@ -90,3 +90,75 @@ def test_synthetic_model_hits_its_sparsity_and_the_sparse_model_reads_only_activ
     assert torch.isfinite(y).all() and torch.allclose(y, ref, atol=1e-4)
     with torch.no_grad():
         assert torch.isnan(models.dense.ffns[0].up.weight).sum() == 0  # the dense model was not touched
+
+
+def test_graphs_setting_and_the_cpu_skip():
+    from sparsify_cli.errors import UserError
+
+    assert resolve("model", "cpu", []).graphs is True and resolve("model", "cuda", []).graphs is True
+    assert resolve("model", "cpu", ["graphs=false"]).graphs is False
+    with pytest.raises(UserError, match="expected true or false"):
+        resolve("model", "cpu", ["graphs=maybe"])
+    with pytest.raises(UserError, match="does not apply to the cpu suite"):
+        resolve("cpu", "cpu", ["graphs=false"])
+
+    def labels(device, *overrides):  # cases() does not load the models
+        suite = bm.ModelSuite(resolve("model", "cpu", ["decode=1,8", *overrides]), None, torch.device(device))
+        return [label for label, _ in suite.cases()], suite.notes()
+
+    cpu, notes = labels("cpu")
+    assert cpu == ["prefill 4×64", "decode batch 1", "decode batch 8", "train step 4×64 (dense vs sparse)"]
+    assert notes == ["decode (graphs): not run (CUDA graphs need a GPU (--device cuda)); the decode rows ran eagerly"]
+    gpu, notes = labels("cuda")  # a device object only: nothing runs
+    assert gpu[3:5] == ["decode batch 1 (CUDA graphs)", "decode batch 8 (CUDA graphs)"] and len(gpu) == 6
+    assert notes == []
+    off, notes = labels("cuda", "graphs=false")
+    assert off == cpu and notes == ["decode (graphs): not run (graphs=false); the decode rows ran eagerly"]
+
+
+def test_decode_graph_rows_with_stand_ins_for_cuda_graphs(monkeypatch):
+    """The graph rows' code path on the CPU, torch.cuda's streams and graphs replaced by stand-ins ("capture" runs
+    the step eagerly, replay() does nothing): the row's fields, and the warm-up's sparse mode, restored after it."""
+    import contextlib
+
+    from sparsify_cli.pack.packed import PackedFFN
+
+    class Stream:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        replays = 0
+
+        def replay(self):
+            Graph.replays += 1
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    modes = []
+    forward = PackedFFN.forward
+    monkeypatch.setattr(PackedFFN, "forward", lambda self, x: modes.append(self.mode) or forward(self, x))
+
+    s = resolve("model", "cpu", ["decode=2", "reps=2", "warmup=0", "context=8", "sparsity=0.995"])
+    suite = bm.ModelSuite(s, None, torch.device("cpu"))
+    suite._ensure()  # the models (packing runs the sparse one)
+    assert all(bm.sparse_under_graph(f, 2) for f in suite.models.sparse.ffns)  # 0.5% active: sparse at decode
+    modes.clear()
+    row = suite.decode_graphs(2)
+    assert row["kind"] == "decode (graphs)" and row["M"] == 2 and row["context"] == 8
+    assert row["rel_err"] < 1e-5 and row["replay_vs_eager_err"] == 0.0  # fp32, the torch path: the same function
+    assert row["dense_ms"] > 0 and row["sparse_ms"] > 0 and row["speedup"] == pytest.approx(
+        row["dense_ms"] / row["sparse_ms"])
+    assert row["dense_peak_mb"] is None and row["sparse_peak_mb"] is None
+    assert row["sparse_layers"] == 0 and "0/2 layers" in row["sparse_path"]  # the torch backend: no CUDA kernels
+    assert "fixed position 8" in row["notes"] and "g.replay()" in row["notes"]
+    assert Graph.replays >= 2 * 2  # both graphs timed
+    # the sparse model: prefill, one warm-up step with mode=sparse, then warm-up and capture as the policy decides
+    assert modes[:2] == ["auto", "auto"] and modes[2:4] == ["sparse", "sparse"] and set(modes[4:]) == {"auto"}
+    assert all(f.mode == "auto" for f in suite.models.sparse.ffns)
