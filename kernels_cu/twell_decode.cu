@@ -10,10 +10,7 @@
 // the dense activation row (for decode the row is only H * 2 bytes, so this saves the pack launch and two
 // dependent memory round trips; `words` is then unused). Lists longer than CAP are processed in batches; partial sums live in
 // an fp32 shared-memory row of the chunk.
-#include "common.cuh"
-
-#define DECODE_THREADS 512
-#define DECODE_CAP 1024
+#include "decode_down.cuh"
 
 template <bool GATED, bool FROM_ACT>
 __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
@@ -28,16 +25,13 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
     int* offs = smem;                                        // NT + 1
     int* ej = offs + NT + 1;                                 // DECODE_CAP
     float* eh = reinterpret_cast<float*>(ej + DECODE_CAP);   // DECODE_CAP
-    // D is split into gridDim.y chunks of CV column vectors (8 columns each), one block per (token, chunk):
-    // every block lists the token's entries and computes all of h (the U rows are re-read from L2), and
-    // accumulates only its chunk, so a single token's down projection is spread over several SMs.
+    // D is split into gridDim.y chunks, one block per (token, chunk): every block lists the token's entries and
+    // computes all of h (the U rows are re-read from L2), and accumulates only its chunk, so a single token's
+    // down projection is spread over several SMs.
+    const DecodeChunk ch(D);
     const int nvec = D >> 3;
-    const int CV = (nvec + gridDim.y - 1) / gridDim.y;
-    const int CVr = (CV + 31) & ~31;  // <= DECODE_THREADS / 2 (launcher)
-    const int G = DECODE_THREADS / CVr;  // entry groups in the down phase
-    const int v_beg = blockIdx.y * CV, v_end = min(nvec, v_beg + CV);
-    float* accrow = eh + DECODE_CAP;  // CVr * 8: this chunk's fp32 sums
-    float* part = accrow + CVr * 8;   // G * CVr * 8 = DECODE_THREADS * 8: per-group partials
+    float* accrow = eh + DECODE_CAP;  // ch.CVr * 8: this chunk's fp32 sums
+    float* part = accrow + ch.CVr * 8;  // DECODE_THREADS * 8: per-group partials (decode_down_batch)
 
     const long long m = blockIdx.x;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = DECODE_THREADS / 32;
@@ -54,23 +48,9 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
     } else {
         for (int t = tid; t < NT; t += DECODE_THREADS) offs[t] = __ldg(wrow + (long long)t * S);
     }
-    for (int i = tid; i < CVr * 8; i += DECODE_THREADS) accrow[i] = 0.f;
+    for (int i = tid; i < ch.CVr * 8; i += DECODE_THREADS) accrow[i] = 0.f;
     __syncthreads();
-    if (warp == 0) {  // exclusive scan of the true counts
-        int carry = 0;
-        for (int base = 0; base < NT; base += 32) {
-            const int v = base + lane < NT ? offs[base + lane] : 0;
-            int incl = v;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const int y = __shfl_up_sync(SPARSIFY_FULL_MASK, incl, o);
-                if (lane >= o) incl += y;
-            }
-            if (base + lane < NT) offs[base + lane] = carry + incl - v;
-            carry += __shfl_sync(SPARSIFY_FULL_MASK, incl, 31);
-        }
-        if (lane == 0) offs[NT] = carry;
-    }
+    if (warp == 0) warp_exclusive_scan(offs, NT, lane);  // of the true counts
     __syncthreads();
     const int E = offs[NT];
     const uint4* xg = reinterpret_cast<const uint4*>(x + m * D);
@@ -117,53 +97,9 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
             }
             __syncthreads();
         }
-        // down: G groups of CVr threads; group g owns a contiguous share of the entries, thread v of a group
-        // one column vector of the chunk; 8 row loads in flight per thread; partials summed in group order.
-        {
-            const int g = tid / CVr, v = tid % CVr, vi = v_beg + v;
-            const int per = (nb + G - 1) / G;
-            const int e_beg = min(nb, g * per), e_end = min(nb, e_beg + per);
-            float acc[8];
-#pragma unroll
-            for (int i = 0; i < 8; ++i) acc[i] = 0.f;
-            if (g < G && vi < v_end) {
-                int e = e_beg;
-                for (; e + 8 <= e_end; e += 8) {
-                    uint4 q[8];
-#pragma unroll
-                    for (int u = 0; u < 8; ++u)
-                        q[u] = __ldg(reinterpret_cast<const uint4*>(down_t + (long long)ej[e + u] * D) + vi);
-#pragma unroll
-                    for (int u = 0; u < 8; ++u) axpy8(acc, eh[e + u], q[u]);
-                }
-                uint4 q[8];
-#pragma unroll
-                for (int u = 0; u < 8; ++u)
-                    q[u] = e + u < e_end ? __ldg(reinterpret_cast<const uint4*>(down_t + (long long)ej[e + u] * D) + vi)
-                                         : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-                for (int u = 0; u < 8; ++u)
-                    if (e + u < e_end) axpy8(acc, eh[e + u], q[u]);
-            }
-            if (g < G) {
-#pragma unroll
-                for (int i = 0; i < 8; ++i) part[(g * CVr + v) * 8 + i] = acc[i];
-            }
-            __syncthreads();
-            for (int idx = tid; idx < CVr * 8; idx += DECODE_THREADS) {
-                float sum = accrow[idx];
-                for (int gg = 0; gg < G; ++gg) sum += part[gg * CVr * 8 + idx];
-                accrow[idx] = sum;
-            }
-        }
-        __syncthreads();
+        decode_down_batch(ej, eh, nb, down_t, D, ch, accrow, part);
     }
-    uint4* og = reinterpret_cast<uint4*>(out + m * D);
-    for (int vi = v_beg + tid; vi < v_end; vi += DECODE_THREADS) {
-        const float* a8 = accrow + 8 * (vi - v_beg);
-        og[vi] = make_uint4(pack_bf16x2(a8[0], a8[1]), pack_bf16x2(a8[2], a8[3]), pack_bf16x2(a8[4], a8[5]),
-                            pack_bf16x2(a8[6], a8[7]));
-    }
+    decode_store_chunk(accrow, out + m * D, ch);
 }
 
 #define SPARSIFY_DECODE_INST(G, A)                                                                         \

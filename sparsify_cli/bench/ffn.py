@@ -158,8 +158,8 @@ def prefill_row(m: int, nnz: float, reps: int, err_rows: int = 4096) -> dict:
 
 
 def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> dict:
-    from sparsify_cli.kernels import ops
-    from sparsify_cli.kernels.launchers import GEMV_MAX_M
+    from sparsify_cli.kernels import launchers, ops
+    from sparsify_cli.kernels.launchers import FUSED_MAX_M, GEMV_MAX_M
 
     if nnz is None:
         nnz = (1 - DECODE_SPARSITY) * HIDDEN
@@ -174,12 +174,21 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
     def gate(s):  # what ffn_forward uses: the gemv kernel for 1..2 tokens, else cuBLAS
         return ops.gemv(x, s.gate) if m <= GEMV_MAX_M else x @ s.gate.T
 
-    def sparse_one(s, dt):  # the decode path ffn_forward takes: no TwELL, entries straight from act
+    fused = m <= FUSED_MAX_M
+
+    def unfused_one(s, dt):  # gate projection, then the decode kernel lists entries straight from act
         return ops.relu_ffn(x, gate(s), s.up, dt)
+
+    def sparse_one(s, dt):  # the decode path ffn_forward takes with a known density
+        return ops.decode_ffn(x, s.gate, s.up, dt) if fused else unfused_one(s, dt)
 
     def sparse_all():
         for s, dt in zip(sets, downs_t):
             sparse_one(s, dt)
+
+    def unfused_all():
+        for s, dt in zip(sets, downs_t):
+            unfused_one(s, dt)
 
     def twell_all():  # through TwELL words (pack + decode kernel)
         for s, dt in zip(sets, downs_t):
@@ -205,6 +214,22 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
            "layers_per_replay": layers}
     row["dense_ms"] = cuda_time(graphed(dense_all), reps) / layers
     row["sparse_ms"] = cuda_time(graphed(sparse_all), reps) / layers
+    row["sparse_path"] = "fused (decode_gate_up + decode_down)" if fused else "gate projection + decode kernel"
+    if fused:
+        row["sparse_unfused_ms"] = cuda_time(graphed(unfused_all), reps) / layers
+        row["fused_gate_up_ms"] = cuda_time(
+            graphed(lambda: [launchers.launch_decode_gate_up(x, s.gate, s.up) for s in sets]), reps) / layers
+        # tuning: the gate-up kernel on tensor cores (mma) or CUDA cores (gemv: rows per warp x blocks per SM;
+        # no-spill instances only)
+        combos = [("mma", None, 3), ("gemv", 2, 3)] + ([("gemv", 4, 3), ("gemv", 2, 4)] if m == 1 else [])
+        variants = {}
+        for impl, rows, mb in combos:
+            out_v = torch.empty_like(x)
+            defines = (f"FUSED_GATE_MIN_BLOCKS={mb}",)
+            variants[f"{impl}" + (f"_rows{rows}_minblocks{mb}" if rows else "")] = cuda_time(graphed(lambda: [
+                launchers.launch_decode_ffn(x, s.gate, s.up, dt, out_v, rows=rows, defines=defines, impl=impl)
+                for s, dt in zip(sets, downs_t)]), reps) / layers
+        row["fused_variants_ms"] = variants
     row["sparse_twell_ms"] = cuda_time(graphed(twell_all), reps) / layers
     row["gate_gemm_ms"] = cuda_time(graphed(lambda: [x @ s.gate.T for s in sets]), reps) / layers
     if m <= GEMV_MAX_M:
@@ -221,6 +246,8 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
     s0 = sets[0]
     ref32 = dense_block(x.float(), s0.gate.float(), s0.up.float(), s0.down.float())
     row["rel_err_sparse"] = _rel(sparse_one(s0, downs_t[0]), ref32)
+    if fused:
+        row["rel_err_unfused"] = _rel(unfused_one(s0, downs_t[0]), ref32)
     row["rel_err_torch_bf16"] = _rel(dense_block(x, s0.gate, s0.up, s0.down), ref32)
     return row
 

@@ -192,7 +192,8 @@ def gpu_decode_row(s, m: int, energy: Optional[EnergyMeter] = None) -> dict:
         return ffn.dense_block(x, gate, up, down)
 
     def sparse():
-        return ffn_forward(x, gate, up, down_t, kernels="cuda", mode="auto", nnz_hint=d["nnz_mean"])
+        # mode="sparse": run eagerly, "auto" would take the dense path at decode (SparsePolicy.eager_decode_dense)
+        return ffn_forward(x, gate, up, down_t, kernels="cuda", mode="sparse", nnz_hint=d["nnz_mean"])
 
     with torch.no_grad():
         row["rel_err"] = rel_err(sparse(), dense())
@@ -202,7 +203,7 @@ def gpu_decode_row(s, m: int, energy: Optional[EnergyMeter] = None) -> dict:
                dense_mj_tok=energy.mj_per_token(dense, m, d["dense_ms"]) if energy else None,
                sparse_mj_tok=energy.mj_per_token(sparse, m, d["sparse_ms"]) if energy else None,
                rel_err_fp32_ref=d["rel_err_sparse"], rel_err_torch_bf16=d["rel_err_torch_bf16"], detail=d,
-               sparse_path="relu_ffn decode kernel (CUDA graphs, 4 layers)",
+               sparse_path=f"{d['sparse_path']} (CUDA graphs, 4 layers)",
                notes="times: CUDA-graph replays (bench/ffn.py); energy/memory: eager calls of one layer")
     del inp, x
     torch.cuda.empty_cache()

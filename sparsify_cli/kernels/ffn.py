@@ -42,6 +42,10 @@ class SparsePolicy:
     # whole 28-layer model decoded at 0.79-0.84x dense that way (BENCHMARKS.md). So eager decode goes dense;
     # under a CUDA graph the sparse kernels' 1.55-1.85x is kept.
     eager_decode_dense: bool = True
+    # Decode of at most launchers.FUSED_MAX_M tokens with a known density (nnz_hint, or mode="sparse") runs the
+    # fused kernels (gate projection + relu + up dots in one pass, then the down rows): no activation round trip
+    # and two launches instead of three (BENCHMARKS.md). False: gate projection, then the decode kernel.
+    fused_decode: bool = True
 
     def use_dense_decode(self, m: int) -> bool:
         """True for a decode-sized call run eagerly (see eager_decode_dense)."""
@@ -134,10 +138,14 @@ def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, d
         raise ValueError(f"mode must be auto, sparse or dense, got {mode!r}")
     if mode == "auto" and policy.use_dense_decode(x.shape[0]):
         return dense_ffn(x, w_act, up, down_t, down=down)
-    from sparsify_cli.kernels import ops
+    from sparsify_cli.kernels import launchers, ops
 
-    from sparsify_cli.kernels import launchers
-
+    if (policy.fused_decode and x.shape[0] <= launchers.FUSED_MAX_M and x.shape[1] % 64 == 0 and not via_twell
+            and (mode == "sparse" or nnz_hint is not None)):
+        # the density is known without the activation, so the activation is never materialized
+        if mode == "auto" and not policy.choose_sparse(x.shape[0], nnz_hint, w_act.shape[0]):
+            return dense_ffn(x, w_act, up, down_t, down=down)
+        return ops.decode_ffn(x, w_act, up, down_t)
     if x.shape[0] <= launchers.GEMV_MAX_M and x.shape[1] % 8 == 0:
         act = ops.gemv(x, w_act)  # (M, H): decode's gate projection, memory-bound
     else:

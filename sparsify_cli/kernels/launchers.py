@@ -18,8 +18,8 @@ UP_WARPS = 4  # warps (= tokens) per block of twell_up_kernel; must match kernel
 FFN_DEFAULT_DEFINES: tuple[str, ...] = ("FFN_MIN_BLOCKS=4",)
 FFN_DEFAULT_SPLIT = False  # run phase A (x . U_j) as its own kernel (twell_up_kernel)
 DECODE_MAX_M = 64  # at or below this many tokens the decode kernel runs
-DECODE_THREADS = 512  # must match kernels_cu/twell_decode.cu
-DECODE_CAP = 1024  # must match kernels_cu/twell_decode.cu
+DECODE_THREADS = 512  # must match kernels_cu/decode_down.cuh
+DECODE_CAP = 1024  # must match kernels_cu/decode_down.cuh
 MAX_HIDDEN = 65536  # column index is 16 bits
 
 
@@ -279,3 +279,111 @@ def launch_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rows: int |
     rows_per_block = rows * GEMV_WARPS
     loader.launch(fn, ((h + rows_per_block - 1) // rows_per_block,), (32 * GEMV_WARPS,),
                   (x.data_ptr(), w.data_ptr(), out.data_ptr(), _i32(d), _i32(h)))
+
+
+FUSED_MAX_M = 8  # tokens the fused decode path handles (kernels_cu/decode_fused.cu instances)
+FUSED_GATE_WARPS = 4  # must match kernels_cu/decode_fused.cu
+FUSED_SEG = 256  # must match kernels_cu/decode_fused.cu (listing segment of the down kernel)
+FUSED_DEFAULT_DEFINES: tuple[str, ...] = ()
+
+
+FUSED_MMA_MIN_M = 2  # from this many tokens the gate-up kernel uses tensor cores (CUDA cores: M = 8 took 3x cuBLAS)
+FUSED_MMA_ROWS = 16  # gate rows per block of decode_gate_up_mma_kernel
+
+
+def fused_rows(m: int) -> int:
+    """Gate rows per warp of the CUDA-core decode_gate_up_kernel: 4 for one token (one wave of warps at H = 5632,
+    as gemv.cu); 2 above (4 rows x m tokens would spill: nvcc -Xptxas -v, 168 registers)."""
+    return 4 if m == 1 else 2
+
+
+def launch_decode_ffn(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor,
+                      out: torch.Tensor, *, rows: int | None = None, defines: tuple[str, ...] | None = None,
+                      impl: str = "auto") -> torch.Tensor:
+    """The whole sparse FFN block for 1..FUSED_MAX_M tokens in two kernels (kernels_cu/decode_fused.cu): the gate
+    projection, relu and the active neurons' up dots in one pass over the gate weight, then the down rows of the
+    active neurons. x (M, D), w_act (H, D) (gate; plain FFN: up weight), up (H, D) or None, down_t (H, D),
+    out (M, D); bf16, fp32 sums. Returns the (M, Hs) fp32 scratch of h values (for tests)."""
+    from sparsify_cli.kernels import loader
+
+    if x.dim() != 2 or w_act.dim() != 2:
+        raise ValueError("x and w_act must be 2-D: x (M, D), w_act (H, D)")
+    m, d = x.shape
+    h = w_act.shape[0]
+    if not 1 <= m <= FUSED_MAX_M:
+        raise ValueError(f"the fused decode path handles 1..{FUSED_MAX_M} tokens, got M={m}")
+    if d % 64 != 0:
+        raise ValueError(f"D={d} must be a positive multiple of 64")
+    if h > MAX_HIDDEN:
+        raise ValueError(f"H={h} exceeds {MAX_HIDDEN}")
+    dev = x.device
+    if dev.type != "cuda":
+        raise ValueError(f"x must be a CUDA tensor, got {dev}")
+    _check(x, "x", torch.bfloat16, (m, d), dev)
+    _check(w_act, "w_act", torch.bfloat16, (h, d), dev)
+    if up is not None:
+        _check(up, "up", torch.bfloat16, (h, d), dev)
+    _check(down_t, "down_t", torch.bfloat16, (h, d), dev)
+    _check(out, "out", torch.bfloat16, (m, d), dev)
+    for name, t in (("x", x), ("w_act", w_act), ("up", up), ("down_t", down_t), ("out", out)):
+        if t is not None and t.data_ptr() % 16 != 0:
+            raise ValueError(f"{name} must be 16-byte aligned (data_ptr % 16 == 0)")
+    hbuf = launch_decode_gate_up(x, w_act, up, rows=rows, defines=defines, impl=impl)
+    launch_decode_down(hbuf, down_t, out, h, defines=defines)
+    return hbuf
+
+
+def launch_decode_gate_up(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, *, rows: int | None = None,
+                          defines: tuple[str, ...] | None = None, impl: str = "auto") -> torch.Tensor:
+    """The fused decode path's first kernel (arguments checked by launch_decode_ffn): h (M, Hs) fp32, h = relu(a)·u
+    (gated) or relu(a), 0 where inactive; a = x·w_actᵀ rounded to bf16. impl: auto | gemv (CUDA cores) | mma
+    (tensor cores); auto = mma from FUSED_MMA_MIN_M tokens."""
+    from sparsify_cli.kernels import loader
+
+    m, d = x.shape
+    h = w_act.shape[0]
+    if impl == "auto":
+        impl = "mma" if m >= FUSED_MMA_MIN_M else "gemv"
+    if impl not in ("gemv", "mma"):
+        raise ValueError(f"impl must be auto, gemv or mma, got {impl!r}")
+    hs = -(-h // 8) * 8  # rows of h padded for 16-byte vector loads
+    if impl == "mma":
+        hbuf = torch.empty(m, hs, dtype=torch.float32, device=x.device)  # every column < H is written
+        fn = loader.get_function("decode_fused.cu", f"decode_gate_up_mma_kernel<{_b(up is not None)}>",
+                                 FUSED_DEFAULT_DEFINES if defines is None else tuple(defines))
+        loader.launch(fn, ((h + FUSED_MMA_ROWS - 1) // FUSED_MMA_ROWS,), (32 * FUSED_GATE_WARPS,),
+                      (x.data_ptr(), w_act.data_ptr(), up.data_ptr() if up is not None else 0, hbuf.data_ptr(),
+                       _i32(m), _i32(d), _i32(h), _i32(hs)))
+        return hbuf
+    rows = fused_rows(m) if rows is None else rows
+    if m * rows > 32:
+        raise ValueError(f"rows={rows} x M={m} exceeds one warp (32 lanes)")
+    defines = FUSED_DEFAULT_DEFINES if defines is None else tuple(defines)
+    hbuf = torch.empty(m, hs, dtype=torch.float32, device=x.device)  # every column < H is written
+    fn = loader.get_function("decode_fused.cu", f"decode_gate_up_kernel<{m}, {rows}, {_b(up is not None)}>",
+                             defines)
+    per_block = rows * FUSED_GATE_WARPS
+    loader.launch(fn, ((h + per_block - 1) // per_block,), (32 * FUSED_GATE_WARPS,),
+                  (x.data_ptr(), w_act.data_ptr(), up.data_ptr() if up is not None else 0, hbuf.data_ptr(),
+                   _i32(d), _i32(h), _i32(hs)))
+    return hbuf
+
+
+def launch_decode_down(hbuf: torch.Tensor, down_t: torch.Tensor, out: torch.Tensor, h: int, *,
+                       defines: tuple[str, ...] | None = None) -> None:
+    """The fused decode path's second kernel: out = h·DownT over the non-zero h of each token (ascending)."""
+    from sparsify_cli.kernels import loader
+
+    m, d = out.shape
+    defines = FUSED_DEFAULT_DEFINES if defines is None else tuple(defines)
+    fn = loader.get_function("decode_fused.cu", "decode_down_kernel", defines)
+    chunks, cvr = decode_chunks(d, m)
+    ns = -(-h // FUSED_SEG)
+    smem = (ns + 1 + 2 * DECODE_CAP) * 4 + cvr * 8 * 4 + DECODE_THREADS * 8 * 4
+    if smem > 48 * 1024:
+        if smem > 227 * 1024:
+            raise ValueError(f"fused decode: D={d}, H={h} need {smem} bytes of shared memory (> 227 KB)")
+        fn.max_dynamic_shared_size_bytes = smem
+    loader.launch(fn, (m, chunks), (DECODE_THREADS,),
+                  (hbuf.data_ptr(), down_t.data_ptr(), out.data_ptr(), _i32(d), _i32(h), _i32(hbuf.shape[1])),
+                  shared_mem=smem)

@@ -27,19 +27,24 @@ def kernel_dir() -> Path:
 
 
 def read_source(name: str) -> str:
-    """The .cu source with local ``#include "x.cuh"`` lines expanded (so CuPy's cache key sees the headers)."""
-    root = kernel_dir()
+    """The .cu source with local ``#include "x.cuh"`` lines expanded (so CuPy's cache key sees the headers).
 
-    def expand(text: str, seen: frozenset[str]) -> str:
+    Each header is expanded once, at its first include (the headers' ``#pragma once`` means nothing to text
+    that is already inlined, so a header included by two others would otherwise be defined twice)."""
+    root = kernel_dir()
+    seen: set[str] = set()
+
+    def expand(text: str) -> str:
         def repl(mt: re.Match) -> str:
             inc = mt.group(1)
             if inc in seen:
                 return ""
-            return expand((root / inc).read_text(), seen | {inc})
+            seen.add(inc)
+            return expand((root / inc).read_text())
 
         return _INCLUDE_RE.sub(repl, text)
 
-    return expand((root / name).read_text(), frozenset())
+    return expand((root / name).read_text())
 
 
 def device_arch(device_index: int | None = None) -> str:

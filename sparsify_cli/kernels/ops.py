@@ -9,6 +9,9 @@
       materialized): the fast path while the gate GEMM has no TwELL-writing epilogue. With c_start/init it
       is the sparse half of the hybrid path (ffn.hybrid_ffn): columns < c_start are done densely elsewhere.
 - sparsify::gemv(x, w) -> x·wᵀ for 1..2 tokens (decode's gate projection; faster than cuBLAS's GEMV here).
+- sparsify::decode_ffn(x, w_act, up, down_t) -> out
+      the whole block for 1..8 tokens (decode): gate projection, relu and the active neurons' up dots in one
+      pass over the gate weight, then the active rows of down_t (kernels_cu/decode_fused.cu).
 Inference only: no autograd formula is registered (backward through these ops raises).
 """
 
@@ -72,3 +75,15 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @gemv.register_fake
 def _(x, w):
     return x.new_empty((x.shape[0], w.shape[0]))
+
+
+@torch.library.custom_op("sparsify::decode_ffn", mutates_args=())
+def decode_ffn(x: torch.Tensor, w_act: torch.Tensor, up: Optional[torch.Tensor], down_t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x)
+    launchers.launch_decode_ffn(x, w_act, up, down_t, out)
+    return out
+
+
+@decode_ffn.register_fake
+def _(x, w_act, up, down_t):
+    return torch.empty_like(x)

@@ -266,3 +266,96 @@ def test_eager_decode_goes_dense_and_graph_captured_decode_stays_sparse(monkeypa
     calls.clear()
     ffn.ffn_forward(big.x, big.gate, big.up, big.down.T.contiguous(), mode="auto", kernels="cuda", nnz_hint=20.0)
     assert calls == []  # prefill sizes: sparse at this density, eager or not
+
+
+FUSED_SHAPES = [(2048, 5632), (64, 33), (2560, 1001), (256, 1000), (4160, 700)]  # (D, H): ragged H, D > 4096
+
+
+@pytest.mark.parametrize("m,impl", [(1, "auto"), (2, "auto"), (3, "auto"), (5, "auto"), (8, "auto"), (1, "mma"),
+                                    (2, "gemv"), (8, "gemv")])
+@pytest.mark.parametrize("d,h", FUSED_SHAPES)
+@pytest.mark.parametrize("density", [0.3, 0.02, 0.005, 0.001])
+@pytest.mark.parametrize("gated", [True, False])
+def test_fused_decode_matches_reference(m, impl, d, h, density, gated):
+    """The fused decode path (gate projection + relu + up dots, then the down rows; the gate projection on CUDA
+    cores or tensor cores) against fp32 math on the same bf16 activation; density 0.3 at H 5632 lists > 1024
+    entries per token (several batches)."""
+    inp = make_ffn_inputs(m, d, h, max(density * h, 0.5), device=DEV, seed=m * 31 + d + h)
+    down_t = inp.down.T.contiguous()
+    up = inp.up if gated else None
+    out = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
+    hbuf = launchers.launch_decode_ffn(inp.x, inp.gate, up, down_t, out, impl=impl)
+    torch.cuda.synchronize()
+    act = (inp.x.float() @ inp.gate.float().T).to(torch.bfloat16)  # a rounded once, as the kernel does
+    a32 = torch.relu(act.float())
+    h32 = a32 * (inp.x.float() @ inp.up.float().T) if gated else a32
+    ref32 = h32 @ down_t.float()
+    a16 = torch.relu(inp.x @ inp.gate.T)
+    t16 = ((a16 * (inp.x @ inp.up.T)) if gated else a16) @ down_t
+    assert not torch.isnan(out).any(), "unwritten (poisoned) output elements"
+    err, terr = _rel(out, ref32), _rel(t16, ref32)
+    assert err <= 2 * terr + 1e-4, f"fused decode rel err {err:.2e} vs torch bf16 {terr:.2e}"
+    # the h the first kernel hands over: the active set (a's rounding may differ from torch's by one ulp, which
+    # can flip only values at the relu boundary) and the values
+    flips = (hbuf[:, :h] != 0).ne(h32 != 0).sum().item()
+    assert flips <= max(1, 1e-3 * (h32 != 0).sum().item()), flips
+    assert _rel(hbuf[:, :h], h32) < 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("gated", [True, False])
+def test_fused_decode_bitwise_equals_gemv_and_decode_kernel(m, gated):
+    """Same rounding of a, same h, same list order and down sums: the fused path on CUDA cores equals gemv +
+    decode kernel."""
+    inp = make_ffn_inputs(m, 2048, 5632, 28, device=DEV, seed=m + 70)
+    down_t = inp.down.T.contiguous()
+    up = inp.up if gated else None
+    fused = torch.empty_like(inp.x)
+    launchers.launch_decode_ffn(inp.x, inp.gate, up, down_t, fused, impl="gemv")
+    unfused = ops.relu_ffn(inp.x, ops.gemv(inp.x, inp.gate), up, down_t)
+    assert torch.equal(fused, unfused)
+
+
+def test_fused_decode_nan_and_shape_errors():
+    inp = make_ffn_inputs(2, 256, 512, 5, device=DEV, seed=3)
+    down_t = inp.down.T.contiguous()
+    x = inp.x.clone()
+    x[1, 0] = float("nan")  # token 1: every a is NaN -> counts as active, NaN propagates; token 0 untouched
+    out = ops.decode_ffn(x, inp.gate, inp.up, down_t)
+    assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
+    with pytest.raises(ValueError, match="1..8 tokens"):
+        launchers.launch_decode_ffn(inp.x.repeat(5, 1), inp.gate, inp.up, down_t,
+                                    torch.empty(10, 256, dtype=torch.bfloat16, device=DEV))
+    with pytest.raises(ValueError, match="w_act must have shape"):
+        launchers.launch_decode_ffn(inp.x, inp.gate[:, :128].contiguous(), inp.up, down_t, torch.empty_like(inp.x))
+
+
+def test_fused_decode_in_graph_and_ffn_forward_routing(monkeypatch):
+    """ffn_forward with a density hint and <= 8 tokens runs the fused op (eagerly with mode=sparse, and under a
+    CUDA graph with mode=auto); the replay equals the eager call."""
+    from sparsify_cli.kernels import ffn
+
+    inp = make_ffn_inputs(4, 1024, 2816, 20, device=DEV, seed=12)
+    down_t = inp.down.T.contiguous()
+    calls = []
+    real = ops.decode_ffn
+    monkeypatch.setattr(ops, "decode_ffn", lambda *a: calls.append(1) or real(*a))
+    eager = ffn.ffn_forward(inp.x, inp.gate, inp.up, down_t, mode="sparse", kernels="cuda", nnz_hint=20.0)
+    assert calls == [1]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ffn.ffn_forward(inp.x, inp.gate, inp.up, down_t, mode="auto", kernels="cuda", nnz_hint=20.0)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = ffn.ffn_forward(inp.x, inp.gate, inp.up, down_t, mode="auto", kernels="cuda", nnz_hint=20.0)
+    g.replay()
+    torch.cuda.synchronize()
+    assert len(calls) == 2  # eager mode=sparse and the capture (the eager mode=auto warm-up goes dense)
+    assert torch.equal(captured, eager)
+    # the switch: without fused_decode the gate projection + decode kernel run instead
+    calls.clear()
+    ffn.ffn_forward(inp.x, inp.gate, inp.up, down_t, mode="sparse", kernels="cuda", nnz_hint=20.0,
+                    policy=ffn.SparsePolicy(fused_decode=False))
+    assert calls == []

@@ -1,0 +1,322 @@
+// Fused sparse FFN for decode (1..8 tokens): the gate projection finds the active neurons and computes their up
+// dots in the same pass, so only two kernels run and no activation is listed twice.
+//
+//   decode_gate_up_kernel   one warp per ROWS rows of the gate weight, for all MT tokens (a gemv: the 23 MB gate
+//                           read is the floor of the whole block). For each (token, row) the warp rounds
+//                           a = x_m·G_j to bf16 (as a cuBLAS gate GEMM in bf16 would), and where relu(a) > 0 it
+//                           computes u = x_m·U_j at once (gated; two dots in flight) and stores h = a·u in fp32,
+//                           else 0, into hbuf (M, Hs): a dense row of h per token (22 KB at H = 5632).
+//   decode_down_kernel      one block per (token, D-chunk), as twell_decode.cu's down half: lists the non-zero h of
+//                           its token in ascending neuron order and sums h·DownT_j over its chunk of columns
+//                           (decode_down.cuh: fixed order, fp32, one rounding).
+// Only the active rows of U and DownT are read. The per-entry arithmetic is the same as gemv.cu + twell_decode.cu
+// (same rounding of a, same h, same list order and down sums), so at M <= 2 this path's output equals that pair's
+// bit for bit (GPU test). NaN in a counts as active and propagates, as everywhere else.
+#include "decode_down.cuh"
+
+#ifndef FUSED_GATE_MIN_BLOCKS
+#define FUSED_GATE_MIN_BLOCKS 3
+#endif
+#define FUSED_GATE_WARPS 4  // warps per block of decode_gate_up_kernel; must match kernels/launchers.py
+
+// Two dots x0·u0 and x1·u1 (rows of different tokens allowed), 16 row loads in flight per lane; summed over the
+// warp (every lane gets both). The per-lane order of the sums is that of common.cuh's warp_dot2.
+__device__ __forceinline__ void warp_dot2x(const uint4* __restrict__ x0, const uint4* __restrict__ u0,
+                                           const uint4* __restrict__ x1, const uint4* __restrict__ u1, int nvec_d,
+                                           int lane, float& s0, float& s1) {
+    s0 = 0.f;
+    s1 = 0.f;
+    for (int base = 0; base < nvec_d; base += 256) {
+        uint4 a[8], b[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int vi = base + k * 32 + lane;
+            const bool ok = vi < nvec_d;
+            a[k] = ok ? __ldg(u0 + vi) : make_uint4(0u, 0u, 0u, 0u);
+            b[k] = (ok && u1 != nullptr) ? __ldg(u1 + vi) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int vi = base + k * 32 + lane;
+            if (vi < nvec_d) {
+                s0 = dot8(s0, __ldg(x0 + vi), a[k]);
+                if (u1 != nullptr) s1 = dot8(s1, __ldg(x1 + vi), b[k]);
+            }
+        }
+    }
+    s0 = warp_sum(s0);
+    s1 = warp_sum(s1);
+}
+
+template <int MT, int ROWS, bool GATED>
+__global__ void __launch_bounds__(32 * FUSED_GATE_WARPS, FUSED_GATE_MIN_BLOCKS) decode_gate_up_kernel(
+    const unsigned short* __restrict__ x,      // (MT, D)
+    const unsigned short* __restrict__ w_act,  // (H, D): the gate weight (plain FFN: the up weight)
+    const unsigned short* __restrict__ up,     // (H, D), gated only
+    float* __restrict__ hbuf,                  // (MT, Hs): h, 0 where inactive
+    int D, int H, int Hs) {
+    static_assert(MT * ROWS <= 32, "one lane per (token, row) pair");
+    const int lane = threadIdx.x & 31;
+    const int j0 = ROWS * (blockIdx.x * FUSED_GATE_WARPS + (threadIdx.x >> 5));
+    if (j0 >= H) return;
+    const int nvec = D >> 3;
+    // the gate rows: the gemv of gemv.cu (same loads in flight, same per-lane order of the sums)
+    const uint4* wr[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) wr[r] = reinterpret_cast<const uint4*>(w_act + (long long)min(j0 + r, H - 1) * D);
+    float s[MT][ROWS];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) s[m][r] = 0.f;
+    for (int base = 0; base < nvec; base += 256) {
+        uint4 a[ROWS][8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int vi = base + k * 32 + lane;
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) a[r][k] = vi < nvec ? __ldg(wr[r] + vi) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            const uint4* xg = reinterpret_cast<const uint4*>(x + (long long)m * D);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                const int vi = base + k * 32 + lane;
+                if (vi < nvec) {
+                    const uint4 xv = __ldg(xg + vi);
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r) s[m][r] = dot8(s[m][r], xv, a[r][k]);
+                }
+            }
+        }
+    }
+    // lane p = m * ROWS + r holds pair (m, j0 + r): its a rounded to bf16, then its h
+    unsigned short mine = 0;
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const float v = warp_sum(s[m][r]);  // butterfly: every lane gets the same bits
+            if (lane == m * ROWS + r) mine = f_to_bf16(v);
+        }
+    const bool valid = lane < MT * ROWS && j0 + lane % ROWS < H;
+    const bool active = valid && relu_active(mine);
+    float h = active ? bf16_to_f(mine) : 0.f;
+    if (GATED) {  // the active pairs' up dots, two at a time (usually none or one per warp at decode sparsity)
+        const uint4* xv = reinterpret_cast<const uint4*>(x);
+        unsigned int pend = __ballot_sync(SPARSIFY_FULL_MASK, active);
+        while (pend) {
+            const int p0 = __ffs(pend) - 1;
+            pend &= pend - 1;
+            const int p1 = pend ? __ffs(pend) - 1 : -1;
+            if (p1 >= 0) pend &= pend - 1;
+            const uint4* u0 = reinterpret_cast<const uint4*>(up + (long long)(j0 + p0 % ROWS) * D);
+            const uint4* u1 = p1 >= 0 ? reinterpret_cast<const uint4*>(up + (long long)(j0 + p1 % ROWS) * D) : nullptr;
+            float d0, d1;
+            warp_dot2x(xv + (long long)(p0 / ROWS) * nvec, u0, xv + (long long)(max(p1, 0) / ROWS) * nvec, u1, nvec,
+                       lane, d0, d1);
+            if (lane == p0) h *= d0;
+            if (lane == p1) h *= d1;
+        }
+    }
+    if (valid) hbuf[(long long)(lane / ROWS) * Hs + j0 + lane % ROWS] = h;
+}
+
+// Tensor-core variant of decode_gate_up_kernel for 2..8 tokens (the CUDA-core gemv above turns compute-bound
+// there: 35.8 us at M = 8 against 11.8 us for cuBLAS, BENCHMARKS.md). One block of 4 warps per 16 gate rows; the
+// warps split D (32-column chunks round-robin) and each runs mma.m16n8k16 (bf16 in, fp32 accumulate) with the
+// 16 rows as A and the (up to 8, zero-padded) tokens as B. No shared-memory staging: a dot product may take its
+// k in any order as long as A and B agree, so each lane loads 16 contiguous bytes of row g, of row g + 8 and of
+// token g at the same 8 columns, and two mma instructions consume them (the fragments' k pairs are a fixed
+// permutation of the chunk's 32 columns). The 4 partial tiles are summed in warp order through shared memory,
+// then as above: a rounded to bf16, relu, the active pairs' up dots (two at a time), h into hbuf.
+__device__ __forceinline__ void mma_bf16_16816(float* c, unsigned int a0, unsigned int a1, unsigned int a2,
+                                               unsigned int a3, unsigned int b0, unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+#define MMA_ROWS 16         // gate rows per block
+#define MMA_TOKENS 8        // tokens per mma (n); M <= 8
+#define MMA_UNROLL 4        // 32-column chunks per warp with their loads in flight together
+
+template <bool GATED>
+__global__ void __launch_bounds__(32 * FUSED_GATE_WARPS) decode_gate_up_mma_kernel(
+    const unsigned short* __restrict__ x,      // (M, D)
+    const unsigned short* __restrict__ w_act,  // (H, D)
+    const unsigned short* __restrict__ up,     // (H, D), gated only
+    float* __restrict__ hbuf,                  // (M, Hs)
+    int M, int D, int H, int Hs) {
+    __shared__ float part[FUSED_GATE_WARPS][MMA_ROWS * MMA_TOKENS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int j0 = blockIdx.x * MMA_ROWS;
+    const int nchunk = D >> 5;
+    const uint4* w_lo = reinterpret_cast<const uint4*>(w_act + (long long)min(j0 + g, H - 1) * D);
+    const uint4* w_hi = reinterpret_cast<const uint4*>(w_act + (long long)min(j0 + g + 8, H - 1) * D);
+    const uint4* xg = reinterpret_cast<const uint4*>(x + (long long)min(g, M - 1) * D);
+    const bool x_ok = g < M;  // tokens past M are zero columns of B
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int c0 = warp; c0 < nchunk; c0 += FUSED_GATE_WARPS * MMA_UNROLL) {
+        uint4 wl[MMA_UNROLL], wh[MMA_UNROLL], xv[MMA_UNROLL];
+#pragma unroll
+        for (int u = 0; u < MMA_UNROLL; ++u) {
+            const int ch = c0 + u * FUSED_GATE_WARPS;
+            const bool ok = ch < nchunk;
+            const int vi = 4 * ch + t;
+            wl[u] = ok ? __ldg(w_lo + vi) : make_uint4(0u, 0u, 0u, 0u);
+            wh[u] = ok ? __ldg(w_hi + vi) : make_uint4(0u, 0u, 0u, 0u);
+            xv[u] = (ok && x_ok) ? __ldg(xg + vi) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < MMA_UNROLL; ++u) {
+            mma_bf16_16816(c, wl[u].x, wh[u].x, wl[u].y, wh[u].y, xv[u].x, xv[u].y);
+            mma_bf16_16816(c, wl[u].z, wh[u].z, wl[u].w, wh[u].w, xv[u].z, xv[u].w);
+        }
+    }
+    // c0, c1: row g, tokens 2t, 2t+1; c2, c3: row g + 8, tokens 2t, 2t+1
+    part[warp][g * MMA_TOKENS + 2 * t] = c[0];
+    part[warp][g * MMA_TOKENS + 2 * t + 1] = c[1];
+    part[warp][(g + 8) * MMA_TOKENS + 2 * t] = c[2];
+    part[warp][(g + 8) * MMA_TOKENS + 2 * t + 1] = c[3];
+    __syncthreads();
+    // thread i owns pair (row i / 8, token i % 8): warp w holds rows 4w .. 4w + 3
+    const int i = threadIdx.x, row = i / MMA_TOKENS, tok = i % MMA_TOKENS, j = j0 + row;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < FUSED_GATE_WARPS; ++w) sum += part[w][i];
+    const unsigned short a = f_to_bf16(sum);
+    const bool valid = tok < M && j < H;
+    const bool active = valid && relu_active(a);
+    float h = active ? bf16_to_f(a) : 0.f;
+    if (GATED) {
+        const uint4* xb = reinterpret_cast<const uint4*>(x);
+        const int nvec = D >> 3;
+        unsigned int pend = __ballot_sync(SPARSIFY_FULL_MASK, active);
+        while (pend) {
+            const int p0 = __ffs(pend) - 1;
+            pend &= pend - 1;
+            const int p1 = pend ? __ffs(pend) - 1 : -1;
+            if (p1 >= 0) pend &= pend - 1;
+            const int r0 = 4 * warp + p0 / MMA_TOKENS, r1 = 4 * warp + max(p1, 0) / MMA_TOKENS;
+            const uint4* u0 = reinterpret_cast<const uint4*>(up + (long long)(j0 + r0) * D);
+            const uint4* u1 = p1 >= 0 ? reinterpret_cast<const uint4*>(up + (long long)(j0 + r1) * D) : nullptr;
+            float d0, d1;
+            warp_dot2x(xb + (long long)(p0 % MMA_TOKENS) * nvec, u0, xb + (long long)(max(p1, 0) % MMA_TOKENS) * nvec,
+                       u1, nvec, lane, d0, d1);
+            if (lane == p0) h *= d0;
+            if (lane == p1) h *= d1;
+        }
+    }
+    if (valid) hbuf[(long long)tok * Hs + j] = h;
+}
+
+// Visit the non-zero entries (NaN included) of the fp32 row columns [c_beg, c_end) in ascending order, 256 columns
+// per step: f(rank, col, value), rank = 0, 1, ... Every lane of the warp calls it; c_beg is a multiple of 8 and
+// the row 16-byte aligned. Returns the number visited.
+template <typename F>
+__device__ __forceinline__ int warp_for_each_nonzero(const float* __restrict__ row, int c_beg, int c_end, int lane,
+                                                     F f) {
+    int r = 0;
+    for (int c = c_beg; c < c_end; c += 256) {
+        const int c0 = c + lane * 8;
+        float v[8];
+        if (c0 + 8 <= c_end) {
+            const float4 p = __ldg(reinterpret_cast<const float4*>(row + c0));
+            const float4 q = __ldg(reinterpret_cast<const float4*>(row + c0 + 4));
+            v[0] = p.x; v[1] = p.y; v[2] = p.z; v[3] = p.w;
+            v[4] = q.x; v[5] = q.y; v[6] = q.z; v[7] = q.w;
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[e] = c0 + e < c_end ? row[c0 + e] : 0.f;
+        }
+        int n = 0;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) n += (v[e] != 0.f) ? 1 : 0;  // NaN != 0
+        int incl = n;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(SPARSIFY_FULL_MASK, incl, o);
+            if (lane >= o) incl += y;
+        }
+        int rank = r + incl - n;
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            if (v[e] != 0.f) f(rank++, c0 + e, v[e]);
+        r += __shfl_sync(SPARSIFY_FULL_MASK, incl, 31);
+    }
+    return r;
+}
+
+#define FUSED_SEG 256  // columns per listing segment
+
+__global__ void __launch_bounds__(DECODE_THREADS, 1) decode_down_kernel(
+    const float* __restrict__ hbuf,             // (M, Hs)
+    const unsigned short* __restrict__ down_t,  // (H, D)
+    unsigned short* __restrict__ out,           // (M, D)
+    int D, int H, int Hs) {
+    extern __shared__ int smem[];
+    const int NS = (H + FUSED_SEG - 1) / FUSED_SEG;
+    int* offs = smem;                                       // NS + 1
+    int* ej = offs + NS + 1;                                // DECODE_CAP
+    float* eh = reinterpret_cast<float*>(ej + DECODE_CAP);  // DECODE_CAP
+    const DecodeChunk ch(D);
+    float* accrow = eh + DECODE_CAP;    // ch.CVr * 8
+    float* part = accrow + ch.CVr * 8;  // DECODE_THREADS * 8
+
+    const long long m = blockIdx.x;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = DECODE_THREADS / 32;
+    const float* hrow = hbuf + m * Hs;
+    for (int t = warp; t < NS; t += nwarps) {
+        const int r = warp_for_each_nonzero(hrow, t * FUSED_SEG, min(H, (t + 1) * FUSED_SEG), lane,
+                                            [](int, int, float) {});
+        if (lane == 0) offs[t] = r;
+    }
+    for (int i = tid; i < ch.CVr * 8; i += DECODE_THREADS) accrow[i] = 0.f;
+    __syncthreads();
+    if (warp == 0) warp_exclusive_scan(offs, NS, lane);
+    __syncthreads();
+    const int E = offs[NS];
+    for (int base = 0; base < E; base += DECODE_CAP) {
+        const int lim = min(E, base + DECODE_CAP);
+        for (int t = warp; t < NS; t += nwarps) {
+            const int o = offs[t], n = offs[t + 1] - o;
+            if (o >= lim || o + n <= base) continue;
+            warp_for_each_nonzero(hrow, t * FUSED_SEG, min(H, (t + 1) * FUSED_SEG), lane, [&](int r, int col, float v) {
+                const int e = o + r;
+                if (e >= base && e < lim) {
+                    ej[e - base] = col;
+                    eh[e - base] = v;
+                }
+            });
+        }
+        __syncthreads();
+        decode_down_batch(ej, eh, lim - base, down_t, D, ch, accrow, part);
+    }
+    decode_store_chunk(accrow, out + m * D, ch);
+}
+
+// The instances the launcher uses (kernels/launchers.py fused_rows): 4 rows per warp for one token, 2 for more
+// (4 rows x 2..4 tokens spill at 168 registers); <1, 2> is a tuning variant the benchmark times.
+#define SPARSIFY_FUSED_INST(MT, ROWS)                                                                              \
+    template __global__ void decode_gate_up_kernel<MT, ROWS, true>(const unsigned short*, const unsigned short*,  \
+                                                                   const unsigned short*, float*, int, int, int); \
+    template __global__ void decode_gate_up_kernel<MT, ROWS, false>(const unsigned short*, const unsigned short*, \
+                                                                    const unsigned short*, float*, int, int, int);
+SPARSIFY_FUSED_INST(1, 4)
+SPARSIFY_FUSED_INST(1, 2)
+SPARSIFY_FUSED_INST(2, 2)
+SPARSIFY_FUSED_INST(3, 2)
+SPARSIFY_FUSED_INST(4, 2)
+SPARSIFY_FUSED_INST(5, 2)
+SPARSIFY_FUSED_INST(6, 2)
+SPARSIFY_FUSED_INST(7, 2)
+SPARSIFY_FUSED_INST(8, 2)
+template __global__ void decode_gate_up_mma_kernel<true>(const unsigned short*, const unsigned short*,
+                                                         const unsigned short*, float*, int, int, int, int);
+template __global__ void decode_gate_up_mma_kernel<false>(const unsigned short*, const unsigned short*,
+                                                          const unsigned short*, float*, int, int, int, int);
