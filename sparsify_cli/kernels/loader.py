@@ -56,18 +56,29 @@ def device_arch(device_index: int | None = None) -> str:
     """
     import torch
 
+    return _arch(torch.cuda.current_device() if device_index is None else device_index)
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device_index: int) -> str:
+    import torch
+
     major, minor = torch.cuda.get_device_capability(device_index)
     return f"sm_{major}{minor}"
 
 
 def get_module(name: str, name_expressions: tuple[str, ...], arch: str | None = None,
-               defines: tuple[str, ...] = ()):
-    """Compile (once per process; CuPy caches on disk) ``kernels_cu/<name>`` with the given template instances."""
+               defines: tuple[str, ...] = (), device_index: int | None = None):
+    """Compile (once per process and device; CuPy caches on disk) ``kernels_cu/<name>`` with the given template
+    instances. A CuPy module is loaded on the device current at its first use, hence the device in the key."""
     import cupy
+    import torch
 
+    if device_index is None:
+        device_index = torch.cuda.current_device()
     if arch is None:
-        arch = device_arch()
-    key = (name, arch, name_expressions, defines)
+        arch = _arch(device_index)
+    key = (name, arch, name_expressions, defines, device_index)
     mod = _modules.get(key)
     if mod is None:
         with _lock:
@@ -84,14 +95,18 @@ def get_module(name: str, name_expressions: tuple[str, ...], arch: str | None = 
 
 
 @functools.lru_cache(maxsize=None)
-def _function(name: str, expr: str, arch: str, defines: tuple[str, ...]):
-    return get_module(name, (expr,), arch, defines).get_function(expr)
+def _function(name: str, expr: str, device_index: int, defines: tuple[str, ...]):
+    return get_module(name, (expr,), _arch(device_index), defines, device_index).get_function(expr)
 
 
 def get_function(name: str, expr: str, defines: tuple[str, ...] = ()):
     """The kernel ``expr`` (e.g. ``twell_pack_kernel<8>``) from ``kernels_cu/<name>``, optionally compiled
-    with preprocessor ``defines`` such as ``("FFN_MIN_BLOCKS=4",)`` (tuning variants)."""
-    return _function(name, expr, device_arch(), tuple(defines))
+    with preprocessor ``defines`` such as ``("FFN_MIN_BLOCKS=4",)`` (tuning variants), for the current device.
+    Hot path (every launch): one cached lookup; the device's capability is read once per device (reading it
+    per call cost ~20-40 µs of host time per launch, measured by tests/gpu/profile_train_host.py)."""
+    import torch
+
+    return _function(name, expr, torch.cuda.current_device(), tuple(defines))
 
 
 def current_stream():
@@ -100,12 +115,18 @@ def current_stream():
     CuPy 14 wraps foreign streams through the CUDA stream protocol (``Stream.from_external`` on an object with
     ``__cuda_stream__``, which torch's streams have); older CuPy only has ``ExternalStream``, deprecated in 14.
     """
-    import cupy
     import torch
 
-    s = torch.cuda.current_stream()
-    key = (s.device.index if s.device.index is not None else 0, s.cuda_stream)
-    ext = _streams.get(key)
+    index = torch.cuda.current_device()
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # the stream's handle without a Python object
+    key = (index, raw(index)) if raw is not None else None
+    ext = _streams.get(key) if key is not None else None
+    if ext is None:
+        import cupy
+
+        s = torch.cuda.current_stream()
+        key = (s.device.index if s.device.index is not None else 0, s.cuda_stream)
+        ext = _streams.get(key)
     if ext is None:
         from_external = getattr(cupy.cuda.Stream, "from_external", None)
         if from_external is not None and hasattr(s, "__cuda_stream__"):
