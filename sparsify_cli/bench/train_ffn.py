@@ -140,14 +140,14 @@ def suite_row(s, m: int, nnz: float, device: torch.device, energy=None) -> dict:
 
     hot = None
     if backend == "cuda":  # the busiest neurons go through dense GEMMs, chosen as a training layer does: from the
-        # neuron counts of the previous call (FeedForward.sparse_hot)
-        from sparsify_cli.kernels.train_cuda import HOT_RATE, hot_mask
+        # neuron counts of the previous call, known on the host (FeedForward.sparse_hot, a HotSet)
+        from sparsify_cli.kernels.train_cuda import HOT_RATE, HotSet, hot_mask
         from sparsify_cli.kernels.train_reference import sparse_ffn_train
 
         with torch.no_grad():
             first = sparse_ffn_train(*(t.detach() for t in leaves), width=width, backend=backend)
-        hot = hot_mask(first.neuron_counts, m)
-        row.update(n_hot=int(hot.sum()), hot_rate=HOT_RATE)
+        hot = HotSet.from_mask_host(hot_mask(first.neuron_counts, m).cpu(), device)
+        row.update(n_hot=hot.n, hot_rate=HOT_RATE)
 
     def dense() -> tuple:
         return dense_step(*leaves, gy, lam)

@@ -40,7 +40,7 @@ class SparsePolicy:
     # Decode run eagerly (not captured in a CUDA graph, not compiled): the sparse path's host cost per call (a
     # custom op, a few CuPy launches: tens of µs) exceeds the ~18 µs its kernels save on a ~40 µs layer, and a
     # whole 28-layer model decoded at 0.79-0.84x dense that way (BENCHMARKS.md). So eager decode goes dense;
-    # under a CUDA graph the sparse kernels' 1.55-1.85x is kept.
+    # under a CUDA graph the sparse kernels' speed-up (1.86-2.05x fused at 1-8 tokens, BENCHMARKS.md) is kept.
     eager_decode_dense: bool = True
     # Decode of at most launchers.FUSED_MAX_M tokens with a known density (nnz_hint, or mode="sparse") runs the
     # fused kernels (gate projection + relu + up dots in one pass, then the down rows): no activation round trip

@@ -25,7 +25,8 @@ the hot neurons' gate and up values (M, Hp) and the per-neuron ELL counts (H,).
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +124,77 @@ def transpose(t: Tensor) -> Tensor:
     return out
 
 
+def _hot_forward(x, a, up_w, up_b, down_t, hot_cols, n_hot, gated, out, l1_tok, tok_cnt, neuron_cnt):
+    """The hot neurons' part of the forward: dense GEMMs over their (padded) columns, masked by the pattern, added
+    onto out, their |h| and counts onto the per-token and per-neuron sums. Returns (g_hot, u_hot) for backward."""
+    m = x.shape[0]
+    g_hot = a.index_select(1, hot_cols)  # (M, Hp): hot gate pre-activations (relu'd by train_hot_fwd_kernel)
+    u_hot = None
+    if n_hot:
+        hp = hot_cols.numel()
+        if gated:
+            u_hot = F.linear(x, up_w.index_select(0, hot_cols),
+                             None if up_b is None else up_b.index_select(0, hot_cols)).contiguous()
+        h_hot = torch.empty(m, hp, dtype=torch.bfloat16, device=x.device) if gated else g_hot
+        loader.launch(_fn(f"train_hot_fwd_kernel<{_b(gated)}>"), ((m + TRAIN_WARPS - 1) // TRAIN_WARPS,),
+                      (32 * TRAIN_WARPS,),
+                      (g_hot.data_ptr(), _ptr(u_hot), _ptr(h_hot if gated else None), hot_cols.data_ptr(),
+                       l1_tok.data_ptr(), tok_cnt.data_ptr(), neuron_cnt.data_ptr(), _i64(m), _i32(hp), _i32(n_hot)))
+        out.addmm_(h_hot, down_t.index_select(0, hot_cols))  # out += h_hot · Down_hotᵀ
+    return g_hot, u_hot
+
+
+@dataclass(frozen=True, eq=False)
+class HotSet:
+    """A hot set known on the host, so the forward can queue the hot neurons' GEMMs before its one host wait
+    (with a bare (H,) mask their indices come from train_plan_kernel, i.e. only after the wait, and the GPU
+    then idles while the host queues them). Device tensors: ``skip`` (H rounded up to 256,) uint8 (the pattern
+    kernel's mask), ``idx`` (n,) int64 ascending, ``cols`` = idx padded to a multiple of HOT_ALIGN (_padded)."""
+
+    skip: Tensor
+    idx: Tensor
+    cols: Tensor
+    n: int
+    h: int  # neurons
+
+    @property
+    def mask(self) -> Tensor:
+        """(H,) bool on the device."""
+        return self.skip[: self.h].bool()
+
+    @classmethod
+    def from_mask_host(cls, mask: Tensor, device: torch.device | str) -> "HotSet":
+        """From an (H,) bool mask on the CPU: every tensor is built there and copied without a sync."""
+        if mask.device.type != "cpu" or mask.dtype != torch.bool or mask.dim() != 1:
+            raise ValueError(f"HotSet.from_mask_host: expects an (H,) bool CPU mask; got {mask.dtype} {mask.device}")
+        h = mask.numel()
+        hp = (h + 255) // 256 * 256
+        skip = torch.zeros(hp, dtype=torch.uint8)
+        skip[:h] = mask
+        idx = mask.nonzero().view(-1)
+        cols = _padded(idx)
+        both = torch.cat([idx, cols]).pin_memory().to(device, non_blocking=True)
+        return cls(skip.pin_memory().to(device, non_blocking=True), both[: idx.numel()], both[idx.numel():],
+                   idx.numel(), h)
+
+
+class PendingHot:
+    """The next call's hot set, from this call's neuron counts: copied to pinned host memory behind an event
+    right away, resolved at the next call (by then the event is long past, so resolving waits for nothing and
+    drains no queue)."""
+
+    def __init__(self, neuron_counts: Tensor, n_tokens: int, rate: float = HOT_RATE):
+        self.counts = torch.empty(neuron_counts.shape, dtype=neuron_counts.dtype, pin_memory=True)
+        self.counts.copy_(neuron_counts.detach(), non_blocking=True)
+        self.ready = torch.cuda.Event()
+        self.ready.record()
+        self.n_tokens, self.rate, self.device = n_tokens, rate, neuron_counts.device
+
+    def resolve(self) -> HotSet:
+        self.ready.synchronize()
+        return HotSet.from_mask_host(hot_mask(self.counts, self.n_tokens, self.rate), self.device)
+
+
 class SparseFFNTrainCudaFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_w, up_w, down_w, gate_b, up_b, down_b, width, hot):
@@ -139,8 +211,11 @@ class SparseFFNTrainCudaFn(torch.autograd.Function):
             counts = torch.empty(m, dtype=torch.int32, device=dev)
             ints = torch.zeros(2 * h, dtype=torch.int32, device=dev)  # one memset for both counters
             hist, neuron_cnt = ints[:h], ints[h:]  # ELL entries per neuron (CSC segment sizes); h != 0 per neuron
+            hs = hot if isinstance(hot, HotSet) else None
             skip = None
-            if hot is not None:  # hot neurons: left out of the pattern, computed by dense GEMMs below
+            if hs is not None:  # hot neurons: left out of the pattern, computed by dense GEMMs below
+                skip = hs.skip
+            elif hot is not None:
                 skip = torch.zeros((h + 255) // 256 * 256, dtype=torch.uint8, device=dev)
                 skip[:h] = hot
             vec_ok = int(h % 8 == 0 and a.data_ptr() % 16 == 0)
@@ -170,29 +245,28 @@ class SparseFFNTrainCudaFn(torch.autograd.Function):
                            _ptr(down_b), cols.data_ptr(), g.data_ptr(), counts.data_ptr(), _ptr(u), out.data_ptr(),
                            l1_tok.data_ptr(), tok_cnt.data_ptr(), neuron_cnt.data_ptr(), _i64(m), _i32(d),
                            _i32(width)))
-            ready.synchronize()  # the plan only: the fwd kernel above may still be running
+            if hs is not None:  # indices known on the host: queue the hot part before waiting
+                hot_cols = hs.cols
+                g_hot, u_hot = _hot_forward(x, a, up_w, up_b, down_t, hot_cols, hs.n, gated, out, l1_tok, tok_cnt,
+                                            neuron_cnt)
+            ready.synchronize()  # the plan only: the kernels queued above may still be running
             r, n_live, n_total, n_split_chunks, n_split, n_hot = stats_host.tolist()[:6]
-            tail_rows, hot_idx = idx[:r], idx[m:m + n_hot]  # ascending
+            tail_rows = idx[:r]  # ascending
+            if hs is not None:
+                if n_hot != hs.n:
+                    raise RuntimeError(f"sparse_ffn_train (cuda): the plan counted {n_hot} hot neurons, the host "
+                                       f"{hs.n}: internal error")
+                hot_idx = hs.idx
+            else:
+                hot_idx = idx[m:m + n_hot]  # ascending
+                hot_cols = _padded(hot_idx)  # (Hp,): the GEMMs over the hot columns need an aligned width
+                g_hot, u_hot = _hot_forward(x, a, up_w, up_b, down_t, hot_cols, n_hot, gated, out, l1_tok, tok_cnt,
+                                            neuron_cnt)
 
             g_tail = a.index_select(0, tail_rows).relu_()  # (R, H)
             if n_hot:
-                g_tail.masked_fill_(hot, 0)  # the tail covers the cold neurons only
-            hot_cols = _padded(hot_idx)  # (Hp,): the GEMMs over the hot columns need an aligned width
-            g_hot = a.index_select(1, hot_cols)  # (M, Hp): hot gate pre-activations (relu'd by train_hot_fwd_kernel)
+                g_tail.masked_fill_(hs.mask if hs is not None else hot, 0)  # the tail covers the cold neurons only
             del a
-            u_hot = None
-            if n_hot:  # the hot neurons: dense GEMMs over their Hp columns, masked by the pattern
-                hp = hot_cols.numel()
-                if gated:
-                    u_hot = F.linear(x, up_w.index_select(0, hot_cols),
-                                     None if up_b is None else up_b.index_select(0, hot_cols)).contiguous()
-                h_hot = torch.empty(m, hp, dtype=torch.bfloat16, device=dev) if gated else g_hot
-                loader.launch(_fn(f"train_hot_fwd_kernel<{_b(gated)}>"), grid_rows, warps,
-                              (g_hot.data_ptr(), _ptr(u_hot), _ptr(h_hot if gated else None), hot_cols.data_ptr(),
-                               l1_tok.data_ptr(), tok_cnt.data_ptr(), neuron_cnt.data_ptr(), _i64(m), _i32(hp),
-                               _i32(n_hot)))
-                out.addmm_(h_hot, down_t.index_select(0, hot_cols))  # out += h_hot · Down_hotᵀ
-                del h_hot
             u_tail = None
             if r:  # the rows above W, whole and dense, masked by the pattern (their ELL slots are padding)
                 x_t = x.index_select(0, tail_rows)
@@ -349,16 +423,22 @@ class SparseFFNTrainCudaFn(torch.autograd.Function):
 def sparse_ffn_train_cuda(x: Tensor, gate_w: Optional[Tensor], up_w: Tensor, down_w: Tensor,
                           gate_b: Optional[Tensor] = None, up_b: Optional[Tensor] = None,
                           down_b: Optional[Tensor] = None, width: int = 128,
-                          hot: Optional[Tensor] = None) -> SparseFFNTrainOut:
+                          hot: Union[Tensor, HotSet, None] = None) -> SparseFFNTrainOut:
     """The CUDA op (bf16, one GPU). Same signature, outputs and semantics as sparse_ffn_train_reference.
 
-    hot: optional (H,) bool, the neurons to compute with dense GEMMs over their columns instead of per pair
-    (the busiest ones; hot_mask() picks them from the previous call's neuron_counts). Same result either way.
+    hot: optional, the neurons to compute with dense GEMMs over their columns instead of per pair (the busiest
+    ones; hot_mask() picks them from the previous call's neuron_counts): an (H,) bool mask on the device, or a
+    HotSet (the same, known on the host: faster, see HotSet). Same result either way.
     """
     _check(x, gate_w, up_w, down_w, gate_b, up_b, down_b, width)
     check_cuda_args(x, gate_w, up_w, down_w, width)
-    if hot is not None and (hot.dtype != torch.bool or tuple(hot.shape) != (up_w.shape[0],) or hot.device != x.device):
-        raise ValueError(f"sparse_ffn_train (cuda): hot must be a bool ({up_w.shape[0]},) mask on {x.device}")
+    h = up_w.shape[0]
+    if isinstance(hot, HotSet):
+        if hot.h != h or hot.skip.device != x.device:
+            raise ValueError(f"sparse_ffn_train (cuda): the HotSet is for {hot.h} neurons on {hot.skip.device}; "
+                             f"the layer has {h} on {x.device}")
+    elif hot is not None and (hot.dtype != torch.bool or tuple(hot.shape) != (h,) or hot.device != x.device):
+        raise ValueError(f"sparse_ffn_train (cuda): hot must be a bool ({h},) mask on {x.device}")
     args = [t if t is None else t.contiguous() for t in (x, gate_w, up_w, down_w, gate_b, up_b, down_b)]
     return SparseFFNTrainOut(*SparseFFNTrainCudaFn.apply(*args, width, hot))
 

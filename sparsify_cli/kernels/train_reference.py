@@ -233,7 +233,7 @@ class SparseFFNTrainFn(torch.autograd.Function):
 def sparse_ffn_train_reference(x: Tensor, gate_w: Optional[Tensor], up_w: Tensor, down_w: Tensor,
                                gate_b: Optional[Tensor] = None, up_b: Optional[Tensor] = None,
                                down_b: Optional[Tensor] = None, width: int = DEFAULT_WIDTH,
-                               hot: Optional[Tensor] = None) -> SparseFFNTrainOut:
+                               hot=None) -> SparseFFNTrainOut:
     """The pure-torch op (CPU or GPU). Shapes and math: module docstring. gate_w=None: the plain FFN.
 
     hot (which neurons a backend computes densely) is a speed hint of the CUDA op; the math, and so this
@@ -266,12 +266,13 @@ def train_backend(name: str) -> Callable[..., SparseFFNTrainOut]:
 def sparse_ffn_train(x: Tensor, gate_w: Optional[Tensor], up_w: Tensor, down_w: Tensor,
                      gate_b: Optional[Tensor] = None, up_b: Optional[Tensor] = None, down_b: Optional[Tensor] = None,
                      width: int = DEFAULT_WIDTH, backend: Optional[str] = None,
-                     hot: Optional[Tensor] = None) -> SparseFFNTrainOut:
+                     hot=None) -> SparseFFNTrainOut:
     """The sparse training FFN the model calls: x (M, D) -> (out (M, D), l1 (), token_counts (M,), neuron_counts (H,)).
 
     gate_w (H, D) or None (plain FFN), up_w (H, D), down_w (D, H), biases optional; all in x's dtype and device.
     backend: "torch" (the reference, CPU or GPU) or "cuda" (bf16 kernels; train_cuda.py); default DEFAULT_TRAIN_BACKEND.
-    hot: optional (H,) bool mask of neurons the CUDA op computes with dense GEMMs (a speed hint; same result).
+    hot: optional, the neurons the CUDA op computes with dense GEMMs (a speed hint; same result): an (H,) bool mask
+    on the device or a train_cuda.HotSet (the same, known on the host).
     """
     return train_backend(backend or DEFAULT_TRAIN_BACKEND)(x, gate_w, up_w, down_w, gate_b, up_b, down_b, width,
                                                           hot=hot)

@@ -50,12 +50,13 @@ class FeedForward(nn.Module):
         self.up = nn.Linear(d, h, bias=cfg.mlp_bias)
         self.down = nn.Linear(h, d, bias=cfg.mlp_bias)
         self.observer: Optional[ActivationObserver] = None
-        # The busiest neurons at the previous sparse call, (H,) bool on the device: the CUDA op computes them with
-        # dense GEMMs over their columns (a speed hint only: the result does not depend on it). A new mask waits in
-        # _hot_next until the next collecting forward, so a forward recomputed in backward (activation
-        # checkpointing) uses the same hot set, hence saves tensors of the same shapes, as the original one.
-        self.sparse_hot: Optional[torch.Tensor] = None
-        self._hot_next: Optional[torch.Tensor] = None
+        # The busiest neurons at the previous sparse call (kernels/train_cuda.py HotSet): the CUDA op computes them
+        # with dense GEMMs over their columns (a speed hint only: the result does not depend on it). Each call's
+        # neuron counts travel to the host in the background (PendingHot) and become the hot set at the next
+        # collecting forward, so a forward recomputed in backward (activation checkpointing) uses the same hot
+        # set, hence saves tensors of the same shapes, as the original one.
+        self.sparse_hot = None  # Optional[HotSet]
+        self._hot_next = None  # Optional[PendingHot]
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         """h for input x: (B, T, D) -> (B, T, H)."""
@@ -73,9 +74,9 @@ class FeedForward(nn.Module):
             self.observer(self.layer_index, h)
         return self.down(h)  # (B, T, D)
 
-    def _hot_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+    def _hot_for(self, x: torch.Tensor):
         hot = self.sparse_hot
-        if self.sparse_backend != "cuda" or hot is None or hot.device != x.device or hot.shape[0] != self.up.out_features:
+        if self.sparse_backend != "cuda" or hot is None or hot.skip.device != x.device or hot.h != self.up.out_features:
             return None
         return hot
 
@@ -96,7 +97,7 @@ class FeedForward(nn.Module):
         # the original forward of a training step (not a recomputation inside backward, not evaluation)
         fresh = self.training and self.sparse_backend == "cuda" and getattr(self.observer, "collecting", True)
         if fresh and self._hot_next is not None:
-            self.sparse_hot, self._hot_next = self._hot_next, None
+            self.sparse_hot, self._hot_next = self._hot_next.resolve(), None
         res = sparse_ffn_train(
             x.reshape(-1, x.shape[-1]).to(dtype),  # (M, D)
             param(self.gate, "weight"), param(self.up, "weight"), param(self.down, "weight"),
@@ -104,9 +105,9 @@ class FeedForward(nn.Module):
             width=self.sparse_width, backend=self.sparse_backend, hot=self._hot_for(x),
         )
         if fresh:
-            from sparsify_cli.kernels.train_cuda import hot_mask
+            from sparsify_cli.kernels.train_cuda import PendingHot
 
-            self._hot_next = hot_mask(res.neuron_counts.detach(), res.token_counts.shape[0])
+            self._hot_next = PendingHot(res.neuron_counts, res.token_counts.shape[0])
         if observe is not None:
             observe(self.layer_index, res.l1, res.token_counts, res.neuron_counts)
         return res.out.reshape(*x.shape[:-1], res.out.shape[-1])  # (B, T, D)

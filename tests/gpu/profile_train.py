@@ -20,7 +20,7 @@ from sparsify_cli.bench.ffn import cuda_time
 from sparsify_cli.bench.measure import peak_mb
 from sparsify_cli.bench.synthetic import make_ffn_inputs
 from sparsify_cli.bench.train_ffn import dense_step, sparse_step
-from sparsify_cli.kernels.train_cuda import hot_mask
+from sparsify_cli.kernels.train_cuda import HotSet, hot_mask
 from sparsify_cli.kernels.train_reference import sparse_ffn_train
 from sparsify_cli.train.ffn_kernels import ell_width
 
@@ -75,14 +75,21 @@ def main():
             cnt = (inp.x @ inp.gate.T > 0).sum(1).float()  # active neurons per token
             w = ell_width(cnt.mean().item())
             counts = sparse_ffn_train(*(t.detach() for t in leaves), width=w, backend="cuda").neuron_counts
-        for hot, rate in [(None, 0.0)] + [(hot_mask(counts, args.m, r), r) for r in (0.005, 0.01)]:
+        # the hot set as a device mask (indices found by the plan, after the op's host wait) and as a HotSet (known
+        # on the host, as a training layer passes it: the hot GEMMs are queued before the wait)
+        variants = [(None, 0.0, "none")]
+        for r in (0.005, 0.01):
+            mask = hot_mask(counts, args.m, r)
+            variants += [(mask, r, "mask"), (HotSet.from_mask_host(mask.cpu(), DEV), r, "hotset")]
+        for hot, rate, hint in variants:
             def sp(hot=hot):
                 return sparse_step(*leaves, gy, lam, w, "cuda", hot)
 
             def de():
                 return dense_step(*leaves, gy, lam)
 
-            row = {"m": args.m, "nnz_target": nnz, "hot_rate": rate, "n_hot": 0 if hot is None else int(hot.sum()),
+            n_hot = 0 if hot is None else (hot.n if isinstance(hot, HotSet) else int(hot.sum()))
+            row = {"m": args.m, "nnz_target": nnz, "hot_rate": rate, "hot_hint": hint, "n_hot": n_hot,
                    "nnz_mean": cnt.mean().item(), "nnz_p99": cnt.quantile(0.99).item(), "nnz_max": cnt.max().item(),
                    "width": w, "tail_rows": int((cnt > w).sum()),
                    "dense_ms": cuda_time(de, reps=10, warmup=3), "sparse_ms": cuda_time(sp, reps=10, warmup=3),
