@@ -69,8 +69,8 @@ def test_rope_matches_rotation_of_pairs():
     from sparsify_cli.model.transformer import apply_rotary, rotary_tables
 
     cos, sin = rotary_tables(4, 8, 10000.0)
-    x = torch.tensor([[[[1.0, 2.0, 3.0, 4.0]]]]).expand(1, 1, 8, 4)
-    out = apply_rotary(x, cos, sin)
+    x = torch.tensor([[[[1.0, 2.0, 3.0, 4.0]]]]).expand(1, 8, 1, 4)  # (B, T, nh, hd)
+    out = apply_rotary(x, cos, sin)[:, :, 0]  # (B, T, hd)
     pos, theta0, theta1 = 3, 1.0, 10000.0 ** (-2 / 4)
     a0, a1 = pos * theta0, pos * theta1
     expect = torch.tensor([
@@ -79,4 +79,20 @@ def test_rope_matches_rotation_of_pairs():
         3 * torch.cos(torch.tensor(a0)) + 1 * torch.sin(torch.tensor(a0)),
         4 * torch.cos(torch.tensor(a1)) + 2 * torch.sin(torch.tensor(a1)),
     ])
-    assert torch.allclose(out[0, 0, pos], expect, atol=1e-5)
+    assert torch.allclose(out[0, pos], expect, atol=1e-5)
+
+
+def test_rotary_backward_is_the_inverse_rotation():
+    """apply_rotary's hand-written backward equals autograd through the formula (fp32 math), also for a strided
+    incoming gradient (as attention hands it back)."""
+    from sparsify_cli.model.transformer import apply_rotary, rotary_tables
+
+    cos, sin = rotary_tables(8, 16, 10000.0)
+    x = torch.randn(2, 16, 3, 8, requires_grad=True)
+    g = torch.randn(2, 3, 16, 8).transpose(1, 2)  # (B, T, nh, hd) view of a (B, nh, T, hd) tensor
+    (apply_rotary(x, cos, sin) * g).sum().backward()
+    got, x.grad = x.grad, None
+    c, s = cos[:, None, :], sin[:, None, :]
+    x1, x2 = x.chunk(2, -1)
+    (torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1) * g).sum().backward()
+    assert torch.allclose(got, x.grad, atol=1e-6)
