@@ -51,23 +51,16 @@ def rotary_tables(
     return angles.cos().float(), angles.sin().float()
 
 
-def rotary_full(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Half tables (…, hd/2) -> the (…, hd) tables apply_rotary takes: [cos, cos] and [−sin, sin], so that a rotation
-    is x·cos + roll(x, hd/2)·sin (two fused kernels instead of six on the halves)."""
-    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
-
-
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the pairs (x_i, x_{i+hd/2}) by the angles of the full tables cos/sin (broadcast), in fp32, back to
-    x's dtype."""
-    xf = x.float()
-    return torch.addcmul(xf * cos, xf.roll(xf.shape[-1] // 2, dims=-1), sin).to(x.dtype)
+    """Rotate the pairs (x_i, x_{i+hd/2}) by the angles of cos/sin (broadcast), in fp32, back to x's dtype."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 class _Rotary(torch.autograd.Function):
     """Rotary embedding with its backward spelled out: the gradient is the inverse rotation (sin -> -sin) of the
-    incoming gradient made contiguous. Autograd's own backward ran strided elementwise kernels on the gradient (it
-    arrives as a transposed view from attention); this is one copy and the same vectorized ops as forward."""
+    incoming gradient made contiguous. Autograd's own backward ran ~8 strided elementwise kernels on the gradient
+    (it arrives as a transposed view from attention); this is one copy and the same vectorized ops as forward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -82,9 +75,8 @@ class _Rotary(torch.autograd.Function):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, T, nh, hd), as the projection lays it out (contiguous, so the elementwise kernels are vectorized:
-    on the (B, nh, T, hd) view they ran strided, a large share of a training step's time); cos/sin: (T, hd), the
-    full tables of rotary_full."""
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hd): the same angle for every head
+    on the (B, nh, T, hd) view they ran strided, a large share of a training step's time); cos/sin: (T, hd/2)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hd/2): the same angle for every head
     if torch.is_grad_enabled() and x.requires_grad:
         return _Rotary.apply(x, cos, sin)
     return _rotate(x, cos, sin)
@@ -158,7 +150,7 @@ class SparseLlama(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rotary_full(*rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling))
+        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         # Not saved in checkpoints: they are a function of the config.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -66,9 +66,9 @@ def test_activation_checkpointing_gives_same_gradients():
 
 def test_rope_matches_rotation_of_pairs():
     """apply_rotary rotates (x_i, x_{i+hd/2}) by angle pos·θ_i: check one position by hand."""
-    from sparsify_cli.model.transformer import apply_rotary, rotary_full, rotary_tables
+    from sparsify_cli.model.transformer import apply_rotary, rotary_tables
 
-    cos, sin = rotary_full(*rotary_tables(4, 8, 10000.0))
+    cos, sin = rotary_tables(4, 8, 10000.0)
     x = torch.tensor([[[[1.0, 2.0, 3.0, 4.0]]]]).expand(1, 8, 1, 4)  # (B, T, nh, hd)
     out = apply_rotary(x, cos, sin)[:, :, 0]  # (B, T, hd)
     pos, theta0, theta1 = 3, 1.0, 10000.0 ** (-2 / 4)
@@ -85,12 +85,12 @@ def test_rope_matches_rotation_of_pairs():
 def test_rotary_backward_is_the_inverse_rotation():
     """apply_rotary's hand-written backward equals autograd through the formula (fp32 math), also for a strided
     incoming gradient (as attention hands it back)."""
-    from sparsify_cli.model.transformer import apply_rotary, rotary_full, rotary_tables
+    from sparsify_cli.model.transformer import apply_rotary, rotary_tables
 
     cos, sin = rotary_tables(8, 16, 10000.0)
     x = torch.randn(2, 16, 3, 8, requires_grad=True)
     g = torch.randn(2, 3, 16, 8).transpose(1, 2)  # (B, T, nh, hd) view of a (B, nh, T, hd) tensor
-    (apply_rotary(x, *rotary_full(cos, sin)) * g).sum().backward()
+    (apply_rotary(x, cos, sin) * g).sum().backward()
     got, x.grad = x.grad, None
     c, s = cos[:, None, :], sin[:, None, :]
     x1, x2 = x.chunk(2, -1)
