@@ -13,6 +13,7 @@
 // (same rounding of a, same h, same list order and down sums), so at M <= 2 this path's output equals that pair's
 // bit for bit (GPU test). NaN in a counts as active and propagates, as everywhere else.
 #include "decode_down.cuh"
+#include "gemv.cuh"
 
 #ifndef FUSED_GATE_MIN_BLOCKS
 #define FUSED_GATE_MIN_BLOCKS 3
@@ -48,6 +49,30 @@ __device__ __forceinline__ void warp_dot2x(const uint4* __restrict__ x0, const u
     s1 = warp_sum(s1);
 }
 
+// h *= x_tok · U_j for the lanes whose pair is active (pair(p) = {token, row j} of lane p), two dots at a time
+// (usually none or one per warp at decode sparsity). Every lane of the warp calls it; returns this lane's h.
+template <typename Pair>
+__device__ __forceinline__ float warp_up_dots(bool active, float h, const unsigned short* __restrict__ x,
+                                              const unsigned short* __restrict__ up, int D, int lane, Pair pair) {
+    const uint4* xb = reinterpret_cast<const uint4*>(x);
+    const int nvec = D >> 3;
+    unsigned int pend = __ballot_sync(SPARSIFY_FULL_MASK, active);
+    while (pend) {
+        const int p0 = __ffs(pend) - 1;
+        pend &= pend - 1;
+        const int p1 = pend ? __ffs(pend) - 1 : -1;
+        if (p1 >= 0) pend &= pend - 1;
+        const int2 q0 = pair(p0), q1 = pair(max(p1, 0));
+        const uint4* u0 = reinterpret_cast<const uint4*>(up + (long long)q0.y * D);
+        const uint4* u1 = p1 >= 0 ? reinterpret_cast<const uint4*>(up + (long long)q1.y * D) : nullptr;
+        float d0, d1;
+        warp_dot2x(xb + (long long)q0.x * nvec, u0, xb + (long long)q1.x * nvec, u1, nvec, lane, d0, d1);
+        if (lane == p0) h *= d0;
+        if (lane == p1) h *= d1;
+    }
+    return h;
+}
+
 template <int MT, int ROWS, bool GATED>
 __global__ void __launch_bounds__(32 * FUSED_GATE_WARPS, FUSED_GATE_MIN_BLOCKS) decode_gate_up_kernel(
     const unsigned short* __restrict__ x,      // (MT, D)
@@ -59,38 +84,8 @@ __global__ void __launch_bounds__(32 * FUSED_GATE_WARPS, FUSED_GATE_MIN_BLOCKS) 
     const int lane = threadIdx.x & 31;
     const int j0 = ROWS * (blockIdx.x * FUSED_GATE_WARPS + (threadIdx.x >> 5));
     if (j0 >= H) return;
-    const int nvec = D >> 3;
-    // the gate rows: the gemv of gemv.cu (same loads in flight, same per-lane order of the sums)
-    const uint4* wr[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) wr[r] = reinterpret_cast<const uint4*>(w_act + (long long)min(j0 + r, H - 1) * D);
     float s[MT][ROWS];
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) s[m][r] = 0.f;
-    for (int base = 0; base < nvec; base += 256) {
-        uint4 a[ROWS][8];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            const int vi = base + k * 32 + lane;
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) a[r][k] = vi < nvec ? __ldg(wr[r] + vi) : make_uint4(0u, 0u, 0u, 0u);
-        }
-#pragma unroll
-        for (int m = 0; m < MT; ++m) {
-            const uint4* xg = reinterpret_cast<const uint4*>(x + (long long)m * D);
-#pragma unroll
-            for (int k = 0; k < 8; ++k) {
-                const int vi = base + k * 32 + lane;
-                if (vi < nvec) {
-                    const uint4 xv = __ldg(xg + vi);
-#pragma unroll
-                    for (int r = 0; r < ROWS; ++r) s[m][r] = dot8(s[m][r], xv, a[r][k]);
-                }
-            }
-        }
-    }
+    gemv_partial<MT, ROWS>(x, w_act, j0, H, D, lane, s);  // the gemv of gemv.cu: the same sums, the same bits
     // lane p = m * ROWS + r holds pair (m, j0 + r): its a rounded to bf16, then its h
     unsigned short mine = 0;
 #pragma unroll
@@ -103,23 +98,8 @@ __global__ void __launch_bounds__(32 * FUSED_GATE_WARPS, FUSED_GATE_MIN_BLOCKS) 
     const bool valid = lane < MT * ROWS && j0 + lane % ROWS < H;
     const bool active = valid && relu_active(mine);
     float h = active ? bf16_to_f(mine) : 0.f;
-    if (GATED) {  // the active pairs' up dots, two at a time (usually none or one per warp at decode sparsity)
-        const uint4* xv = reinterpret_cast<const uint4*>(x);
-        unsigned int pend = __ballot_sync(SPARSIFY_FULL_MASK, active);
-        while (pend) {
-            const int p0 = __ffs(pend) - 1;
-            pend &= pend - 1;
-            const int p1 = pend ? __ffs(pend) - 1 : -1;
-            if (p1 >= 0) pend &= pend - 1;
-            const uint4* u0 = reinterpret_cast<const uint4*>(up + (long long)(j0 + p0 % ROWS) * D);
-            const uint4* u1 = p1 >= 0 ? reinterpret_cast<const uint4*>(up + (long long)(j0 + p1 % ROWS) * D) : nullptr;
-            float d0, d1;
-            warp_dot2x(xv + (long long)(p0 / ROWS) * nvec, u0, xv + (long long)(max(p1, 0) / ROWS) * nvec, u1, nvec,
-                       lane, d0, d1);
-            if (lane == p0) h *= d0;
-            if (lane == p1) h *= d1;
-        }
-    }
+    if (GATED)  // lane p = (token p / ROWS, row j0 + p % ROWS)
+        h = warp_up_dots(active, h, x, up, D, lane, [&](int p) { return make_int2(p / ROWS, j0 + p % ROWS); });
     if (valid) hbuf[(long long)(lane / ROWS) * Hs + j0 + lane % ROWS] = h;
 }
 
@@ -193,25 +173,9 @@ __global__ void __launch_bounds__(32 * FUSED_GATE_WARPS) decode_gate_up_mma_kern
     const bool valid = tok < M && j < H;
     const bool active = valid && relu_active(a);
     float h = active ? bf16_to_f(a) : 0.f;
-    if (GATED) {
-        const uint4* xb = reinterpret_cast<const uint4*>(x);
-        const int nvec = D >> 3;
-        unsigned int pend = __ballot_sync(SPARSIFY_FULL_MASK, active);
-        while (pend) {
-            const int p0 = __ffs(pend) - 1;
-            pend &= pend - 1;
-            const int p1 = pend ? __ffs(pend) - 1 : -1;
-            if (p1 >= 0) pend &= pend - 1;
-            const int r0 = 4 * warp + p0 / MMA_TOKENS, r1 = 4 * warp + max(p1, 0) / MMA_TOKENS;
-            const uint4* u0 = reinterpret_cast<const uint4*>(up + (long long)(j0 + r0) * D);
-            const uint4* u1 = p1 >= 0 ? reinterpret_cast<const uint4*>(up + (long long)(j0 + r1) * D) : nullptr;
-            float d0, d1;
-            warp_dot2x(xb + (long long)(p0 % MMA_TOKENS) * nvec, u0, xb + (long long)(max(p1, 0) % MMA_TOKENS) * nvec,
-                       u1, nvec, lane, d0, d1);
-            if (lane == p0) h *= d0;
-            if (lane == p1) h *= d1;
-        }
-    }
+    if (GATED)  // lane p of warp w = (token p % 8, row j0 + 4w + p / 8)
+        h = warp_up_dots(active, h, x, up, D, lane,
+                         [&](int p) { return make_int2(p % MMA_TOKENS, j0 + 4 * warp + p / MMA_TOKENS); });
     if (valid) hbuf[(long long)tok * Hs + j] = h;
 }
 
