@@ -155,17 +155,28 @@ def decode_chunks(d: int, m: int = 1) -> tuple[int, int]:
     return c, -(-cv // 32) * 32
 
 
+def decode_smem(n_lists: int, cvr: int) -> int:
+    """Dynamic shared memory of a decode down-phase block (decode_down.cuh): n_lists + 1 list offsets, the entry
+    batch (DECODE_CAP columns and values), the chunk's fp32 row (cvr * 8) and the per-group partials."""
+    return (n_lists + 1 + 2 * DECODE_CAP) * 4 + cvr * 8 * 4 + DECODE_THREADS * 8 * 4
+
+
+def _allow_smem(fn, smem: int, what: str, d: int, h: int) -> None:
+    """Let ``fn`` use ``smem`` bytes of dynamic shared memory (above the 48 KB default), or refuse with the reason."""
+    if smem > 227 * 1024:
+        raise ValueError(f"{what}: D={d}, H={h} need {smem} bytes of shared memory (> 227 KB)")
+    if smem > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = smem
+
+
 def _decode_launch(x, words, up, down_t, act, out, tile, from_act: bool, m, d, h, nt, s) -> None:
     from sparsify_cli.kernels import loader
 
     g = "true" if up is not None else "false"
     fn = loader.get_function("twell_decode.cu", f"twell_decode_kernel<{g}, {'true' if from_act else 'false'}>")
     chunks, cvr = decode_chunks(d, m)
-    smem = (nt + 1 + 2 * DECODE_CAP) * 4 + cvr * 8 * 4 + DECODE_THREADS * 8 * 4
-    if smem > 48 * 1024:
-        if smem > 227 * 1024:
-            raise ValueError(f"decode path: D={d}, H={h} need {smem} bytes of shared memory (> 227 KB)")
-        fn.max_dynamic_shared_size_bytes = smem
+    smem = decode_smem(nt, cvr)
+    _allow_smem(fn, smem, "decode path", d, h)
     ptrs = (x.data_ptr(), words.data_ptr() if words is not None else 0, up.data_ptr() if up is not None else 0,
             down_t.data_ptr(), act.data_ptr(), out.data_ptr())
     tail = (_i64(m), _i32(d), _i32(h), _i32(nt), _i32(s), _i32(tile), _i32(_vec_ok(act)))
@@ -378,12 +389,8 @@ def launch_decode_down(hbuf: torch.Tensor, down_t: torch.Tensor, out: torch.Tens
     defines = FUSED_DEFAULT_DEFINES if defines is None else tuple(defines)
     fn = loader.get_function("decode_fused.cu", "decode_down_kernel", defines)
     chunks, cvr = decode_chunks(d, m)
-    ns = -(-h // FUSED_SEG)
-    smem = (ns + 1 + 2 * DECODE_CAP) * 4 + cvr * 8 * 4 + DECODE_THREADS * 8 * 4
-    if smem > 48 * 1024:
-        if smem > 227 * 1024:
-            raise ValueError(f"fused decode: D={d}, H={h} need {smem} bytes of shared memory (> 227 KB)")
-        fn.max_dynamic_shared_size_bytes = smem
+    smem = decode_smem(-(-h // FUSED_SEG), cvr)
+    _allow_smem(fn, smem, "fused decode", d, h)
     loader.launch(fn, (m, chunks), (DECODE_THREADS,),
                   (hbuf.data_ptr(), down_t.data_ptr(), out.data_ptr(), _i32(d), _i32(h), _i32(hbuf.shape[1])),
                   shared_mem=smem)

@@ -1,0 +1,29 @@
+"""Launcher arithmetic that needs no GPU: the decode kernels' shared-memory sizing and its limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparsify_cli.kernels import launchers
+
+
+class _Fn:
+    max_dynamic_shared_size_bytes = 0
+
+
+def test_decode_smem_counts_offsets_batch_row_and_partials():
+    chunks, cvr = launchers.decode_chunks(2048, 1)
+    assert (chunks, cvr) == (8, 32)  # one token: D split over 8 blocks of 32 column vectors
+    n_tiles = launchers.n_tiles(5632, 256)
+    want = (n_tiles + 1) * 4 + 2 * launchers.DECODE_CAP * 4 + cvr * 8 * 4 + launchers.DECODE_THREADS * 8 * 4
+    assert launchers.decode_smem(n_tiles, cvr) == want
+
+
+def test_allow_smem_raises_the_limit_only_above_48k_and_refuses_above_227k():
+    fn = _Fn()
+    launchers._allow_smem(fn, 40 * 1024, "decode path", 2048, 5632)
+    assert fn.max_dynamic_shared_size_bytes == 0
+    launchers._allow_smem(fn, 60 * 1024, "decode path", 2048, 5632)
+    assert fn.max_dynamic_shared_size_bytes == 60 * 1024
+    with pytest.raises(ValueError, match=r"fused decode: D=65536, H=5632 need \d+ bytes .*> 227 KB"):
+        launchers._allow_smem(fn, 300 * 1024, "fused decode", 65536, 5632)
