@@ -7,6 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from sparsify_cli.bench import model as bm
+from sparsify_cli.bench import model_pair as mp
 from sparsify_cli.bench.settings import resolve
 from sparsify_cli.cli.app import app
 from sparsify_cli.config.compose import compose
@@ -55,7 +56,7 @@ def test_dense_twin_of_a_packed_model_is_the_source(run_and_packed):
 
     run, packed = run_and_packed
     pk, manifest = load_packed(packed, kernels="torch")
-    twin, source = bm.dense_twin(pk), load_model(run)[0].eval()
+    twin, source = mp.dense_twin(pk), load_model(run)[0].eval()
     x = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
         assert torch.allclose(twin(x), pk(x), atol=1e-4)
@@ -66,11 +67,11 @@ def test_dense_twin_of_a_packed_model_is_the_source(run_and_packed):
 
 def test_synthetic_model_hits_its_sparsity_and_the_sparse_model_reads_only_active_rows():
     s = resolve("model", "cpu", ["sparsity=0.97", "layers=2", "seq_len=32"])
-    models = bm.load_models(s, None, torch.device("cpu"))
-    tokens = bm._tokens(s.vocab, 4, 32, seed=123)
-    stats, per_layer = bm.measure_nnz(models.dense, tokens)
+    models = mp.load_models(s, None, torch.device("cpu"))
+    tokens = mp.random_tokens(s.vocab, 4, 32, seed=123)
+    stats, per_layer = mp.measure_nnz(models.dense, tokens)
     assert abs(stats["sparsity"] - 0.97) < 0.005 and len(per_layer) == 2
-    decode, _ = bm.measure_nnz(models.dense, bm._tokens(s.vocab, 64, 1, seed=5))  # first positions alike
+    decode, _ = mp.measure_nnz(models.dense, mp.random_tokens(s.vocab, 64, 1, seed=5))  # first positions alike
     assert abs(decode["sparsity"] - 0.97) < 0.007
     never = []  # poison the rows of neurons that fire on none of these tokens: the sparse model must not read them
     models.dense.set_observer(lambda i, h: never.append((h.reshape(-1, h.shape[-1]) == 0).all(0)))

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from sparsify_cli.bench import settings as bench_settings
-from sparsify_cli.bench.model import ModelSuite, measure_nnz
+from sparsify_cli.bench.model import ModelSuite
+from sparsify_cli.bench.model_pair import measure_nnz
 from sparsify_cli.bench.train_ffn import ell_width
 
 

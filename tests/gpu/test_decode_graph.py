@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from sparsify_cli.bench import model as bm
+from sparsify_cli.bench import model_pair as mp
 from sparsify_cli.bench.settings import resolve
 from sparsify_cli.kernels import ffn as kffn
 from sparsify_cli.model import KVCache
@@ -30,7 +31,7 @@ def models():
     # tiny preset: D 128, H 512, 2 layers, 4 heads; 99.5% sparse, so that every packed layer's calibrated density
     # is under the policy's decode limit (the sparse kernels run in every layer under the graph)
     s = resolve("model", "cuda", ["shapes=tiny", "sparsity=0.995"])
-    return s, bm.load_models(s, None, DEV)
+    return s, mp.load_models(s, None, DEV)
 
 
 @pytest.mark.parametrize("batch,ctx", [(1, 16), (8, 16), (4, 0)])
