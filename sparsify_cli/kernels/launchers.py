@@ -47,6 +47,13 @@ def _check(t: torch.Tensor | None, name: str, dtype: torch.dtype, shape: tuple[i
         raise ValueError(f"{name} must be contiguous (row-major)")
 
 
+def _check_aligned(**tensors: torch.Tensor | None) -> None:
+    """The kernels load 16-byte vectors: each given tensor (None: absent, skipped) must start 16-byte aligned."""
+    for name, t in tensors.items():
+        if t is not None and t.data_ptr() % 16 != 0:
+            raise ValueError(f"{name} must be 16-byte aligned (data_ptr % 16 == 0)")
+
+
 def check_pack_args(act: torch.Tensor, words: torch.Tensor, tile: int, slots: int) -> None:
     check_tile(tile, slots)
     if act.dim() != 2:
@@ -88,9 +95,7 @@ def check_ffn_args(x, words, up, down_t, act, out, tile: int) -> tuple[int, int,
     _check(down_t, "down_t", torch.bfloat16, (h, d), dev)
     _check(act, "act", torch.bfloat16, (m, h), dev)
     _check(out, "out", torch.bfloat16, (m, d), dev)
-    for name, t in (("x", x), ("up", up), ("down_t", down_t), ("out", out)):
-        if t is not None and t.data_ptr() % 16 != 0:
-            raise ValueError(f"{name} must be 16-byte aligned (data_ptr % 16 == 0)")
+    _check_aligned(x=x, up=up, down_t=down_t, out=out)
     return m, d, h, nt, s
 
 
@@ -221,8 +226,7 @@ def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 
         raise ValueError(f"c_start must be a multiple of 8 in [0, H={h}], got {c_start}")
     if init is not None:
         _check(init, "init", torch.bfloat16, (m, d), x.device)
-        if init.data_ptr() % 16 != 0:
-            raise ValueError("init must be 16-byte aligned (data_ptr % 16 == 0)")
+        _check_aligned(init=init)
     if m == 0:
         return
     if path == "auto":
@@ -281,9 +285,7 @@ def launch_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rows: int |
     _check(x, "x", torch.bfloat16, (m, d), dev)
     _check(w, "w", torch.bfloat16, (h, d), dev)
     _check(out, "out", torch.bfloat16, (m, h), dev)
-    for name, t in (("x", x), ("w", w)):
-        if t.data_ptr() % 16 != 0:
-            raise ValueError(f"{name} must be 16-byte aligned (data_ptr % 16 == 0)")
+    _check_aligned(x=x, w=w)
     if rows is None:
         rows = GEMV_ROWS if m == 1 else 2  # <2, 4> would spill (20 bytes at 168 registers)
     fn = loader.get_function("gemv.cu", f"gemv_kernel<{m}, {rows}>")
@@ -296,8 +298,6 @@ FUSED_MAX_M = 8  # tokens the fused decode path handles (kernels_cu/decode_fused
 FUSED_GATE_WARPS = 4  # must match kernels_cu/decode_fused.cu
 FUSED_SEG = 256  # must match kernels_cu/decode_fused.cu (listing segment of the down kernel)
 FUSED_DEFAULT_DEFINES: tuple[str, ...] = ()
-
-
 FUSED_MMA_MIN_M = 2  # from this many tokens the gate-up kernel uses tensor cores (CUDA cores: M = 8 took 3x cuBLAS)
 FUSED_MMA_ROWS = 16  # gate rows per block of decode_gate_up_mma_kernel
 
@@ -336,9 +336,7 @@ def launch_decode_ffn(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | N
         _check(up, "up", torch.bfloat16, (h, d), dev)
     _check(down_t, "down_t", torch.bfloat16, (h, d), dev)
     _check(out, "out", torch.bfloat16, (m, d), dev)
-    for name, t in (("x", x), ("w_act", w_act), ("up", up), ("down_t", down_t), ("out", out)):
-        if t is not None and t.data_ptr() % 16 != 0:
-            raise ValueError(f"{name} must be 16-byte aligned (data_ptr % 16 == 0)")
+    _check_aligned(x=x, w_act=w_act, up=up, down_t=down_t, out=out)
     hbuf = launch_decode_gate_up(x, w_act, up, rows=rows, defines=defines, impl=impl)
     launch_decode_down(hbuf, down_t, out, h, defines=defines)
     return hbuf

@@ -27,3 +27,12 @@ def test_allow_smem_raises_the_limit_only_above_48k_and_refuses_above_227k():
     assert fn.max_dynamic_shared_size_bytes == 60 * 1024
     with pytest.raises(ValueError, match=r"fused decode: D=65536, H=5632 need \d+ bytes .*> 227 KB"):
         launchers._allow_smem(fn, 300 * 1024, "fused decode", 65536, 5632)
+
+
+def test_check_aligned_names_the_misaligned_tensor_and_skips_absent_ones():
+    import torch
+
+    buf = torch.zeros(64, dtype=torch.bfloat16)
+    launchers._check_aligned(x=buf, up=None)
+    with pytest.raises(ValueError, match="down_t must be 16-byte aligned"):
+        launchers._check_aligned(x=buf, down_t=buf[1:])
