@@ -39,6 +39,23 @@ def cuda_median_ms(fns: dict[str, Callable[[], object]], reps: int, warmup: int 
     return {name: cuda_time(fn, reps, warmup) for name, fn in fns.items()}
 
 
+def kernel_ms(fn: Callable[[], object], name_len: int = 90) -> dict[str, float]:
+    """GPU time per kernel name (ms, the first ``name_len`` characters) of one call of ``fn`` under torch.profiler,
+    largest first (the profiling tools behind BENCHMARKS.md's breakdowns)."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    per: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA":
+            per[ev.name[:name_len]] += ev.device_time_total / 1000
+    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
+
+
 def rel_err(y: torch.Tensor, ref: torch.Tensor, chunk: int = 1 << 24) -> float:
     """‖y − ref‖ / ‖ref‖ in fp64 sums (Frobenius), in chunks: a prefill's logits need no fp32 copy of themselves."""
     y, ref = y.reshape(-1), ref.reshape(-1)

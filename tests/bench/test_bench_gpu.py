@@ -84,3 +84,14 @@ def test_train_suite_torch_reference_on_the_gpu(tmp_path):
     (x,) = report["rows"]
     assert x["backend"] == "torch" and x["dtype"] == "bfloat16" and x["dense_peak_mb"] > 0
     assert x["width"] == 64 and x["tail_rows"] > 0 and x["rel_err"] < 0.1
+
+
+def test_kernel_ms_reports_the_gpu_time_of_each_kernel():
+    import torch
+
+    from sparsify_cli.bench.measure import kernel_ms
+
+    a = torch.randn(1024, 1024, device="cuda")
+    per = kernel_ms(lambda: a @ a)
+    assert per and all(v > 0 for v in per.values())
+    assert list(per.values()) == sorted(per.values(), reverse=True)

@@ -11,20 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from sparsify_cli.bench import settings as bench_settings
+from sparsify_cli.bench.measure import kernel_ms
 from sparsify_cli.bench.model import ModelSuite
 from sparsify_cli.bench.model_pair import measure_nnz
 from sparsify_cli.bench.train_ffn import ell_width
 
 
 def profile_step(run) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
     for _ in range(3):
         run()
     torch.cuda.synchronize()
@@ -33,15 +31,8 @@ def profile_step(run) -> dict:
         run()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / 5 * 1000
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run()
-        torch.cuda.synchronize()
-    per = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type.name == "CUDA":
-            per[ev.name[:90]] += ev.device_time_total / 1000
-    top = dict(sorted(per.items(), key=lambda kv: -kv[1])[:25])
-    return {"wall_ms": wall, "kernels_ms": sum(per.values()), "top": top}
+    per = kernel_ms(run)
+    return {"wall_ms": wall, "kernels_ms": sum(per.values()), "top": dict(list(per.items())[:25])}
 
 
 def main():

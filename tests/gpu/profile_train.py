@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from sparsify_cli.bench.ffn import cuda_time
-from sparsify_cli.bench.measure import peak_mb
+from sparsify_cli.bench.measure import kernel_ms, peak_mb
 from sparsify_cli.bench.synthetic import make_ffn_inputs
 from sparsify_cli.bench.train_ffn import dense_step, sparse_step
 from sparsify_cli.kernels.train_cuda import HotSet, hot_mask
@@ -28,17 +27,9 @@ DEV = torch.device("cuda")
 
 
 def breakdown(fn):
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    per = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type.name == "CUDA":
-            per[ev.name[:60]] += ev.device_time_total / 1000 if hasattr(ev, "device_time_total") else 0
-    top = dict(sorted(per.items(), key=lambda kv: -kv[1])[:14])
+    fn()  # warm
+    per = kernel_ms(fn, name_len=60)
+    top = dict(list(per.items())[:14])
     top["(all kernels)"] = sum(per.values())
     return top
 
