@@ -147,8 +147,8 @@ def _hot_forward(x, a, up_w, up_b, down_t, hot_cols, n_hot, gated, out, l1_tok, 
 @dataclass(frozen=True, eq=False)
 class HotSet:
     """A hot set known on the host, so the forward can queue the hot neurons' GEMMs before its one host wait
-    (with a bare (H,) mask their indices come from train_plan_kernel, i.e. only after the wait, and the GPU
-    then idles while the host queues them). Device tensors: ``skip`` (H rounded up to 256,) uint8 (the pattern
+    (were their indices found on the device, the GPU would idle while the host queued them after the wait; a
+    bare (H,) device mask given to the op is converted here, at the cost of one sync). Device tensors: ``skip`` (H rounded up to 256,) uint8 (the pattern
     kernel's mask), ``idx`` (n,) int64 ascending, ``cols`` = idx padded to a multiple of HOT_ALIGN (_padded)."""
 
     skip: Tensor
@@ -211,13 +211,8 @@ class SparseFFNTrainCudaFn(torch.autograd.Function):
             counts = torch.empty(m, dtype=torch.int32, device=dev)
             ints = torch.zeros(2 * h, dtype=torch.int32, device=dev)  # one memset for both counters
             hist, neuron_cnt = ints[:h], ints[h:]  # ELL entries per neuron (CSC segment sizes); h != 0 per neuron
-            hs = hot if isinstance(hot, HotSet) else None
-            skip = None
-            if hs is not None:  # hot neurons: left out of the pattern, computed by dense GEMMs below
-                skip = hs.skip
-            elif hot is not None:
-                skip = torch.zeros((h + 255) // 256 * 256, dtype=torch.uint8, device=dev)
-                skip[:h] = hot
+            hs: Optional[HotSet] = hot  # hot neurons: left out of the pattern, computed by dense GEMMs below
+            skip = None if hs is None else hs.skip
             vec_ok = int(h % 8 == 0 and a.data_ptr() % 16 == 0)
             loader.launch(_fn("train_pattern_kernel"), grid_rows, warps,
                           (a.data_ptr(), cols.data_ptr(), g.data_ptr(), counts.data_ptr(), hist.data_ptr(),
@@ -225,7 +220,7 @@ class SparseFFNTrainCudaFn(torch.autograd.Function):
             # The sizes the host needs (tail rows, hot neurons, the backward's chunks): computed on the device,
             # copied to pinned memory behind an event. The host waits for that event only after queueing the
             # work that does not depend on them, so the GPU is never left idle at this point.
-            idx = torch.empty(m + h, dtype=torch.int64, device=dev)  # tail rows, then hot neurons
+            idx = torch.empty(m + h, dtype=torch.int64, device=dev)  # tail rows, then the plan's hot list (unread)
             stats = torch.empty(8, dtype=torch.int64, device=dev)
             loader.launch(_fn("train_plan_kernel"), (1,), (PLAN_THREADS,),
                           (counts.data_ptr(), hist.data_ptr(), _ptr(skip), idx.data_ptr(), idx[m:].data_ptr(),
@@ -245,27 +240,21 @@ class SparseFFNTrainCudaFn(torch.autograd.Function):
                            _ptr(down_b), cols.data_ptr(), g.data_ptr(), counts.data_ptr(), _ptr(u), out.data_ptr(),
                            l1_tok.data_ptr(), tok_cnt.data_ptr(), neuron_cnt.data_ptr(), _i64(m), _i32(d),
                            _i32(width)))
-            if hs is not None:  # indices known on the host: queue the hot part before waiting
-                hot_cols = hs.cols
-                g_hot, u_hot = _hot_forward(x, a, up_w, up_b, down_t, hot_cols, hs.n, gated, out, l1_tok, tok_cnt,
-                                            neuron_cnt)
+            # the hot set is known on the host: its part is queued before waiting
+            hot_idx = hs.idx if hs is not None else torch.empty(0, dtype=torch.int64, device=dev)
+            hot_cols = hs.cols if hs is not None else hot_idx
+            g_hot, u_hot = _hot_forward(x, a, up_w, up_b, down_t, hot_cols, hot_idx.numel(), gated, out, l1_tok,
+                                        tok_cnt, neuron_cnt)
             ready.synchronize()  # the plan only: the kernels queued above may still be running
             r, n_live, n_total, n_split_chunks, n_split, n_hot = stats_host.tolist()[:6]
             tail_rows = idx[:r]  # ascending
-            if hs is not None:
-                if n_hot != hs.n:
-                    raise RuntimeError(f"sparse_ffn_train (cuda): the plan counted {n_hot} hot neurons, the host "
-                                       f"{hs.n}: internal error")
-                hot_idx = hs.idx
-            else:
-                hot_idx = idx[m:m + n_hot]  # ascending
-                hot_cols = _padded(hot_idx)  # (Hp,): the GEMMs over the hot columns need an aligned width
-                g_hot, u_hot = _hot_forward(x, a, up_w, up_b, down_t, hot_cols, n_hot, gated, out, l1_tok, tok_cnt,
-                                            neuron_cnt)
+            if n_hot != hot_idx.numel():  # the plan's own count of the skipped neurons cross-checks the host's
+                raise RuntimeError(f"sparse_ffn_train (cuda): the plan counted {n_hot} hot neurons, the host "
+                                   f"{hot_idx.numel()}: internal error")
 
             g_tail = a.index_select(0, tail_rows).relu_()  # (R, H)
             if n_hot:
-                g_tail.masked_fill_(hs.mask if hs is not None else hot, 0)  # the tail covers the cold neurons only
+                g_tail.masked_fill_(hs.mask, 0)  # the tail covers the cold neurons only
             del a
             u_tail = None
             if r:  # the rows above W, whole and dense, masked by the pattern (their ELL slots are padding)
@@ -437,8 +426,10 @@ def sparse_ffn_train_cuda(x: Tensor, gate_w: Optional[Tensor], up_w: Tensor, dow
         if hot.h != h or hot.skip.device != x.device:
             raise ValueError(f"sparse_ffn_train (cuda): the HotSet is for {hot.h} neurons on {hot.skip.device}; "
                              f"the layer has {h} on {x.device}")
-    elif hot is not None and (hot.dtype != torch.bool or tuple(hot.shape) != (h,) or hot.device != x.device):
-        raise ValueError(f"sparse_ffn_train (cuda): hot must be a bool ({h},) mask on {x.device}")
+    elif hot is not None:
+        if hot.dtype != torch.bool or tuple(hot.shape) != (h,) or hot.device != x.device:
+            raise ValueError(f"sparse_ffn_train (cuda): hot must be a bool ({h},) mask on {x.device}")
+        hot = HotSet.from_mask_host(hot.cpu(), x.device)  # one sync: a training layer passes a HotSet instead
     args = [t if t is None else t.contiguous() for t in (x, gate_w, up_w, down_w, gate_b, up_b, down_b)]
     return SparseFFNTrainOut(*SparseFFNTrainCudaFn.apply(*args, width, hot))
 
