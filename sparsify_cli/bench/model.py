@@ -20,7 +20,6 @@ import dataclasses
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from sparsify_cli.bench.measure import compare, rel_err
 from sparsify_cli.bench.model_pair import Models, load_models, measure_nnz, random_tokens
@@ -293,7 +292,10 @@ class ModelSuite:
                         "on the sparse training op" + (" (the pure-torch reference on the CPU)"
                                                        if backend == "torch" else "")
                         + "; rel err = ‖g_sparse − g_dense‖/‖g_dense‖ over all gradients; dense and sparse timed "
-                        "one after the other (two training copies side by side would not fit the paper preset)")
+                        "one after the other (two training copies side by side would not fit the paper preset)"
+                        + ("; both compiled (train.compile: decoder blocks and loss; FFN blocks eager)"
+                           if s.compile else ""))
+        row["compile"] = s.compile
         return row
 
     def _train_copy(self, sparse: Optional[bool], widths: list[int], backend: str) -> "_TrainCopy":
@@ -301,18 +303,23 @@ class ModelSuite:
         if sparse:
             for ffn, width in zip(model.ffns, widths):
                 ffn.sparse_train, ffn.sparse_backend, ffn.sparse_width = True, backend, width
-        return _TrainCopy(model, self.device)
+        return _TrainCopy(model, self.device, self.settings.compile)
 
 
 class _TrainCopy:
     """A model being trained as the trainer does it: AdamW (lr 0, see ModelSuite.train_step), the sparsity tracker
     as observer (the L1 term; with sparse FFNs it gets observe_sparse), bf16 autocast on a GPU."""
 
-    def __init__(self, model: SparseLlama, device: torch.device):
+    def __init__(self, model: SparseLlama, device: torch.device, compile_blocks: bool = False):
         from sparsify_cli.sparsity import SparsityTracker
+        from sparsify_cli.train import compile as compiling
         from sparsify_cli.train.optim import build_optimizer
 
         self.model, self.device = model, device
+        self.cross_entropy = compiling.cross_entropy
+        if compile_blocks:
+            compiling.check_can_compile(device)
+            self.cross_entropy = compiling.compile_blocks(model)
         self.opt = build_optimizer(model, OptimConfig())
         for group in self.opt.param_groups:
             group["lr"] = 0.0  # the same weights at every repetition; AdamW's work is unchanged
@@ -326,8 +333,7 @@ class _TrainCopy:
         self.tracker.begin_forward(want_l1=True)
         with autocast_for(self.device, "auto"):
             logits = self.model(x)  # (B, T, V)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            return ce + L1_COEFF * self.tracker.end_forward()
+            return self.cross_entropy(logits, y) + L1_COEFF * self.tracker.end_forward()
 
     def loss_and_grads(self, x: torch.Tensor) -> tuple[float, list[torch.Tensor], float]:
         """One forward + backward, no optimizer step: the loss, every parameter's gradient (then cleared) and the

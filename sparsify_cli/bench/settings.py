@@ -101,6 +101,8 @@ class BenchSettings:
     # model: on a GPU, also time each decode step as CUDA-graph replays ("decode (graphs)" rows): eager decode keeps
     # the packed FFNs on their dense path (kernels/ffn.py), under a graph they run the sparse kernels. CPU: skipped.
     graphs: bool = True
+    # model: compile the training step's decoder blocks and loss (train.compile, train/compile.py), both copies
+    compile: bool = False
     backend: str = ""  # train: the sparse_ffn_train backend (cuda, torch); "": cuda on a GPU, torch on the CPU
     l1_coeff: float = 0.0  # train: λ of the loss ⟨out, gy⟩ + λ·l1 (TRAIN_L1 explains the presets' value)
     given: tuple[str, ...] = field(default=())  # the keys set on the command line
@@ -116,7 +118,7 @@ SUITE_KEYS = {
     "cpu": {"shapes", "d_model", "d_ffn", "tokens", "decode", "nnz", "reps", "warmup", "threads", "seed"},
     "ffn": {"shapes", "tokens", "decode", "nnz", "reps", "warmup", "seed", "detail"},
     "model": {"shapes", "d_model", "d_ffn", "layers", "heads", "vocab", "seq_len", "batch", "train_batch", "decode",
-              "context", "sparsity", "reps", "warmup", "threads", "seed", "width", "graphs"},
+              "context", "sparsity", "reps", "warmup", "threads", "seed", "width", "graphs", "compile"},
     "train": {"shapes", "d_model", "d_ffn", "tokens", "nnz", "reps", "warmup", "threads", "seed", "width", "backend",
               "l1_coeff"},
 }

@@ -179,6 +179,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     activation_checkpointing: bool = False
+    # torch.compile each decoder block and the loss, the FFN blocks left eager (train/compile.py): fewer
+    # elementwise passes per step on a GPU; the first steps pay the compilation (tens of seconds).
+    compile: bool = False
     kernels: str = "auto"  # FFN implementation for training: auto | torch | cuda (TRAIN_KERNEL_CHOICES)
     parallel: str = "auto"  # under torchrun: ddp | fsdp (FSDP2 fully_shard); auto = ddp
     log_every: int = 10

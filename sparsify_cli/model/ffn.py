@@ -64,6 +64,9 @@ class FeedForward(nn.Module):
             return self.act(self.gate(x)) * self.up(x)
         return self.act(self.up(x))
 
+    # Never traced by torch.compile (train.compile, train/compile.py): the sparse path waits on the host for the
+    # pattern's size and keeps the hot-set hint between calls, and both paths call the Python observer.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sparse_train:
             observe = getattr(self.observer, "observe_sparse", None)

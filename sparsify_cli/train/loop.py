@@ -21,6 +21,7 @@ from sparsify_cli.model.transformer import SparseLlama
 from sparsify_cli.sparsity import SparsityTracker, l1_coefficient, summarize
 from sparsify_cli.sparsity.dead import reinit_dead_neurons
 from sparsify_cli.train import checkpoint as ckpt
+from sparsify_cli.train import compile as compiling
 from sparsify_cli.train import distributed as dist
 from sparsify_cli.train.ffn_kernels import SparseLayerPolicy, fit_to_size, resolve_train_kernels
 from sparsify_cli.train.metrics import MetricsSink
@@ -99,6 +100,8 @@ class Trainer:
         self.kernels = resolve_train_kernels(tc.kernels, self.device, tc.precision, cfg.model.activation)
         if self.kernels.note:
             self._say(self.kernels.note)
+        if tc.compile:
+            compiling.check_can_compile(self.device)
         dist.init_distributed(self.device)
         resume_ckpt = self._checkpoint_to_resume() if resume else None
         # train.init: shape, weights and tokenizer from a checkpoint (its weights are not needed to resume).
@@ -124,6 +127,10 @@ class Trainer:
         self.model.activation_checkpointing = tc.activation_checkpointing
         # `engine` runs forward/backward (DDP/FSDP2 around the model, or the model itself on one process).
         self.engine = dist.wrap(self.model, tc.parallel, self.dist, self.device, self._bf16)
+        self.cross_entropy = compiling.cross_entropy
+        if tc.compile:  # after wrapping: FSDP2 shards each block first, then each block is compiled
+            self.cross_entropy = compiling.compile_blocks(self.model)
+            self._say("train.compile: decoder blocks and the loss compiled (FFN blocks eager); the first steps compile")
         self.optimizer = build_optimizer(self.engine, cfg.optim)
         self.tracker = SparsityTracker(
             model_cfg.n_layers, model_cfg.d_ffn, cfg.sparsity.dead_window_tokens, self.device, token_scale=self.dist.world
@@ -261,7 +268,7 @@ class Trainer:
             self.tracker.begin_forward(want_l1=True)
             with dist.no_grad_sync(self.engine, last), autocast_for(self.device, tc.precision):
                 logits = self.engine(x)  # (B, T, V)
-                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                ce = self.cross_entropy(logits, y)
                 l1 = self.tracker.end_forward()
                 loss = (ce + lam * l1) / tc.grad_accum
                 # Every rank must agree to stop, or the others would wait forever in the next collective.
