@@ -44,6 +44,16 @@ __device__ __forceinline__ float dot8(float s, uint4 p, uint4 q) {
     return s;
 }
 
+// Inclusive prefix sum of v over the warp's lanes (lane l gets v_0 + ... + v_l). Every lane calls it.
+__device__ __forceinline__ int warp_incl_scan(int v, int lane) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(SPARSIFY_FULL_MASK, v, o);
+        if (lane >= o) v += y;
+    }
+    return v;
+}
+
 // "Non-zero" after relu: v > 0, and NaN counts (it must not disappear silently). -0.0 is zero.
 __device__ __forceinline__ bool relu_active(unsigned short b) {
     float f = bf16_to_f(b);
@@ -106,12 +116,7 @@ __device__ __forceinline__ int warp_for_each_active(const unsigned short* __rest
             int n = 0;
 #pragma unroll
             for (int e = 0; e < 8; ++e) n += relu_active(v[h][e]) ? 1 : 0;
-            int incl = n;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const int y = __shfl_up_sync(SPARSIFY_FULL_MASK, incl, o);
-                if (lane >= o) incl += y;
-            }
+            const int incl = warp_incl_scan(n, lane);
             int rank = r + incl - n;
 #pragma unroll
             for (int e = 0; e < 8; ++e)
@@ -122,9 +127,11 @@ __device__ __forceinline__ int warp_for_each_active(const unsigned short* __rest
     return r;
 }
 
-// Two dots x.u0 and x.u1 at once (16 row loads in flight per lane); u1 may be null (then s1 = 0).
-__device__ __forceinline__ void warp_dot2(const uint4* __restrict__ xg, const uint4* __restrict__ u0,
-                                          const uint4* __restrict__ u1, int nvec_d, int lane, float& s0, float& s1) {
+// Two dots x0.u0 and x1.u1 at once (16 row loads in flight per lane), summed over the warp (every lane gets both);
+// u1 may be null (then s1 = 0). x0 and x1 may be rows of different tokens; x is expected to be L1-resident.
+__device__ __forceinline__ void warp_dot2x(const uint4* __restrict__ x0, const uint4* __restrict__ u0,
+                                           const uint4* __restrict__ x1, const uint4* __restrict__ u1, int nvec_d,
+                                           int lane, float& s0, float& s1) {
     s0 = 0.f;
     s1 = 0.f;
     for (int base = 0; base < nvec_d; base += 256) {
@@ -140,12 +147,69 @@ __device__ __forceinline__ void warp_dot2(const uint4* __restrict__ xg, const ui
         for (int k = 0; k < 8; ++k) {
             const int vi = base + k * 32 + lane;
             if (vi < nvec_d) {
-                const uint4 xv = __ldg(xg + vi);
-                s0 = dot8(s0, xv, a[k]);
-                s1 = dot8(s1, xv, b[k]);
+                const uint4 xv0 = __ldg(x0 + vi);
+                s0 = dot8(s0, xv0, a[k]);
+                if (u1 != nullptr) s1 = dot8(s1, x1 == x0 ? xv0 : __ldg(x1 + vi), b[k]);
             }
         }
     }
     s0 = warp_sum(s0);
     s1 = warp_sum(s1);
+}
+
+// Two dots x.u0 and x.u1 with the same x (u1 may be null: then s1 = 0).
+__device__ __forceinline__ void warp_dot2(const uint4* __restrict__ xg, const uint4* __restrict__ u0,
+                                          const uint4* __restrict__ u1, int nvec_d, int lane, float& s0, float& s1) {
+    warp_dot2x(xg, u0, xg, u1, nvec_d, lane, s0, s1);
+}
+
+// acc[8 * NV] += h(e) * DownT_{col(e)}[d0 .. d0 + 8 * nvec_c) for e = 0 .. n-1, in that order, two rows in flight:
+// lane l owns the column vectors l, l + 32, ... of the chunk (NV per lane). The down half of the fused FFN
+// kernels (twell_ffn.cu, train_ffn.cu), so they sum their entries in the same order.
+template <int NV, typename Col, typename HVal>
+__device__ __forceinline__ void warp_down_rows(float* acc, const unsigned short* __restrict__ down_t, int D, int d0,
+                                               int nvec_c, int lane, int n, Col col, HVal hval) {
+    int e = 0;
+    for (; e + 2 <= n; e += 2) {
+        const uint4* r0 = reinterpret_cast<const uint4*>(down_t + (long long)col(e) * D + d0);
+        const uint4* r1 = reinterpret_cast<const uint4*>(down_t + (long long)col(e + 1) * D + d0);
+        uint4 q0[NV], q1[NV];
+#pragma unroll
+        for (int k = 0; k < NV; ++k) {
+            const int vi = k * 32 + lane;
+            q0[k] = vi < nvec_c ? __ldg(r0 + vi) : make_uint4(0u, 0u, 0u, 0u);
+            q1[k] = vi < nvec_c ? __ldg(r1 + vi) : make_uint4(0u, 0u, 0u, 0u);
+        }
+        const float h0 = hval(e), h1 = hval(e + 1);
+#pragma unroll
+        for (int k = 0; k < NV; ++k) {
+            axpy8(acc + 8 * k, h0, q0[k]);
+            axpy8(acc + 8 * k, h1, q1[k]);
+        }
+    }
+    if (e < n) {
+        const uint4* r0 = reinterpret_cast<const uint4*>(down_t + (long long)col(e) * D + d0);
+        const float h0 = hval(e);
+#pragma unroll
+        for (int k = 0; k < NV; ++k) {
+            const int vi = k * 32 + lane;
+            if (vi < nvec_c) axpy8(acc + 8 * k, h0, __ldg(r0 + vi));
+        }
+    }
+}
+
+// out_chunk := acc rounded to bf16 (the lane's NV column vectors of 8, as warp_down_rows lays them out).
+template <int NV>
+__device__ __forceinline__ void warp_store_bf16(unsigned short* __restrict__ out_chunk, const float* acc, int nvec_c,
+                                                int lane) {
+    uint4* og = reinterpret_cast<uint4*>(out_chunk);
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+        const int vi = k * 32 + lane;
+        if (vi < nvec_c) {
+            const float* a8 = acc + 8 * k;
+            og[vi] = make_uint4(pack_bf16x2(a8[0], a8[1]), pack_bf16x2(a8[2], a8[3]), pack_bf16x2(a8[4], a8[5]),
+                                pack_bf16x2(a8[6], a8[7]));
+        }
+    }
 }

@@ -12,12 +12,7 @@ __device__ __forceinline__ void warp_exclusive_scan(int* offs, int n, int lane) 
     int carry = 0;
     for (int base = 0; base < n; base += 32) {
         const int v = base + lane < n ? offs[base + lane] : 0;
-        int incl = v;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(SPARSIFY_FULL_MASK, incl, o);
-            if (lane >= o) incl += y;
-        }
+        const int incl = warp_incl_scan(v, lane);
         if (base + lane < n) offs[base + lane] = carry + incl - v;
         carry += __shfl_sync(SPARSIFY_FULL_MASK, incl, 31);
     }

@@ -20,35 +20,6 @@
 #endif
 #define FUSED_GATE_WARPS 4  // warps per block of decode_gate_up_kernel; must match kernels/launchers.py
 
-// Two dots x0·u0 and x1·u1 (rows of different tokens allowed), 16 row loads in flight per lane; summed over the
-// warp (every lane gets both). The per-lane order of the sums is that of common.cuh's warp_dot2.
-__device__ __forceinline__ void warp_dot2x(const uint4* __restrict__ x0, const uint4* __restrict__ u0,
-                                           const uint4* __restrict__ x1, const uint4* __restrict__ u1, int nvec_d,
-                                           int lane, float& s0, float& s1) {
-    s0 = 0.f;
-    s1 = 0.f;
-    for (int base = 0; base < nvec_d; base += 256) {
-        uint4 a[8], b[8];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            const int vi = base + k * 32 + lane;
-            const bool ok = vi < nvec_d;
-            a[k] = ok ? __ldg(u0 + vi) : make_uint4(0u, 0u, 0u, 0u);
-            b[k] = (ok && u1 != nullptr) ? __ldg(u1 + vi) : make_uint4(0u, 0u, 0u, 0u);
-        }
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            const int vi = base + k * 32 + lane;
-            if (vi < nvec_d) {
-                s0 = dot8(s0, __ldg(x0 + vi), a[k]);
-                if (u1 != nullptr) s1 = dot8(s1, __ldg(x1 + vi), b[k]);
-            }
-        }
-    }
-    s0 = warp_sum(s0);
-    s1 = warp_sum(s1);
-}
-
 // h *= x_tok · U_j for the lanes whose pair is active (pair(p) = {token, row j} of lane p), two dots at a time
 // (usually none or one per warp at decode sparsity). Every lane of the warp calls it; returns this lane's h.
 template <typename Pair>
@@ -201,12 +172,7 @@ __device__ __forceinline__ int warp_for_each_nonzero(const float* __restrict__ r
         int n = 0;
 #pragma unroll
         for (int e = 0; e < 8; ++e) n += (v[e] != 0.f) ? 1 : 0;  // NaN != 0
-        int incl = n;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(SPARSIFY_FULL_MASK, incl, o);
-            if (lane >= o) incl += y;
-        }
+        const int incl = warp_incl_scan(n, lane);
         int rank = r + incl - n;
 #pragma unroll
         for (int e = 0; e < 8; ++e)

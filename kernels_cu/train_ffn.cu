@@ -67,12 +67,7 @@ __global__ void __launch_bounds__(TRAIN_WARPS * 32) train_pattern_kernel(
             on[e] = relu_active(v[e]) && sk == 0u;
             k += on[e] ? 1 : 0;
         }
-        int incl = k;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(SPARSIFY_FULL_MASK, incl, o);
-            if (lane >= o) incl += y;
-        }
+        const int incl = warp_incl_scan(k, lane);
         int rank = n + incl - k;
 #pragma unroll
         for (int e = 0; e < 8; ++e)
@@ -195,43 +190,9 @@ __global__ void __launch_bounds__(TRAIN_WARPS * 32, 3) train_fwd_kernel(
                 if (vi < nvec_c) axpy8(acc + 8 * k, 1.f, __ldg(reinterpret_cast<const uint4*>(down_b + d0) + vi));
             }
         }
-        int e = 0;
-        for (; e + 2 <= n; e += 2) {
-            const uint4* r0 = reinterpret_cast<const uint4*>(down_t + (long long)lc[e] * D + d0);
-            const uint4* r1 = reinterpret_cast<const uint4*>(down_t + (long long)lc[e + 1] * D + d0);
-            uint4 q0[NV], q1[NV];
-#pragma unroll
-            for (int k = 0; k < NV; ++k) {
-                const int vi = k * 32 + lane;
-                q0[k] = vi < nvec_c ? __ldg(r0 + vi) : make_uint4(0u, 0u, 0u, 0u);
-                q1[k] = vi < nvec_c ? __ldg(r1 + vi) : make_uint4(0u, 0u, 0u, 0u);
-            }
-            const float h0 = lh[e], h1 = lh[e + 1];
-#pragma unroll
-            for (int k = 0; k < NV; ++k) {
-                axpy8(acc + 8 * k, h0, q0[k]);
-                axpy8(acc + 8 * k, h1, q1[k]);
-            }
-        }
-        if (e < n) {
-            const uint4* r0 = reinterpret_cast<const uint4*>(down_t + (long long)lc[e] * D + d0);
-            const float h0 = lh[e];
-#pragma unroll
-            for (int k = 0; k < NV; ++k) {
-                const int vi = k * 32 + lane;
-                if (vi < nvec_c) axpy8(acc + 8 * k, h0, __ldg(r0 + vi));
-            }
-        }
-        uint4* og = reinterpret_cast<uint4*>(out + m * D + d0);
-#pragma unroll
-        for (int k = 0; k < NV; ++k) {
-            const int vi = k * 32 + lane;
-            if (vi < nvec_c) {
-                const float* a8 = acc + 8 * k;
-                og[vi] = make_uint4(pack_bf16x2(a8[0], a8[1]), pack_bf16x2(a8[2], a8[3]),
-                                    pack_bf16x2(a8[4], a8[5]), pack_bf16x2(a8[6], a8[7]));
-            }
-        }
+        warp_down_rows<NV>(acc, down_t, D, d0, nvec_c, lane, n, [&](int e) { return lc[e]; },
+                           [&](int e) { return lh[e]; });
+        warp_store_bf16<NV>(out + m * D + d0, acc, nvec_c, lane);
     }
 }
 

@@ -101,12 +101,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
         while (!FROM_ACT && t < NT && !full) {
             const int tl = t + lane;
             const int n = tl < NT ? __ldg(wrow + (long long)tl * S) : 0;  // true count
-            int incl = n;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const int y = __shfl_up_sync(SPARSIFY_FULL_MASK, incl, o);
-                if (lane >= o) incl += y;
-            }
+            const int incl = warp_incl_scan(n, lane);
             const bool fits = tl < NT && E + incl <= FFN_CAP;  // monotone in lane
             const int nfit = __popc(__ballot_sync(SPARSIFY_FULL_MASK, fits));
             if (nfit < min(32, NT - t)) full = true;
@@ -180,45 +175,11 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
         }
         __syncwarp();
         // ---- phase B: acc += h_e * DownT_j[chunk], two rows in flight
-        int e = 0;
-        for (; e + 2 <= E; e += 2) {
-            const uint4* d0g = reinterpret_cast<const uint4*>(down_t + (long long)(lw[e] >> 16) * D + d0);
-            const uint4* d1g = reinterpret_cast<const uint4*>(down_t + (long long)(lw[e + 1] >> 16) * D + d0);
-            uint4 q0[NV], q1[NV];
-#pragma unroll
-            for (int k = 0; k < NV; ++k) {
-                const int vi = k * 32 + lane;
-                q0[k] = vi < nvec_c ? __ldg(d0g + vi) : make_uint4(0u, 0u, 0u, 0u);
-                q1[k] = vi < nvec_c ? __ldg(d1g + vi) : make_uint4(0u, 0u, 0u, 0u);
-            }
-            const float h0 = lh[e], h1 = lh[e + 1];
-#pragma unroll
-            for (int k = 0; k < NV; ++k) {
-                axpy8(acc + 8 * k, h0, q0[k]);
-                axpy8(acc + 8 * k, h1, q1[k]);
-            }
-        }
-        if (e < E) {
-            const uint4* dg = reinterpret_cast<const uint4*>(down_t + (long long)(lw[e] >> 16) * D + d0);
-            const float h0 = lh[e];
-#pragma unroll
-            for (int k = 0; k < NV; ++k) {
-                const int vi = k * 32 + lane;
-                if (vi < nvec_c) axpy8(acc + 8 * k, h0, __ldg(dg + vi));
-            }
-        }
+        warp_down_rows<NV>(acc, down_t, D, d0, nvec_c, lane, E, [&](int e) { return (int)(lw[e] >> 16); },
+                           [&](int e) { return lh[e]; });
         __syncwarp();
     }
-    uint4* og = reinterpret_cast<uint4*>(out + m * D + d0);
-#pragma unroll
-    for (int k = 0; k < NV; ++k) {
-        const int vi = k * 32 + lane;
-        if (vi < nvec_c) {
-            const float* a8 = acc + 8 * k;
-            og[vi] = make_uint4(pack_bf16x2(a8[0], a8[1]), pack_bf16x2(a8[2], a8[3]), pack_bf16x2(a8[4], a8[5]),
-                                pack_bf16x2(a8[6], a8[7]));
-        }
-    }
+    warp_store_bf16<NV>(out + m * D + d0, acc, nvec_c, lane);
 }
 
 // Phase A alone, as its own kernel (the "split" variant): h = a * (x_m . U_j) for every STORED entry, written
@@ -256,12 +217,7 @@ __global__ void __launch_bounds__(UP_WARPS * 32, UP_MIN_BLOCKS) twell_up_kernel(
             const int tl = t + lane;
             const int cnt = tl < NT ? __ldg(wrow + (long long)tl * S) : 0;
             const int n = cnt <= K ? cnt : 0;  // overflowed tiles: not here
-            int incl = n;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const int y = __shfl_up_sync(SPARSIFY_FULL_MASK, incl, o);
-                if (lane >= o) incl += y;
-            }
+            const int incl = warp_incl_scan(n, lane);
             const bool fits = tl < NT && E + incl <= UP_CAP;
             const int nfit = __popc(__ballot_sync(SPARSIFY_FULL_MASK, fits));
             if (nfit < min(32, NT - t)) full = true;

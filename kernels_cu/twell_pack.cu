@@ -33,12 +33,7 @@ __global__ void twell_pack_kernel(const unsigned short* __restrict__ act,  // (M
     for (int e = 0; e < EPL; ++e) {
         if (relu_active(v[e])) { nzmask |= 1u << e; ++n; }
     }
-    int incl = n;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        int y = __shfl_up_sync(SPARSIFY_FULL_MASK, incl, o);
-        if (lane >= o) incl += y;
-    }
+    const int incl = warp_incl_scan(n, lane);
     const int total = __shfl_sync(SPARSIFY_FULL_MASK, incl, 31);
     int slot = 1 + incl - n;
     int* out = words + gw * (long long)S;
