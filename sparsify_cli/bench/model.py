@@ -36,7 +36,8 @@ def sparse_under_graph(ffn, m: int) -> bool:
     passes it."""
     from sparsify_cli.kernels.ffn import DEFAULT_POLICY
 
-    return ffn.width > 0 and DEFAULT_POLICY.choose_sparse(m, ffn.nnz_hint, ffn.width)
+    fused = DEFAULT_POLICY.takes_fused_decode(m, ffn.down_t.shape[1], ffn.nnz_hint is not None)
+    return ffn.width > 0 and DEFAULT_POLICY.choose_sparse(m, ffn.nnz_hint, ffn.width, fused=fused)
 
 
 class DecodeGraph:

@@ -46,6 +46,10 @@ class SparsePolicy:
     # fused kernels (gate projection + relu + up dots in one pass, then the down rows): no activation round trip
     # and two launches instead of three (BENCHMARKS.md). False: gate projection, then the decode kernel.
     fused_decode: bool = True
+    # The fused path's own limit: in its density sweep (H100, D 2048, H 5632, CUDA graphs; BENCHMARKS.md) it beat
+    # dense at every measured point up to 6% of H (1.72x at M = 1, 1.31x at M = 8), where the unfused M = 64
+    # path is 0.75x; beyond 6% was not measured, so it goes dense.
+    fused_decode_max_density: float = 0.06
 
     def use_dense_decode(self, m: int) -> bool:
         """True for a decode-sized call run eagerly (see eager_decode_dense)."""
@@ -53,9 +57,21 @@ class SparsePolicy:
             return False
         return not (torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling())
 
-    def choose_sparse(self, m: int, nnz_mean: float, hidden: int) -> bool:
+    def takes_fused_decode(self, m: int, d_model: int, density_known: bool, via_twell: bool = False) -> bool:
+        """Whether ffn_forward runs the fused decode kernels for m tokens of width d_model: a known density
+        (nnz_hint, or mode="sparse"), at most launchers.FUSED_MAX_M tokens, d_model a multiple of 64."""
+        from sparsify_cli.kernels.launchers import FUSED_MAX_M
+
+        return self.fused_decode and m <= FUSED_MAX_M and d_model % 64 == 0 and not via_twell and density_known
+
+    def choose_sparse(self, m: int, nnz_mean: float, hidden: int, fused: bool = False) -> bool:
+        """Sparse or dense for m tokens at nnz_mean active neurons per token; fused: the fused decode path runs
+        (takes_fused_decode), which has its own limit."""
         density = nnz_mean / max(hidden, 1)
-        limit = self.decode_max_density if m <= self.decode_max_m else self.max_density
+        if m > self.decode_max_m:
+            limit = self.max_density
+        else:
+            limit = self.fused_decode_max_density if fused else self.decode_max_density
         return density <= limit
 
 
@@ -121,11 +137,14 @@ def hybrid_ffn(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down
 def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor, *,
                 kernels: str = "auto", mode: str = "auto", tile: int = DEFAULT_TILE, slots: int = DEFAULT_SLOTS,
                 policy: SparsePolicy = DEFAULT_POLICY, nnz_hint: float | None = None,
-                via_twell: bool = False, n_hot: int = 0, down: torch.Tensor | None = None) -> torch.Tensor:
+                cold_nnz_hint: float | None = None, via_twell: bool = False, n_hot: int = 0,
+                down: torch.Tensor | None = None) -> torch.Tensor:
     """FFN block forward. kernels: auto|cuda|torch (backend); mode: auto|sparse|dense (path on the CUDA backend).
 
-    ``nnz_hint``: mean active neurons per token if known (e.g. calibrated per layer; with n_hot > 0: those of
-    the cold neurons >= n_hot); otherwise estimated from a sample of the activation rows when mode is auto. ``via_twell``: materialize TwELL words (pack kernel)
+    ``nnz_hint``: mean active neurons per token over all H if known (e.g. calibrated per layer): the fused decode
+    path's rule, which covers every neuron. ``cold_nnz_hint``: the same over the cold neurons >= n_hot, the hybrid
+    prefill's rule. Where the rule's hint is missing it is estimated from a sample of the activation rows (mode
+    auto; one host sync). ``via_twell``: materialize TwELL words (pack kernel)
     and run the TwELL kernels, instead of the fused kernels that list entries straight from the activation
     (faster while the gate GEMM does not write TwELL itself; BENCHMARKS.md). ``n_hot`` > 0: the weights are in
     hot-first order (hot_first_order) and prefill runs the hybrid path (hybrid_ffn). ``down``: Down (D, H) for
@@ -140,10 +159,9 @@ def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, d
         return dense_ffn(x, w_act, up, down_t, down=down)
     from sparsify_cli.kernels import launchers, ops
 
-    if (policy.fused_decode and x.shape[0] <= launchers.FUSED_MAX_M and x.shape[1] % 64 == 0 and not via_twell
-            and (mode == "sparse" or nnz_hint is not None)):
+    if policy.takes_fused_decode(x.shape[0], x.shape[1], mode == "sparse" or nnz_hint is not None, via_twell):
         # the density is known without the activation, so the activation is never materialized
-        if mode == "auto" and not policy.choose_sparse(x.shape[0], nnz_hint, w_act.shape[0]):
+        if mode == "auto" and not policy.choose_sparse(x.shape[0], nnz_hint, w_act.shape[0], fused=True):
             return dense_ffn(x, w_act, up, down_t, down=down)
         return ops.decode_ffn(x, w_act, up, down_t)
     if x.shape[0] <= launchers.GEMV_MAX_M and x.shape[1] % 8 == 0:
@@ -152,8 +170,8 @@ def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, d
         act = x @ w_act.T  # (M, H) cuBLAS
     hybrid = n_hot > 0 and x.shape[0] > policy.decode_max_m and not via_twell
     if mode == "auto":  # with the hybrid path, what matters is the density left to the sparse kernel
-        nnz = nnz_hint if nnz_hint is not None else estimate_nnz(act[:, n_hot:] if hybrid else act,
-                                                                 policy.sample_rows)
+        hint = cold_nnz_hint if hybrid else nnz_hint
+        nnz = hint if hint is not None else estimate_nnz(act[:, n_hot:] if hybrid else act, policy.sample_rows)
         if not policy.choose_sparse(x.shape[0], nnz, w_act.shape[0]):
             return dense_ffn(x, w_act, up, down_t, act=act, down=down)
     if hybrid:

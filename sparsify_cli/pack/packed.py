@@ -48,10 +48,12 @@ class PackedFFN(nn.Module):
             self.register_buffer(name, t if t is not None else None)
         self.tile, self.compression = int(layout["tile"]), int(layout["compression"])
         # Hot-first layers (pack --reorder hot): the first n_hot neurons run densely on the GPU, the rest sparsely;
-        # the density rule then looks at the cold neurons only.
+        # the prefill density rule then looks at the cold neurons only (cold_nnz_hint); the fused decode path runs
+        # every neuron sparsely, so its rule looks at all of them (nnz_hint).
         self.n_hot = int(layout.get("n_hot", 0))
         stats = layout["stats"]
-        self.nnz_hint = float(stats["cold_mean_active"] if self.n_hot else stats["mean_active"])
+        self.nnz_hint = float(stats["mean_active"])
+        self.cold_nnz_hint = float(stats["cold_mean_active"]) if self.n_hot else None
         self.backend = "torch"
         # ffn_forward's mode on the CUDA backend: auto (the policy: eager decode-sized calls go dense), sparse or
         # dense. bench/model.py's DecodeGraph sets sparse for a warm-up step, so that the decode kernels a CUDA
@@ -99,7 +101,7 @@ class PackedFFN(nn.Module):
         up = self.up_w if self.gated else None
         out = ffn_forward(
             flat.to(self.up_w.dtype), w_act, up, self.down_t, kernels="cuda", mode=self.mode, nnz_hint=self.nnz_hint,
-            tile=self.tile, slots=self.tile // self.compression, n_hot=self.n_hot,
+            cold_nnz_hint=self.cold_nnz_hint, tile=self.tile, slots=self.tile // self.compression, n_hot=self.n_hot,
         )
         if self.down_b is not None:
             out = out + self.down_b

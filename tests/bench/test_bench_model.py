@@ -163,3 +163,23 @@ def test_decode_graph_rows_with_stand_ins_for_cuda_graphs(monkeypatch):
     # the sparse model: prefill, one warm-up step with mode=sparse, then warm-up and capture as the policy decides
     assert modes[:2] == ["auto", "auto"] and modes[2:4] == ["sparse", "sparse"] and set(modes[4:]) == {"auto"}
     assert all(f.mode == "auto" for f in suite.models.sparse.ffns)
+
+
+def test_graph_decode_rule_uses_the_fused_limit_and_all_neurons():
+    """A packed layer at 4% density: under a graph it decodes sparse at 1..8 tokens (the fused path, limit 6%)
+    and dense at 64 (the unfused path, limit 2%). With hot-first neurons the decode rule counts them too: the
+    cold-only hint is for the hybrid prefill."""
+    from sparsify_cli.config.schema import ModelConfig
+    from sparsify_cli.model import SparseLlama
+    from sparsify_cli.pack.packed import PackedFFN
+
+    torch.manual_seed(0)
+    model = SparseLlama(ModelConfig(d_model=128, n_layers=1, n_heads=2, d_ffn=1000, vocab_size=50, max_seq_len=16))
+    f = mp._packed_ffn(model, 0, 40.0)
+    assert f.nnz_hint == 40.0 and f.cold_nnz_hint is None
+    assert bm.sparse_under_graph(f, 1) and bm.sparse_under_graph(f, 8) and not bm.sparse_under_graph(f, 64)
+    weights = {name: getattr(f, name) for name in ("gate_w", "up_w", "down_t", "neuron_index")}
+    hot = PackedFFN(0, True, weights, {"tile": f.tile, "compression": 8, "n_hot": 64,
+                                       "stats": {"mean_active": 80.0, "cold_mean_active": 10.0}})
+    assert (hot.nnz_hint, hot.cold_nnz_hint) == (80.0, 10.0)
+    assert not bm.sparse_under_graph(hot, 1)  # 8% of H over all neurons, though the cold ones are at 1%

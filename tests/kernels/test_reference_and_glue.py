@@ -131,6 +131,17 @@ def test_policy():
     assert not p.choose_sparse(65536, 112, 5632)
     assert p.choose_sparse(8, 112, 5632)
     assert not p.choose_sparse(8, 1000, 5632)
+    # the fused decode path has its own, higher limit (its density sweep); prefill sizes never take it
+    q = ffn.SparsePolicy()
+    assert not q.choose_sparse(8, 0.04 * 5632, 5632) and q.choose_sparse(8, 0.04 * 5632, 5632, fused=True)
+    assert not q.choose_sparse(8, 0.07 * 5632, 5632, fused=True)
+    assert not q.choose_sparse(16384, 0.04 * 5632, 5632, fused=True)
+    assert q.takes_fused_decode(8, 2048, density_known=True)
+    assert not q.takes_fused_decode(9, 2048, density_known=True)  # launchers.FUSED_MAX_M
+    assert not q.takes_fused_decode(1, 2048 + 32, density_known=True)  # D not a multiple of 64
+    assert not q.takes_fused_decode(1, 2048, density_known=False)
+    assert not q.takes_fused_decode(1, 2048, density_known=True, via_twell=True)
+    assert not ffn.SparsePolicy(fused_decode=False).takes_fused_decode(1, 2048, density_known=True)
     act = torch.tensor([[1.0, -1.0, 2.0], [0.0, 3.0, -2.0]])
     assert ffn.estimate_nnz(act) == 1.5
 
