@@ -125,3 +125,16 @@ def test_compiled_blocks_under_activation_checkpointing(eager_backend):
         assert torch.equal(grads_c[name], g), name
     assert tr_c.tokens_seen == tr_e.tokens_seen
     assert [s.mean_active for s in tr_c.layer_stats()] == [s.mean_active for s in tr_e.layer_stats()]
+
+
+def test_compiled_run_resumes_exactly(small_overrides, tmp_path, eager_backend):
+    """A compiled run's checkpoint keeps the model's keys, and resuming it (compiled again) continues exactly."""
+    base = small_overrides + ["train.compile=true"]
+    straight = Trainer(compose("tiny", base + ["train.max_steps=4"]), tmp_path / "a")
+    straight.run()
+    Trainer(compose("tiny", base + ["train.max_steps=2"]), tmp_path / "b").run()
+    resumed = Trainer(compose("tiny", base + ["train.max_steps=4"]), tmp_path / "b", resume=True)
+    resumed.run()
+    assert resumed.step == straight.step == 4
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
