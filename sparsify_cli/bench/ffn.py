@@ -220,8 +220,9 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
         row["fused_gate_up_ms"] = cuda_time(
             graphed(lambda: [launchers.launch_decode_gate_up(x, s.gate, s.up) for s in sets]), reps) / layers
         # tuning: the gate-up kernel on tensor cores (mma) or CUDA cores (gemv: rows per warp x blocks per SM;
-        # no-spill instances only)
-        combos = [("mma", None, 3), ("gemv", 2, 3)] + ([("gemv", 4, 3), ("gemv", 2, 4)] if m == 1 else [])
+        # no-spill instances only); onepass: the experimental single kernel (down rows added with atomics)
+        combos = [("mma", None, 3), ("gemv", 2, 3), ("onepass", None, 3)] + (
+            [("gemv", 4, 3), ("gemv", 2, 4)] if m == 1 else [])
         variants = {}
         for impl, rows, mb in combos:
             out_v = torch.empty_like(x)
@@ -248,6 +249,9 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
     row["rel_err_sparse"] = _rel(sparse_one(s0, downs_t[0]), ref32)
     if fused:
         row["rel_err_unfused"] = _rel(unfused_one(s0, downs_t[0]), ref32)
+        onepass = torch.empty_like(x)
+        launchers.launch_decode_ffn(x, s0.gate, s0.up, downs_t[0], onepass, impl="onepass")
+        row["rel_err_onepass"] = _rel(onepass, ref32)
     row["rel_err_torch_bf16"] = _rel(dense_block(x, s0.gate, s0.up, s0.down), ref32)
     return row
 
