@@ -262,6 +262,22 @@ def launch_twell_ffn(x, words, up, down_t, act, out, tile: int, *, path: str = "
         raise ValueError(f"path must be auto, prefill or decode, got {path!r}")
 
 
+def _check_few_tokens(x: torch.Tensor, w: torch.Tensor, w_name: str, what: str, max_m: int,
+                      d_multiple: int) -> tuple[int, int, int, torch.device]:
+    """The shape checks shared by the small-M launchers: x (M, D) with 1 <= M <= max_m and D a positive multiple
+    of d_multiple, w (H, D), x on a GPU. Returns M, D, H and the device."""
+    if x.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"x and {w_name} must be 2-D: x (M, D), {w_name} (H, D)")
+    m, d = x.shape
+    if not 1 <= m <= max_m:
+        raise ValueError(f"{what} handles 1..{max_m} tokens, got M={m}")
+    if d <= 0 or d % d_multiple != 0:
+        raise ValueError(f"D={d} must be a positive multiple of {d_multiple}")
+    if x.device.type != "cuda":
+        raise ValueError(f"x must be a CUDA tensor, got {x.device}")
+    return m, d, w.shape[0], x.device
+
+
 GEMV_MAX_M = 2  # tokens the gemv kernel handles (templates in kernels_cu/gemv.cu)
 GEMV_WARPS = 4  # must match __launch_bounds__ in kernels_cu/gemv.cu
 GEMV_ROWS = 4  # rows of w per warp
@@ -271,17 +287,7 @@ def launch_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rows: int |
     """out = x · wᵀ for M <= GEMV_MAX_M tokens: x (M, D), w (H, D), out (M, H), bf16 (fp32 sums, one rounding)."""
     from sparsify_cli.kernels import loader
 
-    if x.dim() != 2 or w.dim() != 2:
-        raise ValueError("x and w must be 2-D: x (M, D), w (H, D)")
-    m, d = x.shape
-    h = w.shape[0]
-    if not 1 <= m <= GEMV_MAX_M:
-        raise ValueError(f"gemv handles 1..{GEMV_MAX_M} tokens, got M={m}")
-    if d % 8 != 0:
-        raise ValueError(f"D={d} must be a multiple of 8")
-    dev = x.device
-    if dev.type != "cuda":
-        raise ValueError(f"x must be a CUDA tensor, got {dev}")
+    m, d, h, dev = _check_few_tokens(x, w, "w", "gemv", GEMV_MAX_M, 8)
     _check(x, "x", torch.bfloat16, (m, d), dev)
     _check(w, "w", torch.bfloat16, (h, d), dev)
     _check(out, "out", torch.bfloat16, (m, h), dev)
@@ -319,19 +325,9 @@ def launch_decode_ffn(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | N
     scratch, returns None)."""
     from sparsify_cli.kernels import loader
 
-    if x.dim() != 2 or w_act.dim() != 2:
-        raise ValueError("x and w_act must be 2-D: x (M, D), w_act (H, D)")
-    m, d = x.shape
-    h = w_act.shape[0]
-    if not 1 <= m <= FUSED_MAX_M:
-        raise ValueError(f"the fused decode path handles 1..{FUSED_MAX_M} tokens, got M={m}")
-    if d % 64 != 0:
-        raise ValueError(f"D={d} must be a positive multiple of 64")
+    m, d, h, dev = _check_few_tokens(x, w_act, "w_act", "the fused decode path", FUSED_MAX_M, 64)
     if h > MAX_HIDDEN:
         raise ValueError(f"H={h} exceeds {MAX_HIDDEN}")
-    dev = x.device
-    if dev.type != "cuda":
-        raise ValueError(f"x must be a CUDA tensor, got {dev}")
     _check(x, "x", torch.bfloat16, (m, d), dev)
     _check(w_act, "w_act", torch.bfloat16, (h, d), dev)
     if up is not None:

@@ -36,3 +36,23 @@ def test_check_aligned_names_the_misaligned_tensor_and_skips_absent_ones():
     launchers._check_aligned(x=buf, up=None)
     with pytest.raises(ValueError, match="down_t must be 16-byte aligned"):
         launchers._check_aligned(x=buf, down_t=buf[1:])
+
+
+def test_small_m_launchers_refuse_bad_shapes_before_touching_a_gpu():
+    import torch
+
+    bf = dict(dtype=torch.bfloat16)
+    w = torch.zeros(64, 128, **bf)
+    with pytest.raises(ValueError, match=r"gemv handles 1\.\.2 tokens, got M=3"):
+        launchers.launch_gemv(torch.zeros(3, 128, **bf), w, torch.zeros(3, 64, **bf))
+    with pytest.raises(ValueError, match="D=100 must be a positive multiple of 8"):
+        launchers.launch_gemv(torch.zeros(1, 100, **bf), torch.zeros(64, 100, **bf), torch.zeros(1, 64, **bf))
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        launchers.launch_gemv(torch.zeros(1, 128, **bf), w, torch.zeros(1, 64, **bf))
+    with pytest.raises(ValueError, match="x and w_act must be 2-D"):
+        launchers.launch_decode_ffn(torch.zeros(128, **bf), w, None, w, torch.zeros(1, 128, **bf))
+    with pytest.raises(ValueError, match=r"the fused decode path handles 1\.\.8 tokens, got M=9"):
+        launchers.launch_decode_ffn(torch.zeros(9, 128, **bf), w, None, w, torch.zeros(9, 128, **bf))
+    with pytest.raises(ValueError, match="D=96 must be a positive multiple of 64"):
+        w96 = torch.zeros(64, 96, **bf)
+        launchers.launch_decode_ffn(torch.zeros(1, 96, **bf), w96, None, w96, torch.zeros(1, 96, **bf))
