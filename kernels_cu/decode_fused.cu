@@ -188,7 +188,7 @@ __device__ __forceinline__ void atomic_axpy8(float* acc, float h, uint4 q) {
 // kernel and its launch disappear; the last block to finish (a ticket on *counter) rounds acc into out and zeroes
 // acc and the counter for the next call. The atomics make the fp32 sums' order, hence the last bits of out, vary
 // from run to run (the two-kernel path is bitwise reproducible). acc and counter: a zeroed workspace of the
-// launcher's, one per stream, never shared by two calls in flight.
+// launcher's, one per device and D (launchers._ONEPASS_WORKSPACES), never shared by two calls in flight.
 template <bool GATED>
 __global__ void __launch_bounds__(32 * FUSED_GATE_WARPS) decode_ffn_onepass_kernel(
     const unsigned short* __restrict__ x,       // (M, D)

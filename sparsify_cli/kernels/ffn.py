@@ -5,9 +5,10 @@
       plain: out = relu(x·w_actᵀ)·down_t                       (w_act = up weight, up=None)
       down_t = Downᵀ (H, D), laid out once, offline.
 
-The dense activation GEMM always runs through cuBLAS (torch); then either the sparse path (TwELL pack +
-sparse up/down kernels) or the dense path (two more cuBLAS GEMMs) finishes the block, chosen per call by
-``choose_sparse`` from the measured density (see BENCHMARKS.md for the rule's numbers).
+The dense activation GEMM runs through cuBLAS (torch), or through the gemv kernel for 1-2 tokens; then either the
+sparse path (sparse up/down kernels) or the dense path (two more cuBLAS GEMMs) finishes the block, chosen per call
+by ``choose_sparse`` from the density (see BENCHMARKS.md for the rule's numbers). Decode of at most 8 tokens with
+a known density runs the fused decode kernels instead, gate projection included.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsify_cli.kernels import availability
+from sparsify_cli.kernels.launchers import FUSED_MAX_M
 
 DEFAULT_TILE = 256
 DEFAULT_SLOTS = 32  # compression factor C = 8 at T = 256
@@ -60,8 +62,6 @@ class SparsePolicy:
     def takes_fused_decode(self, m: int, d_model: int, density_known: bool, via_twell: bool = False) -> bool:
         """Whether ffn_forward runs the fused decode kernels for m tokens of width d_model: a known density
         (nnz_hint, or mode="sparse"), at most launchers.FUSED_MAX_M tokens, d_model a multiple of 64."""
-        from sparsify_cli.kernels.launchers import FUSED_MAX_M
-
         return self.fused_decode and m <= FUSED_MAX_M and d_model % 64 == 0 and not via_twell and density_known
 
     def choose_sparse(self, m: int, nnz_mean: float, hidden: int, fused: bool = False) -> bool:

@@ -54,6 +54,16 @@ keep() {  # keep the small files of a run (metrics, summary, resolved config) in
   rm -rf "$RUNS/$1/checkpoint"  # GBs for the paper shape; nothing here reads them
 }
 
+cuda_vs_torch() {  # cuda_vs_torch NAME LIMIT_S OVERRIDES...: the run with train.kernels=cuda, then =torch, compared
+  local name=$1 limit=$2 k; shift 2
+  for k in cuda torch; do
+    step "${name}_$k" "$limit" $run train --out "$RUNS/${name}_$k" "$@" "${common[@]}" train.kernels=$k
+    keep "${name}_$k"
+  done
+  TAIL=20 OWN_LIMIT=1 step "compare_$name" 30 python3 tests/gpu/compare_runs.py --json "$OUT/train_runs.json" \
+    --name "$name" --skip-steps 50 --last-steps 50 "$OUT/runs/${name}_cuda" "$OUT/runs/${name}_torch"
+}
+
 rm -rf "$RUNS" && mkdir -p "$RUNS"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import sys, torch, cupy; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cupy', cupy.__version__)" 2>&1 | tee "$OUT/env.txt"
@@ -73,12 +83,7 @@ read -ra extra <<<"${EXTRA:-}"  # EXTRA="key=value ...": more overrides for ever
 common+=("${extra[@]}")
 if [[ $PARTS == *tiny* ]]; then
   tiny=(--recipe tiny train.max_steps="${TINY_STEPS:-300}" train.log_every=10 sparsity.l1_coeff="${TINY_L1:-5e-2}")
-  for k in cuda torch; do
-    step "tiny_$k" 120 $run train --out "$RUNS/tiny_$k" "${tiny[@]}" "${common[@]}" train.kernels=$k
-    keep "tiny_$k"
-  done
-  TAIL=20 OWN_LIMIT=1 step compare_tiny 30 python3 tests/gpu/compare_runs.py --json "$OUT/train_runs.json" --name tiny \
-    --skip-steps 50 --last-steps 50 "$OUT/runs/tiny_cuda" "$OUT/runs/tiny_torch"
+  cuda_vs_torch tiny 120 "${tiny[@]}"
 fi
 if [[ $PARTS == *paper* ]]; then
   # optim: lr 1e-3 after 20 warm-up steps (the recipe's 3e-4 after 2000 is for long runs); λ = 3e-3 from step 0
@@ -87,12 +92,7 @@ if [[ $PARTS == *paper* ]]; then
          train.batch_size="${PAPER_BATCH:-8}" train.grad_accum=1 train.seq_len="${PAPER_SEQ:-2048}"
          train.max_steps="${PAPER_STEPS:-150}" train.log_every=10 optim.lr="${PAPER_LR:-1e-3}" optim.warmup_steps=20
          sparsity.l1_coeff="${PAPER_L1:-3e-3}" sparsity.l1_warmup_steps=0)
-  for k in cuda torch; do
-    step "paper_$k" 180 $run train --out "$RUNS/paper_$k" "${paper[@]}" "${common[@]}" train.kernels=$k
-    keep "paper_$k"
-  done
-  TAIL=20 OWN_LIMIT=1 step compare_paper 30 python3 tests/gpu/compare_runs.py --json "$OUT/train_runs.json" --name paper \
-    --skip-steps 50 --last-steps 50 "$OUT/runs/paper_cuda" "$OUT/runs/paper_torch"
+  cuda_vs_torch paper 180 "${paper[@]}"
 fi
 
 echo "== done in ${SECONDS}s; outputs in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
