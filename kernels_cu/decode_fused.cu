@@ -9,10 +9,6 @@
 //   decode_down_kernel      one block per (token, D-chunk), as twell_decode.cu's down half: lists the non-zero h of
 //                           its token in ascending neuron order and sums h·DownT_j over its chunk of columns
 //                           (decode_down.cuh: fixed order, fp32, one rounding).
-//   decode_ffn_onepass_kernel  experimental (launchers.launch_decode_onepass): the tensor-core gate pass whose
-//                           blocks also add their active neurons' down rows to an fp32 accumulator with atomics;
-//                           the last block to finish rounds it into out. One launch instead of two, but the sums'
-//                           order (so out's last bits) varies from run to run.
 // Only the active rows of U and DownT are read. The per-entry arithmetic is the same as gemv.cu + twell_decode.cu
 // (same rounding of a, same h, same list order and down sums), so at M <= 2 this path's output equals that pair's
 // bit for bit (GPU test). NaN in a counts as active and propagates, as everywhere else.
@@ -170,101 +166,6 @@ __global__ void __launch_bounds__(32 * FUSED_GATE_WARPS) decode_gate_up_mma_kern
     if (valid) hbuf[(long long)tok * Hs + j] = h;
 }
 
-// acc[0 .. 8) += h * q (8 bf16), with two 16-byte atomic adds on Hopper (red.global.add.v4.f32), else eight.
-__device__ __forceinline__ void atomic_axpy8(float* acc, float h, uint4 q) {
-    const float v[8] = {h * bf16_lo(q.x), h * bf16_hi(q.x), h * bf16_lo(q.y), h * bf16_hi(q.y),
-                        h * bf16_lo(q.z), h * bf16_hi(q.z), h * bf16_lo(q.w), h * bf16_hi(q.w)};
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    atomicAdd(reinterpret_cast<float4*>(acc), make_float4(v[0], v[1], v[2], v[3]));
-    atomicAdd(reinterpret_cast<float4*>(acc + 4), make_float4(v[4], v[5], v[6], v[7]));
-#else
-#pragma unroll
-    for (int k = 0; k < 8; ++k) atomicAdd(acc + k, v[k]);
-#endif
-}
-
-// One-pass variant of the fused decode path (experimental; launchers.launch_decode_ffn impl="onepass"): the block
-// that finds an active pair also adds its down row, h · DownT_j, to acc (M, D) fp32 with atomics, so the down
-// kernel and its launch disappear; the last block to finish (a ticket on *counter) rounds acc into out and zeroes
-// acc and the counter for the next call. The atomics make the fp32 sums' order, hence the last bits of out, vary
-// from run to run (the two-kernel path is bitwise reproducible). acc and counter: a zeroed workspace of the
-// launcher's, one per device and D (launchers._ONEPASS_WORKSPACES), never shared by two calls in flight.
-template <bool GATED>
-__global__ void __launch_bounds__(32 * FUSED_GATE_WARPS) decode_ffn_onepass_kernel(
-    const unsigned short* __restrict__ x,       // (M, D)
-    const unsigned short* __restrict__ w_act,   // (H, D)
-    const unsigned short* __restrict__ up,      // (H, D), gated only
-    const unsigned short* __restrict__ down_t,  // (H, D)
-    float* __restrict__ acc,                    // (M, D) fp32, zero on entry, zero on exit
-    unsigned int* __restrict__ counter,         // zero on entry, zero on exit
-    unsigned short* __restrict__ out,           // (M, D)
-    int M, int D, int H) {
-    __shared__ bool last;
-    int tok, j;
-    bool valid, active;
-    const float h = mma_gate_up_pair<GATED>(x, w_act, up, M, D, H, &tok, &j, &valid, &active);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int nvec = D >> 3;
-    const unsigned int act = __ballot_sync(SPARSIFY_FULL_MASK, active);
-    // the warp's 4 rows: each active row's DownT row is read once (8 vectors of it in flight per lane) and added
-    // for every token active on it
-#pragma unroll 1
-    for (int r = 0; r < 4; ++r) {
-        const unsigned int toks = (act >> (8 * r)) & 0xffu;
-        if (!toks) continue;  // the same for every lane
-        const uint4* dr = reinterpret_cast<const uint4*>(down_t + (long long)(blockIdx.x * MMA_ROWS + 4 * warp + r) * D);
-        for (int base = 0; base < nvec; base += 256) {
-            uint4 q[8];
-#pragma unroll
-            for (int k = 0; k < 8; ++k) {
-                const int vi = base + k * 32 + lane;
-                q[k] = vi < nvec ? __ldg(dr + vi) : make_uint4(0u, 0u, 0u, 0u);
-            }
-            unsigned int left = toks;
-            while (left) {
-                const int t = __ffs(left) - 1;
-                left &= left - 1;
-                const float ht = __shfl_sync(SPARSIFY_FULL_MASK, h, 8 * r + t);
-#pragma unroll
-                for (int k = 0; k < 8; ++k) {
-                    const int vi = base + k * 32 + lane;
-                    if (vi < nvec) atomic_axpy8(acc + (long long)t * D + 8 * vi, ht, q[k]);
-                }
-            }
-        }
-    }
-    __threadfence();  // this block's adds are visible device-wide before its ticket
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    // the last block: out := acc rounded to bf16, acc := 0; 4 vectors in flight per thread (acc is in L2)
-    const int nv = M * nvec;
-    float4* a4 = reinterpret_cast<float4*>(acc);
-    uint4* o4 = reinterpret_cast<uint4*>(out);
-    for (int v0 = threadIdx.x; v0 < nv; v0 += 4 * blockDim.x) {
-        float4 lo[4], hi[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const int v = v0 + u * blockDim.x;
-            lo[u] = v < nv ? __ldcg(a4 + 2 * v) : make_float4(0.f, 0.f, 0.f, 0.f);
-            hi[u] = v < nv ? __ldcg(a4 + 2 * v + 1) : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const int v = v0 + u * blockDim.x;
-            if (v < nv) {
-                o4[v] = make_uint4(pack_bf16x2(lo[u].x, lo[u].y), pack_bf16x2(lo[u].z, lo[u].w),
-                                   pack_bf16x2(hi[u].x, hi[u].y), pack_bf16x2(hi[u].z, hi[u].w));
-                __stcg(a4 + 2 * v, make_float4(0.f, 0.f, 0.f, 0.f));
-                __stcg(a4 + 2 * v + 1, make_float4(0.f, 0.f, 0.f, 0.f));
-            }
-        }
-    }
-    if (threadIdx.x == 0) *counter = 0u;
-}
-
 // Visit the non-zero entries (NaN included) of the fp32 row columns [c_beg, c_end) in ascending order, 256 columns
 // per step: f(rank, col, value), rank = 0, 1, ... Every lane of the warp calls it; c_beg is a multiple of 8 and
 // the row 16-byte aligned. Returns the number visited.
@@ -365,9 +266,3 @@ template __global__ void decode_gate_up_mma_kernel<true>(const unsigned short*, 
                                                          const unsigned short*, float*, int, int, int, int);
 template __global__ void decode_gate_up_mma_kernel<false>(const unsigned short*, const unsigned short*,
                                                           const unsigned short*, float*, int, int, int, int);
-template __global__ void decode_ffn_onepass_kernel<true>(const unsigned short*, const unsigned short*,
-                                                         const unsigned short*, const unsigned short*, float*,
-                                                         unsigned int*, unsigned short*, int, int, int);
-template __global__ void decode_ffn_onepass_kernel<false>(const unsigned short*, const unsigned short*,
-                                                          const unsigned short*, const unsigned short*, float*,
-                                                          unsigned int*, unsigned short*, int, int, int);

@@ -157,10 +157,9 @@ def prefill_row(m: int, nnz: float, reps: int, err_rows: int = 4096) -> dict:
     return row
 
 
-def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None, onepass: bool = False) -> dict:
+def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> dict:
     """Dense vs sparse decode of m tokens over `layers` layers under CUDA graphs, with the fused path's kernel
-    variants. onepass: also time the experimental one-kernel variant (launchers.launch_decode_onepass; the
-    development tool tests/gpu/decode_sweep.py asks for it, the bench suites do not)."""
+    variants."""
     from sparsify_cli.kernels import launchers, ops
     from sparsify_cli.kernels.launchers import FUSED_MAX_M, GEMV_MAX_M
 
@@ -223,8 +222,8 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None, one
         row["fused_gate_up_ms"] = cuda_time(
             graphed(lambda: [launchers.launch_decode_gate_up(x, s.gate, s.up) for s in sets]), reps) / layers
         # tuning: the gate-up kernel on tensor cores (mma) or CUDA cores (gemv: rows per warp x blocks per SM;
-        # no-spill instances only); onepass: the experimental single kernel (down rows added with atomics)
-        combos = [("mma", None, 3), ("gemv", 2, 3)] + ([("onepass", None, 3)] if onepass else []) + (
+        # no-spill instances only)
+        combos = [("mma", None, 3), ("gemv", 2, 3)] + (
             [("gemv", 4, 3), ("gemv", 2, 4)] if m == 1 else [])
         variants = {}
         for impl, rows, mb in combos:
@@ -252,10 +251,6 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None, one
     row["rel_err_sparse"] = _rel(sparse_one(s0, downs_t[0]), ref32)
     if fused:
         row["rel_err_unfused"] = _rel(unfused_one(s0, downs_t[0]), ref32)
-    if fused and onepass:
-        out_1 = torch.empty_like(x)
-        launchers.launch_decode_ffn(x, s0.gate, s0.up, downs_t[0], out_1, impl="onepass")
-        row["rel_err_onepass"] = _rel(out_1, ref32)
     row["rel_err_torch_bf16"] = _rel(dense_block(x, s0.gate, s0.up, s0.down), ref32)
     return row
 

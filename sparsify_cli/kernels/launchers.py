@@ -316,13 +316,12 @@ def fused_rows(m: int) -> int:
 
 def launch_decode_ffn(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor,
                       out: torch.Tensor, *, rows: int | None = None, defines: tuple[str, ...] | None = None,
-                      impl: str = "auto") -> torch.Tensor | None:
+                      impl: str = "auto") -> torch.Tensor:
     """The whole sparse FFN block for 1..FUSED_MAX_M tokens in two kernels (kernels_cu/decode_fused.cu): the gate
     projection, relu and the active neurons' up dots in one pass over the gate weight, then the down rows of the
     active neurons. x (M, D), w_act (H, D) (gate; plain FFN: up weight), up (H, D) or None, down_t (H, D),
     out (M, D); bf16, fp32 sums. Returns the (M, Hs) fp32 scratch of h values (for tests). impl: the gate
-    kernel's (launch_decode_gate_up), or "onepass": the experimental single kernel (launch_decode_onepass; no
-    scratch, returns None)."""
+    kernel's (launch_decode_gate_up)."""
     from sparsify_cli.kernels import loader
 
     m, d, h, dev = _check_few_tokens(x, w_act, "w_act", "the fused decode path", FUSED_MAX_M, 64)
@@ -335,44 +334,9 @@ def launch_decode_ffn(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | N
     _check(down_t, "down_t", torch.bfloat16, (h, d), dev)
     _check(out, "out", torch.bfloat16, (m, d), dev)
     _check_aligned(x=x, w_act=w_act, up=up, down_t=down_t, out=out)
-    if impl == "onepass":
-        launch_decode_onepass(x, w_act, up, down_t, out, defines=defines)
-        return None
     hbuf = launch_decode_gate_up(x, w_act, up, rows=rows, defines=defines, impl=impl)
     launch_decode_down(hbuf, down_t, out, h, defines=defines)
     return hbuf
-
-
-# launch_decode_onepass's workspaces: (device index, D) -> fp32 (FUSED_MAX_M * D + 4,) zeros: the kernel's
-# accumulator, then its completion counter (the bits of 0.0f are those of a zero uint32). The kernel leaves both
-# zeroed, so one allocation serves every later call, CUDA-graph replays included; two calls must therefore not
-# run at the same time (on two streams) on one device.
-_ONEPASS_WORKSPACES: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def launch_decode_onepass(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor,
-                          out: torch.Tensor, *, defines: tuple[str, ...] | None = None) -> None:
-    """Experimental one-kernel variant of the fused decode path (arguments checked by launch_decode_ffn): the
-    tensor-core gate pass, whose blocks also add their active neurons' down rows to an fp32 accumulator with
-    atomics; the last block to finish writes out. Not bitwise reproducible (the atomics' order varies), unlike
-    the two-kernel path. Its workspace is allocated at the first call for a device and D, which must not be
-    inside a CUDA-graph capture; calls must not overlap on two streams (_ONEPASS_WORKSPACES)."""
-    from sparsify_cli.kernels import loader
-
-    m, d = x.shape
-    h = w_act.shape[0]
-    key = (x.device.index, d)
-    ws = _ONEPASS_WORKSPACES.get(key)
-    if ws is None:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the one-pass decode kernel allocates its workspace at its first call on a device; "
-                               "make that call before capturing a CUDA graph")
-        ws = _ONEPASS_WORKSPACES[key] = torch.zeros(FUSED_MAX_M * d + 4, dtype=torch.float32, device=x.device)
-    fn = loader.get_function("decode_fused.cu", f"decode_ffn_onepass_kernel<{_b(up is not None)}>",
-                             FUSED_DEFAULT_DEFINES if defines is None else tuple(defines))
-    loader.launch(fn, ((h + FUSED_MMA_ROWS - 1) // FUSED_MMA_ROWS,), (32 * FUSED_GATE_WARPS,),
-                  (x.data_ptr(), w_act.data_ptr(), up.data_ptr() if up is not None else 0, down_t.data_ptr(),
-                   ws.data_ptr(), ws[FUSED_MAX_M * d:].data_ptr(), out.data_ptr(), _i32(m), _i32(d), _i32(h)))
 
 
 def launch_decode_gate_up(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, *, rows: int | None = None,

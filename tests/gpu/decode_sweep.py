@@ -1,6 +1,6 @@
 """Decode rows of bench/ffn.py over more batch sizes, and the decode density sweep at M = 64 (development tool).
 For M <= 8 each row has the fused path (sparse_ms), the gate projection + decode kernel (sparse_unfused_ms) and
-the fused path's kernel variants, the experimental one-kernel decode ("onepass") included.
+the fused path's kernel variants.
 
     python3 tests/gpu/decode_sweep.py OUT.json [M ...]
 """
@@ -18,7 +18,7 @@ def main() -> None:
     ms = [int(v) for v in sys.argv[2:]] or [1, 2, 4, 8, 16, 32, 64]
     rows = []
     for m in ms:
-        rows.append(ffn.decode_row(m, 30, onepass=True))
+        rows.append(ffn.decode_row(m, 30))
         r = rows[-1]
         print(f"M={m}: dense {r['dense_ms'] * 1e3:.1f} us, sparse {r['sparse_ms'] * 1e3:.1f} us "
               f"({r['speedup']:.2f}x, {r['sparse_path']}), unfused {r.get('sparse_unfused_ms', float('nan')) * 1e3:.1f} us, "

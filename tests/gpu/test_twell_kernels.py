@@ -307,57 +307,6 @@ def test_fused_decode_matches_reference(m, impl, d, h, density, gated):
     assert _rel(hbuf[:, :h], h32) < 1e-2
 
 
-@pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("d,h", FUSED_SHAPES)
-@pytest.mark.parametrize("density", [0.3, 0.02, 0.001])
-@pytest.mark.parametrize("gated", [True, False])
-def test_onepass_decode_matches_reference_and_leaves_its_workspace_zero(m, d, h, density, gated):
-    """The experimental one-kernel decode (down rows added with atomics, the last block writes out): within the
-    bf16 band of the fp32 math; a second call (the workspace reused) agrees with the first up to the atomics'
-    order; the accumulator and counter are zero afterwards."""
-    inp = make_ffn_inputs(m, d, h, max(density * h, 0.5), device=DEV, seed=m * 17 + d + h)
-    down_t = inp.down.T.contiguous()
-    up = inp.up if gated else None
-    outs = []
-    for _ in range(2):
-        out = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
-        assert launchers.launch_decode_ffn(inp.x, inp.gate, up, down_t, out, impl="onepass") is None
-        outs.append(out)
-    torch.cuda.synchronize()
-    _, ref32, t16 = _fused_reference(inp, down_t, gated)
-    terr = _rel(t16, ref32)
-    for out in outs:
-        assert not torch.isnan(out).any(), "unwritten (poisoned) output elements"
-        assert _rel(out, ref32) <= 2 * terr + 1e-4, f"one-pass rel err {_rel(out, ref32):.2e} vs bf16 {terr:.2e}"
-    assert _rel(outs[1], outs[0]) <= 1e-2
-    ws = launchers._ONEPASS_WORKSPACES[(inp.x.device.index, d)]
-    assert not ws.any(), "the one-pass kernel left its accumulator or counter non-zero"
-
-
-def test_onepass_decode_nan_and_graph_replays():
-    """A NaN token stays in its own row; under a CUDA graph (workspace allocated by the warm-up) every replay
-    matches the eager call within the atomics' rounding."""
-    inp = make_ffn_inputs(4, 2048, 5632, 28, device=DEV, seed=5)
-    down_t = inp.down.T.contiguous()
-    x = inp.x.clone()
-    x[2, 0] = float("nan")
-    out = torch.empty_like(x)
-    launchers.launch_decode_ffn(x, inp.gate, inp.up, down_t, out, impl="onepass")
-    assert torch.isnan(out[2]).all() and not torch.isnan(out[[0, 1, 3]]).any()
-    eager = torch.empty_like(inp.x)
-    launchers.launch_decode_ffn(inp.x, inp.gate, inp.up, down_t, eager, impl="onepass")
-    g = torch.cuda.CUDAGraph()
-    captured = torch.empty_like(inp.x)
-    with torch.cuda.graph(g):
-        launchers.launch_decode_ffn(inp.x, inp.gate, inp.up, down_t, captured, impl="onepass")
-    for _ in range(3):
-        captured.fill_(float("nan"))
-        g.replay()
-        torch.cuda.synchronize()
-        assert _rel(captured, eager) <= 1e-2
-    assert not launchers._ONEPASS_WORKSPACES[(inp.x.device.index, 2048)].any()
-
-
 @pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("gated", [True, False])
 def test_fused_decode_bitwise_equals_gemv_and_decode_kernel(m, gated):
