@@ -213,3 +213,20 @@ __device__ __forceinline__ void warp_store_bf16(unsigned short* __restrict__ out
         }
     }
 }
+
+// Programmatic dependent launch (Hopper; launchers.py asks for it where it pays). A kernel launched so may start
+// while the kernel before it in the stream is still running: pdl_wait() blocks until that kernel has finished and
+// its writes are visible, so nothing may read an input another kernel produces, or write any output, before it.
+// pdl_launch_dependents() lets the next kernel (if launched so) start before this one ends. pdl_wait is a no-op
+// for an ordinary launch; both are no-ops below sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}

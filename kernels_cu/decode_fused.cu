@@ -12,6 +12,10 @@
 // Only the active rows of U and DownT are read. The per-entry arithmetic is the same as gemv.cu + twell_decode.cu
 // (same rounding of a, same h, same list order and down sums), so at M <= 2 this path's output equals that pair's
 // bit for bit (GPU test). NaN in a counts as active and propagates, as everywhere else.
+// On Hopper the down kernel is launched with programmatic dependent launch (launchers.launch_decode_ffn): the
+// gate kernels let it launch as soon as they start, so its launch and set-up overlap the gate sweep and it only
+// waits (pdl_wait) for the gate kernel's h. The gate kernels themselves launch ordinarily: launched early too,
+// their blocks land unevenly on the SMs and the 23 MB sweep slows down (BENCHMARKS.md).
 #include "decode_down.cuh"
 #include "gemv.cuh"
 
@@ -54,6 +58,7 @@ __global__ void __launch_bounds__(32 * FUSED_GATE_WARPS, FUSED_GATE_MIN_BLOCKS) 
     static_assert(MT * ROWS <= 32, "one lane per (token, row) pair");
     const int lane = threadIdx.x & 31;
     const int j0 = ROWS * (blockIdx.x * FUSED_GATE_WARPS + (threadIdx.x >> 5));
+    pdl_launch_dependents();  // the down kernel may launch now (it waits for this grid before reading hbuf)
     if (j0 >= H) return;
     float s[MT][ROWS];
     gemv_partial<MT, ROWS>(x, w_act, j0, H, D, lane, s);  // the gemv of gemv.cu: the same sums, the same bits
@@ -108,6 +113,7 @@ __device__ __forceinline__ float mma_gate_up_pair(const unsigned short* __restri
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int j0 = blockIdx.x * MMA_ROWS;
+    pdl_launch_dependents();  // as in decode_gate_up_kernel
     const int nchunk = D >> 5;
     const uint4* w_lo = reinterpret_cast<const uint4*>(w_act + (long long)min(j0 + g, H - 1) * D);
     const uint4* w_hi = reinterpret_cast<const uint4*>(w_act + (long long)min(j0 + g + 8, H - 1) * D);
@@ -217,12 +223,14 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) decode_down_kernel(
     const long long m = blockIdx.x;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = DECODE_THREADS / 32;
     const float* hrow = hbuf + m * Hs;
+    pdl_launch_dependents();
+    for (int i = tid; i < ch.CVr * 8; i += DECODE_THREADS) accrow[i] = 0.f;
+    pdl_wait();  // hbuf is the gate kernel's output
     for (int t = warp; t < NS; t += nwarps) {
         const int r = warp_for_each_nonzero(hrow, t * FUSED_SEG, min(H, (t + 1) * FUSED_SEG), lane,
                                             [](int, int, float) {});
         if (lane == 0) offs[t] = r;
     }
-    for (int i = tid; i < ch.CVr * 8; i += DECODE_THREADS) accrow[i] = 0.f;
     __syncthreads();
     if (warp == 0) warp_exclusive_scan(offs, NS, lane);
     __syncthreads();

@@ -46,6 +46,20 @@ def cuda_time(fn, reps: int = 30, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
+def graph_replay(fn):
+    """fn captured in a CUDA graph (after 3 warm-up calls on a side stream); returns the graph's replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
 def dense_block(x, gate, up, down):
     return F.linear(torch.relu(F.linear(x, gate)) * F.linear(x, up), down)
 
@@ -173,16 +187,16 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
         for s in sets:
             dense_block(x, s.gate, s.up, s.down)
 
-    def gate(s):  # what ffn_forward uses: the gemv kernel for 1..2 tokens, else cuBLAS
-        return ops.gemv(x, s.gate) if m <= GEMV_MAX_M else x @ s.gate.T
+    def gate(s, inp):  # what ffn_forward uses: the gemv kernel for 1..2 tokens, else cuBLAS
+        return ops.gemv(inp, s.gate) if m <= GEMV_MAX_M else inp @ s.gate.T
 
     fused = m <= FUSED_MAX_M
 
-    def unfused_one(s, dt):  # gate projection, then the decode kernel lists entries straight from act
-        return ops.relu_ffn(x, gate(s), s.up, dt)
+    def unfused_one(s, dt, inp=x):  # gate projection, then the decode kernel lists entries straight from act
+        return ops.relu_ffn(inp, gate(s, inp), s.up, dt)
 
-    def sparse_one(s, dt):  # the decode path ffn_forward takes with a known density
-        return ops.decode_ffn(x, s.gate, s.up, dt) if fused else unfused_one(s, dt)
+    def sparse_one(s, dt, inp=x):  # the decode path ffn_forward takes with a known density
+        return ops.decode_ffn(inp, s.gate, s.up, dt) if fused else unfused_one(s, dt, inp)
 
     def sparse_all():
         for s, dt in zip(sets, downs_t):
@@ -197,30 +211,18 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
             a = x @ s.gate.T
             ops.twell_ffn(x, ops.twell_pack(a, TILE, SLOTS), s.up, dt, a, TILE)
 
-    def graphed(fn):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        return g.replay
-
     counts = ops.twell_pack(x @ sets[0].gate.T, TILE, SLOTS)[:, :, 0]
     row = {"kind": "decode", "M": m, "D": D_MODEL, "H": HIDDEN, "sparsity": 1 - nnz / HIDDEN,
            "nnz_target": nnz, "nnz_mean": counts.sum(1).float().mean().item(),
            "nnz_max": int(counts.sum(1).max().item()), "max_per_tile": int(counts.max().item()),
            "layers_per_replay": layers}
-    row["dense_ms"] = cuda_time(graphed(dense_all), reps) / layers
-    row["sparse_ms"] = cuda_time(graphed(sparse_all), reps) / layers
+    row["dense_ms"] = cuda_time(graph_replay(dense_all), reps) / layers
+    row["sparse_ms"] = cuda_time(graph_replay(sparse_all), reps) / layers
     row["sparse_path"] = "fused (decode_gate_up + decode_down)" if fused else "gate projection + decode kernel"
     if fused:
-        row["sparse_unfused_ms"] = cuda_time(graphed(unfused_all), reps) / layers
+        row["sparse_unfused_ms"] = cuda_time(graph_replay(unfused_all), reps) / layers
         row["fused_gate_up_ms"] = cuda_time(
-            graphed(lambda: [launchers.launch_decode_gate_up(x, s.gate, s.up) for s in sets]), reps) / layers
+            graph_replay(lambda: [launchers.launch_decode_gate_up(x, s.gate, s.up) for s in sets]), reps) / layers
         # tuning: the gate-up kernel on tensor cores (mma) or CUDA cores (gemv: rows per warp x blocks per SM;
         # no-spill instances only)
         combos = [("mma", None, 3), ("gemv", 2, 3)] + (
@@ -229,22 +231,48 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
         for impl, rows, mb in combos:
             out_v = torch.empty_like(x)
             defines = (f"FUSED_GATE_MIN_BLOCKS={mb}",)
-            variants[f"{impl}" + (f"_rows{rows}_minblocks{mb}" if rows else "")] = cuda_time(graphed(lambda: [
+            variants[f"{impl}" + (f"_rows{rows}_minblocks{mb}" if rows else "")] = cuda_time(graph_replay(lambda: [
                 launchers.launch_decode_ffn(x, s.gate, s.up, dt, out_v, rows=rows, defines=defines, impl=impl)
                 for s, dt in zip(sets, downs_t)]), reps) / layers
+        # the down kernel without programmatic dependent launch (the default on Hopper)
+        out_v = torch.empty_like(x)
+        variants["no_pdl"] = cuda_time(graph_replay(lambda: [
+            launchers.launch_decode_ffn(x, s.gate, s.up, dt, out_v, pdl=False) for s, dt in zip(sets, downs_t)]),
+            reps) / layers
         row["fused_variants_ms"] = variants
-    row["sparse_twell_ms"] = cuda_time(graphed(twell_all), reps) / layers
-    row["gate_gemm_ms"] = cuda_time(graphed(lambda: [x @ s.gate.T for s in sets]), reps) / layers
+
+    # chained layers: each layer's input comes out of a residual add on the previous layer's output, as in a
+    # model, so no kernel can start on data it does not have yet (alpha=0 keeps x's values, hence the calibrated
+    # density, in every layer)
+    def chain(block):
+        def run():
+            h = x
+            for s, dt in zip(sets, downs_t):
+                h = torch.add(x, block(h, s, dt), alpha=0.0)
+        return run
+
+    row["dense_chain_ms"] = cuda_time(graph_replay(chain(lambda h, s, dt: dense_block(h, s.gate, s.up, s.down))),
+                                      reps) / layers
+    row["sparse_chain_ms"] = cuda_time(graph_replay(chain(lambda h, s, dt: sparse_one(s, dt, h))), reps) / layers
+    row["speedup_chain"] = row["dense_chain_ms"] / row["sparse_chain_ms"]
+    if fused:
+        def fused_no_pdl(h, s, dt):
+            o = torch.empty_like(h)
+            launchers.launch_decode_ffn(h, s.gate, s.up, dt, o, pdl=False)
+            return o
+        row["sparse_chain_no_pdl_ms"] = cuda_time(graph_replay(chain(fused_no_pdl)), reps) / layers
+    row["sparse_twell_ms"] = cuda_time(graph_replay(twell_all), reps) / layers
+    row["gate_gemm_ms"] = cuda_time(graph_replay(lambda: [x @ s.gate.T for s in sets]), reps) / layers
     if m <= GEMV_MAX_M:
         from sparsify_cli.kernels.launchers import launch_gemv
 
         gout = torch.empty(m, HIDDEN, dtype=x.dtype, device=x.device)
-        row["gate_gemv_ms"] = cuda_time(graphed(lambda: [ops.gemv(x, s.gate) for s in sets]), reps) / layers
+        row["gate_gemv_ms"] = cuda_time(graph_replay(lambda: [ops.gemv(x, s.gate) for s in sets]), reps) / layers
         row["gate_gemv_rows2_ms"] = cuda_time(
-            graphed(lambda: [launch_gemv(x, s.gate, gout, rows=2) for s in sets]), reps) / layers
+            graph_replay(lambda: [launch_gemv(x, s.gate, gout, rows=2) for s in sets]), reps) / layers
     acts = [x @ s.gate.T for s in sets]
     row["decode_kernel_ms"] = cuda_time(
-        graphed(lambda: [ops.relu_ffn(x, a, s.up, dt) for a, s, dt in zip(acts, sets, downs_t)]), reps) / layers
+        graph_replay(lambda: [ops.relu_ffn(x, a, s.up, dt) for a, s, dt in zip(acts, sets, downs_t)]), reps) / layers
     row["speedup"] = row["dense_ms"] / row["sparse_ms"]
     s0 = sets[0]
     ref32 = dense_block(x.float(), s0.gate.float(), s0.up.float(), s0.down.float())

@@ -9,6 +9,7 @@ launch instead of ~55 µs with dlpack conversion and stream contexts (PERFORMANC
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import re
 import threading
@@ -137,6 +138,68 @@ def current_stream():
     return ext
 
 
-def launch(fn, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int = 0) -> None:
-    """Launch on torch's current stream. ``args`` holds ints (pointers via data_ptr()) already typed by caller."""
-    fn(grid, block, args, shared_mem=shared_mem, stream=current_stream())
+def launch(fn, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int = 0,
+           pdl: bool = False) -> None:
+    """Launch on torch's current stream. ``args`` holds ints (pointers via data_ptr()) already typed by caller.
+    pdl: with programmatic dependent launch (sm_90+; the kernel must call pdl_wait() of common.cuh before it
+    reads another kernel's output or writes anything), through the driver's cuLaunchKernelEx, which CuPy does
+    not expose."""
+    if pdl:
+        _launch_pdl(fn, grid, block, args, shared_mem)
+    else:
+        fn(grid, block, args, shared_mem=shared_mem, stream=current_stream())
+
+
+# cuLaunchKernelEx's structures (cuda.h): CUlaunchAttribute is {id, 4 bytes of padding, a 64-byte union}.
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+class _AttrValue(ctypes.Union):
+    _fields_ = [("pad", ctypes.c_char * 64), ("as_int", ctypes.c_int), ("_align", ctypes.c_uint64)]
+
+
+class _LaunchAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", _AttrValue)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint)]
+
+
+@functools.lru_cache(maxsize=None)
+def _driver():
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                                     ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    lib.cuLaunchKernelEx.restype = ctypes.c_int
+    return lib
+
+
+def _c_arg(v):
+    """One kernel argument as the C value CuPy would pass: a Python int is a 64-bit integer or pointer."""
+    import numpy as np
+
+    if isinstance(v, np.int32):
+        return ctypes.c_int32(int(v))
+    if isinstance(v, (np.int64, int)) and not isinstance(v, bool):
+        return ctypes.c_int64(int(v))
+    if isinstance(v, np.float32):
+        return ctypes.c_float(float(v))
+    raise TypeError(f"kernel argument of type {type(v).__name__} is not supported by the PDL launch")
+
+
+def _launch_pdl(fn, grid, block, args, shared_mem: int) -> None:
+    import torch
+
+    attr = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value.as_int = 1
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    block = tuple(block) + (1,) * (3 - len(block))
+    cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
+                        torch.cuda.current_stream().cuda_stream, ctypes.pointer(attr), 1)
+    vals = [_c_arg(a) for a in args]  # kept alive until the call returns (the driver copies them)
+    params = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+    rc = _driver().cuLaunchKernelEx(ctypes.byref(cfg), fn.kernel.ptr, params, None)
+    if rc != 0:
+        raise RuntimeError(f"cuLaunchKernelEx (programmatic dependent launch) failed with CUresult {rc}")

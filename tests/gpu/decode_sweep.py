@@ -23,7 +23,10 @@ def main() -> None:
         print(f"M={m}: dense {r['dense_ms'] * 1e3:.1f} us, sparse {r['sparse_ms'] * 1e3:.1f} us "
               f"({r['speedup']:.2f}x, {r['sparse_path']}), unfused {r.get('sparse_unfused_ms', float('nan')) * 1e3:.1f} us, "
               f"variants {json.dumps({k: round(v * 1e3, 1) for k, v in r.get('fused_variants_ms', {}).items()})}, "
-              f"err {r['rel_err_sparse']:.2e} vs bf16 {r['rel_err_torch_bf16']:.2e}", flush=True)
+              f"err {r['rel_err_sparse']:.2e} vs bf16 {r['rel_err_torch_bf16']:.2e}; chained: dense "
+              f"{r['dense_chain_ms'] * 1e3:.1f} us, sparse {r['sparse_chain_ms'] * 1e3:.1f} us "
+              f"({r['speedup_chain']:.2f}x), without PDL {r.get('sparse_chain_no_pdl_ms', float('nan')) * 1e3:.1f} us",
+              flush=True)
     sweep = []
     for nnz in (28, 56, 113, 169, 225):
         r = ffn.decode_row(64, 20, nnz=nnz)

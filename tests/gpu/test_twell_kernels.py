@@ -321,6 +321,69 @@ def test_fused_decode_bitwise_equals_gemv_and_decode_kernel(m, gated):
     assert torch.equal(fused, unfused)
 
 
+def _needs_pdl():
+    if not launchers.pdl_default(torch.device(DEV)):
+        pytest.skip("programmatic dependent launch needs sm_90 or newer")
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("gated", [True, False])
+def test_fused_decode_pdl_same_bits_as_plain_launch(m, gated):
+    """Programmatic dependent launch changes when the down kernel starts, not what it computes."""
+    _needs_pdl()
+    inp = make_ffn_inputs(m, 2048, 5632, 28, device=DEV, seed=m + 90)
+    down_t = inp.down.T.contiguous()
+    up = inp.up if gated else None
+    outs = []
+    for pdl in (False, True, True):
+        out = _poison(torch.empty_like(inp.x))
+        launchers.launch_decode_ffn(inp.x, inp.gate, up, down_t, out, pdl=pdl)
+        outs.append(out)
+    torch.cuda.synchronize()
+    assert not torch.isnan(outs[0]).any()
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+
+
+@pytest.mark.parametrize("m", [1, 8])
+def test_fused_decode_pdl_waits_for_its_inputs(m):
+    """Launched early, the down kernel still waits for the h it reads: a chain of layers (x of the first made by
+    a long matmul just before; each later x the previous layer's out, so h buffers are reused by the allocator
+    while the kernels before may still run), eager and as CUDA-graph replays poisoned in between, equal bit for
+    bit to the chain launched without PDL."""
+    _needs_pdl()
+    d, h, layers = 1024, 2816, 6
+    sets = [make_ffn_inputs(m, d, h, 14, device=DEV, seed=200 + i) for i in range(layers)]
+    downs_t = [s.down.T.contiguous() for s in sets]
+    big = torch.randn(4096, 4096, device=DEV, dtype=torch.bfloat16) / 64
+
+    def chain(pdl):
+        x = (big @ big)[:m, :d].contiguous() + sets[0].x  # a ~0.1 ms kernel makes part of x
+        for i, (s, dt) in enumerate(zip(sets, downs_t)):
+            out = torch.empty_like(x)
+            launchers.launch_decode_ffn(x, s.gate, s.up, dt, out, pdl=pdl)
+            # even layers feed the next gate kernel directly; odd ones rescale (so some neurons stay active)
+            x = out if i % 2 == 0 else out * (m * d) ** 0.5 / (out.float().norm() + 1e-6)
+        return x
+
+    want = chain(False)
+    torch.cuda.synchronize()
+    assert torch.isfinite(want).all()
+    assert torch.equal(chain(True), want)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(True)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = chain(True)
+    for _ in range(3):
+        got.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
+
+
 def test_fused_decode_nan_and_shape_errors():
     inp = make_ffn_inputs(2, 256, 512, 5, device=DEV, seed=3)
     down_t = inp.down.T.contiguous()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sparsify_cli.kernels import launchers
@@ -56,3 +58,55 @@ def test_small_m_launchers_refuse_bad_shapes_before_touching_a_gpu():
     with pytest.raises(ValueError, match="D=96 must be a positive multiple of 64"):
         w96 = torch.zeros(64, 96, **bf)
         launchers.launch_decode_ffn(torch.zeros(1, 96, **bf), w96, None, w96, torch.zeros(1, 96, **bf))
+
+
+def _cuda_header() -> Path | None:
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    roots = ([Path(nvcc).resolve().parent.parent] if nvcc else []) + [Path("/usr/local/cuda")]
+    return next((r / "include" / "cuda.h" for r in roots if (r / "include" / "cuda.h").exists()), None)
+
+
+def test_pdl_launch_structures_match_cuda_h(tmp_path):
+    """The ctypes mirrors of CUlaunchConfig and CUlaunchAttribute that the PDL launch hands to cuLaunchKernelEx
+    have cuda.h's sizes and offsets (compiled and printed by the C compiler), and the attribute id is cuda.h's."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    from sparsify_cli.kernels import loader
+
+    header, cc = _cuda_header(), shutil.which("cc") or shutil.which("gcc")
+    if header is None or cc is None:
+        pytest.skip("needs cuda.h and a C compiler")
+    src = tmp_path / "layout.c"
+    src.write_text(
+        "#include <stdio.h>\n#include <stddef.h>\n#include <cuda.h>\nint main(void) {\n"
+        'printf("%zu %zu %zu %zu %zu %zu %zu %d\\n", sizeof(CUlaunchAttribute), offsetof(CUlaunchAttribute, value),'
+        " sizeof(CUlaunchConfig), offsetof(CUlaunchConfig, sharedMemBytes), offsetof(CUlaunchConfig, hStream),"
+        " offsetof(CUlaunchConfig, attrs), offsetof(CUlaunchConfig, numAttrs),"
+        " (int)CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION);\nreturn 0;\n}\n")
+    exe = tmp_path / "layout"
+    subprocess.run([cc, f"-I{header.parent}", str(src), "-o", str(exe)], check=True)
+    got = [int(v) for v in subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split()]
+    cfg = loader._LaunchConfig
+    assert got == [ctypes.sizeof(loader._LaunchAttr), loader._LaunchAttr.value.offset, ctypes.sizeof(cfg),
+                   cfg.shared_mem.offset, cfg.stream.offset, cfg.attrs.offset, cfg.num_attrs.offset,
+                   loader._PROGRAMMATIC_STREAM_SERIALIZATION]
+
+
+def test_pdl_launch_argument_types():
+    """Kernel arguments reach cuLaunchKernelEx as CuPy would pass them: np.int32 as int, Python ints and np.int64
+    as 64-bit (pointers); anything else is refused rather than guessed."""
+    import ctypes
+
+    import numpy as np
+
+    from sparsify_cli.kernels import loader
+
+    assert isinstance(loader._c_arg(np.int32(-3)), ctypes.c_int32) and loader._c_arg(np.int32(-3)).value == -3
+    assert isinstance(loader._c_arg(2**40 + 16), ctypes.c_int64) and loader._c_arg(2**40 + 16).value == 2**40 + 16
+    assert isinstance(loader._c_arg(np.int64(7)), ctypes.c_int64)
+    with pytest.raises(TypeError, match="not supported by the PDL launch"):
+        loader._c_arg(1.5)
