@@ -148,17 +148,18 @@ def gpu_prefill_row(s, m: int, nnz: float, energy: Optional[EnergyMeter] = None)
     x, gate, up, down = inp.x, inp.gate, inp.up, inp.down
     row = {"kind": "prefill", "M": m, "D": ffn.D_MODEL, "H": ffn.HIDDEN, "nnz_target": nnz, **nnz_stats(x @ gate.T)}
     # As `sparsify pack` lays a layer out: hot-first neuron order from firing rates measured on calibration tokens
-    # (the first 8192 here), Downᵀ rows; then the hint is the density left to the sparse kernel.
+    # (the first 8192 here), Downᵀ rows; the hints: the calibrated mean over all neurons, and over the cold ones
+    # (what the hybrid path leaves to the sparse kernel), as PackedFFN passes them.
     from sparsify_cli.kernels.ffn import hot_first_order
 
     calib = x[:8192]
     rates = ((calib @ gate.T) > 0).float().mean(0)  # (H,)
     perm, n_hot = hot_first_order(rates)
     gate_p, up_p, down_t = gate[perm].contiguous(), up[perm].contiguous(), down.T[perm].contiguous()
-    hint = float(rates[perm][n_hot:].sum()) if n_hot else row["nnz_mean"]
+    hint, cold_hint = float(rates.sum()), float(rates[perm][n_hot:].sum())
     row.update(compare(lambda: ffn.dense_block(x, gate, up, down),
                        lambda: ffn_forward(x, gate_p, up_p, down_t, kernels="cuda", mode="auto", nnz_hint=hint,
-                                           n_hot=n_hot),
+                                           cold_nnz_hint=cold_hint, n_hot=n_hot),
                        device=torch.device("cuda"), tokens=m, reps=s.reps, warmup=s.warmup, energy=energy))
     row["n_hot"] = n_hot
     row["sparse_path"] = "kernels.ffn_forward as a packed layer runs it (hot-first order, auto policy, nnz hint), bf16"
