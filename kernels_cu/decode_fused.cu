@@ -153,9 +153,41 @@ __device__ __forceinline__ float mma_gate_up_pair(const unsigned short* __restri
     *valid = tok < M && j < H;
     *active = *valid && relu_active(a);
     float h = *active ? bf16_to_f(a) : 0.f;
-    if (GATED)
-        h = warp_up_dots(*active, h, x, up, D, lane,
-                         [&](int p) { return make_int2(p % MMA_TOKENS, j0 + 4 * warp + p / MMA_TOKENS); });
+    if (GATED) {
+        // the block's active pairs, listed in thread order, are spread over its 4 warps two at a time, so a block
+        // with up to 8 (a neuron active for several tokens lies in one warp) pays one dependent row read
+        __shared__ int plist[32 * FUSED_GATE_WARPS];
+        __shared__ float pdot[32 * FUSED_GATE_WARPS];
+        __shared__ int wcount[FUSED_GATE_WARPS];
+        const unsigned int mask = __ballot_sync(SPARSIFY_FULL_MASK, *active);
+        if (lane == 0) wcount[warp] = __popc(mask);
+        const int total = __syncthreads_count(*active);
+        if (total) {  // the same for the whole block
+            int base = 0;
+            for (int w = 0; w < warp; ++w) base += wcount[w];
+            if (*active) plist[base + __popc(mask & ((1u << lane) - 1u))] = i;
+            __syncthreads();
+            const uint4* xb = reinterpret_cast<const uint4*>(x);
+            const int nvec = D >> 3;
+            for (int q = 2 * warp; q < total; q += 2 * FUSED_GATE_WARPS) {
+                const int p0 = plist[q], p1 = q + 1 < total ? plist[q + 1] : -1;
+                const int q1 = max(p1, 0);  // pair p: token p % 8, row j0 + p / 8
+                float d0, d1;
+                warp_dot2x(xb + (long long)(p0 % MMA_TOKENS) * nvec,
+                           reinterpret_cast<const uint4*>(up + (long long)(j0 + p0 / MMA_TOKENS) * D),
+                           xb + (long long)(q1 % MMA_TOKENS) * nvec,
+                           p1 >= 0 ? reinterpret_cast<const uint4*>(up + (long long)(j0 + q1 / MMA_TOKENS) * D)
+                                   : nullptr,
+                           nvec, lane, d0, d1);
+                if (lane == 0) {
+                    pdot[p0] = d0;
+                    if (p1 >= 0) pdot[p1] = d1;
+                }
+            }
+            __syncthreads();
+            if (*active) h *= pdot[i];
+        }
+    }
     return h;
 }
 
@@ -172,6 +204,27 @@ __global__ void __launch_bounds__(32 * FUSED_GATE_WARPS) decode_gate_up_mma_kern
     if (valid) hbuf[(long long)tok * Hs + j] = h;
 }
 
+// v := this lane's 8 values of the fp32 row at columns c0 .. c0 + 8, 0 at and past c_end (c0 a multiple of 8, the
+// row 16-byte aligned).
+__device__ __forceinline__ void load_row8(const float* __restrict__ row, int c0, int c_end, float (&v)[8]) {
+    if (c0 + 8 <= c_end) {
+        const float4 p = __ldg(reinterpret_cast<const float4*>(row + c0));
+        const float4 q = __ldg(reinterpret_cast<const float4*>(row + c0 + 4));
+        v[0] = p.x; v[1] = p.y; v[2] = p.z; v[3] = p.w;
+        v[4] = q.x; v[5] = q.y; v[6] = q.z; v[7] = q.w;
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = c0 + e < c_end ? row[c0 + e] : 0.f;
+    }
+}
+
+__device__ __forceinline__ int count_nonzero8(const float (&v)[8]) {
+    int n = 0;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) n += (v[e] != 0.f) ? 1 : 0;  // NaN != 0
+    return n;
+}
+
 // Visit the non-zero entries (NaN included) of the fp32 row columns [c_beg, c_end) in ascending order, 256 columns
 // per step: f(rank, col, value), rank = 0, 1, ... Every lane of the warp calls it; c_beg is a multiple of 8 and
 // the row 16-byte aligned. Returns the number visited.
@@ -182,18 +235,8 @@ __device__ __forceinline__ int warp_for_each_nonzero(const float* __restrict__ r
     for (int c = c_beg; c < c_end; c += 256) {
         const int c0 = c + lane * 8;
         float v[8];
-        if (c0 + 8 <= c_end) {
-            const float4 p = __ldg(reinterpret_cast<const float4*>(row + c0));
-            const float4 q = __ldg(reinterpret_cast<const float4*>(row + c0 + 4));
-            v[0] = p.x; v[1] = p.y; v[2] = p.z; v[3] = p.w;
-            v[4] = q.x; v[5] = q.y; v[6] = q.z; v[7] = q.w;
-        } else {
-#pragma unroll
-            for (int e = 0; e < 8; ++e) v[e] = c0 + e < c_end ? row[c0 + e] : 0.f;
-        }
-        int n = 0;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) n += (v[e] != 0.f) ? 1 : 0;  // NaN != 0
+        load_row8(row, c0, c_end, v);
+        const int n = count_nonzero8(v);
         const int incl = warp_incl_scan(n, lane);
         int rank = r + incl - n;
 #pragma unroll
@@ -204,7 +247,33 @@ __device__ __forceinline__ int warp_for_each_nonzero(const float* __restrict__ r
     return r;
 }
 
-#define FUSED_SEG 256  // columns per listing segment
+#define FUSED_SEG 256  // columns per listing segment (one warp step: 32 lanes x 8)
+#define DOWN_SEG_REGS 4  // segments per warp the one-pass listing holds in registers: H <= 16 warps x 4 x 256
+
+// The list of (column, h) of one token's non-zero h, in ascending order, in batches of DECODE_CAP, each summed
+// against DownT (decode_down_batch); offs holds the segments' exclusive offsets and offs[NS] the total.
+__device__ __forceinline__ void down_list_batches(const float* __restrict__ hrow, const int* offs, int NS, int H,
+                                                  int* ej, float* eh, const unsigned short* __restrict__ down_t,
+                                                  int D, const DecodeChunk& ch, float* accrow, float* part) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = DECODE_THREADS / 32;
+    const int E = offs[NS];
+    for (int base = 0; base < E; base += DECODE_CAP) {
+        const int lim = min(E, base + DECODE_CAP);
+        for (int t = warp; t < NS; t += nwarps) {
+            const int o = offs[t], n = offs[t + 1] - o;
+            if (o >= lim || o + n <= base) continue;
+            warp_for_each_nonzero(hrow, t * FUSED_SEG, min(H, (t + 1) * FUSED_SEG), lane, [&](int r, int col, float v) {
+                const int e = o + r;
+                if (e >= base && e < lim) {
+                    ej[e - base] = col;
+                    eh[e - base] = v;
+                }
+            });
+        }
+        __syncthreads();
+        decode_down_batch(ej, eh, lim - base, down_t, D, ch, accrow, part);
+    }
+}
 
 __global__ void __launch_bounds__(DECODE_THREADS, 1) decode_down_kernel(
     const float* __restrict__ hbuf,             // (M, Hs)
@@ -226,30 +295,56 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) decode_down_kernel(
     pdl_launch_dependents();
     for (int i = tid; i < ch.CVr * 8; i += DECODE_THREADS) accrow[i] = 0.f;
     pdl_wait();  // hbuf is the gate kernel's output
-    for (int t = warp; t < NS; t += nwarps) {
-        const int r = warp_for_each_nonzero(hrow, t * FUSED_SEG, min(H, (t + 1) * FUSED_SEG), lane,
-                                            [](int, int, float) {});
-        if (lane == 0) offs[t] = r;
-    }
-    __syncthreads();
-    if (warp == 0) warp_exclusive_scan(offs, NS, lane);
-    __syncthreads();
-    const int E = offs[NS];
-    for (int base = 0; base < E; base += DECODE_CAP) {
-        const int lim = min(E, base + DECODE_CAP);
-        for (int t = warp; t < NS; t += nwarps) {
-            const int o = offs[t], n = offs[t + 1] - o;
-            if (o >= lim || o + n <= base) continue;
-            warp_for_each_nonzero(hrow, t * FUSED_SEG, min(H, (t + 1) * FUSED_SEG), lane, [&](int r, int col, float v) {
-                const int e = o + r;
-                if (e >= base && e < lim) {
-                    ej[e - base] = col;
-                    eh[e - base] = v;
-                }
-            });
+    if (NS <= DOWN_SEG_REGS * nwarps) {
+        // one pass over h: each warp loads its segments (warp, warp + 16, ...) at once and keeps them in registers,
+        // so listing costs one round trip to L2 instead of a counting pass and a listing pass
+        float v[DOWN_SEG_REGS][8];
+        int excl[DOWN_SEG_REGS];
+#pragma unroll
+        for (int k = 0; k < DOWN_SEG_REGS; ++k) {
+            const int t = warp + k * nwarps;
+            load_row8(hrow, t * FUSED_SEG + lane * 8, t < NS ? min(H, (t + 1) * FUSED_SEG) : 0, v[k]);
+        }
+#pragma unroll
+        for (int k = 0; k < DOWN_SEG_REGS; ++k) {
+            const int t = warp + k * nwarps, n = count_nonzero8(v[k]);
+            const int incl = warp_incl_scan(n, lane);
+            excl[k] = incl - n;
+            if (t < NS && lane == 31) offs[t] = incl;
         }
         __syncthreads();
-        decode_down_batch(ej, eh, lim - base, down_t, D, ch, accrow, part);
+        if (warp == 0) warp_exclusive_scan(offs, NS, lane);
+        __syncthreads();
+        const int E = offs[NS];
+        if (E > DECODE_CAP) {
+            down_list_batches(hrow, offs, NS, H, ej, eh, down_t, D, ch, accrow, part);
+        } else if (E > 0) {  // (none: out is zero)
+#pragma unroll
+            for (int k = 0; k < DOWN_SEG_REGS; ++k) {
+                const int t = warp + k * nwarps;
+                if (t >= NS) continue;
+                int e = offs[t] + excl[k];
+#pragma unroll
+                for (int i = 0; i < 8; ++i)
+                    if (v[k][i] != 0.f) {
+                        ej[e] = t * FUSED_SEG + lane * 8 + i;
+                        eh[e] = v[k][i];
+                        ++e;
+                    }
+            }
+            __syncthreads();
+            decode_down_batch(ej, eh, E, down_t, D, ch, accrow, part);
+        }
+    } else {
+        for (int t = warp; t < NS; t += nwarps) {
+            const int r = warp_for_each_nonzero(hrow, t * FUSED_SEG, min(H, (t + 1) * FUSED_SEG), lane,
+                                                [](int, int, float) {});
+            if (lane == 0) offs[t] = r;
+        }
+        __syncthreads();
+        if (warp == 0) warp_exclusive_scan(offs, NS, lane);
+        __syncthreads();
+        down_list_batches(hrow, offs, NS, H, ej, eh, down_t, D, ch, accrow, part);
     }
     decode_store_chunk(accrow, out + m * D, ch);
 }

@@ -268,7 +268,8 @@ def test_eager_decode_goes_dense_and_graph_captured_decode_stays_sparse(monkeypa
     assert calls == []  # prefill sizes: sparse at this density, eager or not
 
 
-FUSED_SHAPES = [(2048, 5632), (64, 33), (2560, 1001), (256, 1000), (4160, 700)]  # (D, H): ragged H, D > 4096
+# (D, H): ragged H, D > 4096, and H > 16384 (the down kernel's listing then takes two passes over h)
+FUSED_SHAPES = [(2048, 5632), (64, 33), (2560, 1001), (256, 1000), (4160, 700), (256, 16640)]
 
 
 def _fused_reference(inp, down_t, gated):
