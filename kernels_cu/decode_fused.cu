@@ -1,4 +1,4 @@
-// Fused sparse FFN for decode (1..8 tokens): the gate projection finds the active neurons and computes their up
+// Fused sparse FFN for decode (1..16 tokens): the gate projection finds the active neurons and computes their up
 // dots in the same pass, so only two kernels run and no activation is listed twice.
 //
 //   decode_gate_up_kernel   one warp per ROWS rows of the gate weight, for all MT tokens (a gemv: the 23 MB gate
@@ -79,14 +79,12 @@ __global__ void __launch_bounds__(32 * FUSED_GATE_WARPS, FUSED_GATE_MIN_BLOCKS) 
     if (valid) hbuf[(long long)(lane / ROWS) * Hs + j0 + lane % ROWS] = h;
 }
 
-// Tensor-core variant of decode_gate_up_kernel for 2..8 tokens (the CUDA-core gemv above turns compute-bound
-// there: 35.8 us at M = 8 against 11.8 us for cuBLAS, BENCHMARKS.md). One block of 4 warps per 16 gate rows; the
-// warps split D (32-column chunks round-robin) and each runs mma.m16n8k16 (bf16 in, fp32 accumulate) with the
-// 16 rows as A and the (up to 8, zero-padded) tokens as B. No shared-memory staging: a dot product may take its
-// k in any order as long as A and B agree, so each lane loads 16 contiguous bytes of row g, of row g + 8 and of
-// token g at the same 8 columns, and two mma instructions consume them (the fragments' k pairs are a fixed
-// permutation of the chunk's 32 columns). The 4 partial tiles are summed in warp order through shared memory,
-// then as above: a rounded to bf16, relu, the active pairs' up dots (two at a time), h into hbuf.
+// Tensor-core variant of decode_gate_up_kernel for 2..16 tokens (the CUDA-core gemv above turns compute-bound
+// there: 35.8 us at M = 8 against 11.8 us for cuBLAS, BENCHMARKS.md): mma.m16n8k16, bf16 in, fp32 accumulate.
+// No shared-memory staging: a dot product may take its k in any order as long as A and B agree, so each lane
+// loads 16 contiguous bytes of row g, of row g + 8 and of token g (of each 8-token tile) at the same 8 columns,
+// and two mma instructions consume them (the fragments' k pairs are a fixed permutation of the chunk's 32
+// columns).
 __device__ __forceinline__ void mma_bf16_16816(float* c, unsigned int a0, unsigned int a1, unsigned int a2,
                                                unsigned int a3, unsigned int b0, unsigned int b1) {
     asm volatile(
@@ -97,19 +95,28 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, unsigned int a0, unsign
 }
 
 #define MMA_ROWS 16         // gate rows per block
-#define MMA_TOKENS 8        // tokens per mma (n); M <= 8
-#define MMA_UNROLL 4        // 32-column chunks per warp with their loads in flight together
+#define MMA_TOKENS 8        // tokens per mma (n); a block takes NT tiles of them, M <= 8 * NT
 
-// The tensor-core gate pass of one block (16 rows, up to 8 tokens): returns h of this thread's pair (row i / 8,
-// token i % 8 of the block: warp w holds rows 4w .. 4w + 3; lane p = token p % 8, row 4w + p / 8), 0 where
-// inactive; *tok_out, *j_out: the pair's token and row, *valid: it exists (token < M, row < H), *active: its
-// a > 0 (or NaN).
-template <bool GATED>
-__device__ __forceinline__ float mma_gate_up_pair(const unsigned short* __restrict__ x,
-                                                  const unsigned short* __restrict__ w_act,
-                                                  const unsigned short* __restrict__ up, int M, int D, int H,
-                                                  int* tok_out, int* j_out, bool* valid, bool* active) {
-    __shared__ float part[FUSED_GATE_WARPS][MMA_ROWS * MMA_TOKENS];
+// The tensor-core gate pass: one block per 16 gate rows and all M <= 8 * NT tokens. Warp w sweeps the 32-column
+// chunks w, w + 4, ... of D (UNROLL of them with their loads in flight) and runs, per chunk and token tile, two
+// mma.m16n8k16 with the 16 rows as A and the tile's tokens (zero past M) as B; the 4 warps' partial tiles are
+// summed in warp order. The chunk order per warp does not depend on NT, so a token's a has the same bits
+// whichever NT ran it. Thread i then holds the pairs p = i + 128 k (k < NT): row p / (8 NT), token p % (8 NT):
+// a rounded to bf16, relu, and (gated) the up dots of the block's active pairs, listed in shared memory and
+// spread over the 4 warps two at a time, so a block with up to 8 active pairs (a neuron active for several
+// tokens included) pays one dependent row read; h into hbuf.
+template <bool GATED, int NT>
+__global__ void __launch_bounds__(32 * FUSED_GATE_WARPS) decode_gate_up_mma_kernel(
+    const unsigned short* __restrict__ x,      // (M, D)
+    const unsigned short* __restrict__ w_act,  // (H, D)
+    const unsigned short* __restrict__ up,     // (H, D), gated only
+    float* __restrict__ hbuf,                  // (M, Hs): h, 0 where inactive
+    int M, int D, int H, int Hs) {
+    constexpr int TOK = MMA_TOKENS * NT;          // tokens per block
+    constexpr int PAIRS = 32 * FUSED_GATE_WARPS;  // (row, token) pairs per thread block and k
+    constexpr int UNROLL = 4;                     // chunks in flight per warp: UNROLL x (2 + NT) 16-byte loads
+    static_assert(MMA_ROWS * TOK == PAIRS * NT, "one pair per thread and k");
+    __shared__ float part[FUSED_GATE_WARPS][MMA_ROWS * TOK];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int j0 = blockIdx.x * MMA_ROWS;
@@ -117,67 +124,98 @@ __device__ __forceinline__ float mma_gate_up_pair(const unsigned short* __restri
     const int nchunk = D >> 5;
     const uint4* w_lo = reinterpret_cast<const uint4*>(w_act + (long long)min(j0 + g, H - 1) * D);
     const uint4* w_hi = reinterpret_cast<const uint4*>(w_act + (long long)min(j0 + g + 8, H - 1) * D);
-    const uint4* xg = reinterpret_cast<const uint4*>(x + (long long)min(g, M - 1) * D);
-    const bool x_ok = g < M;  // tokens past M are zero columns of B
-    float c[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int c0 = warp; c0 < nchunk; c0 += FUSED_GATE_WARPS * MMA_UNROLL) {
-        uint4 wl[MMA_UNROLL], wh[MMA_UNROLL], xv[MMA_UNROLL];
+    const uint4* xg[NT];
+    bool x_ok[NT];  // tokens past M are zero columns of B
 #pragma unroll
-        for (int u = 0; u < MMA_UNROLL; ++u) {
+    for (int nt = 0; nt < NT; ++nt) {
+        const int tok = g + MMA_TOKENS * nt;
+        xg[nt] = reinterpret_cast<const uint4*>(x + (long long)min(tok, M - 1) * D);
+        x_ok[nt] = tok < M;
+    }
+    float c[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+    for (int c0 = warp; c0 < nchunk; c0 += FUSED_GATE_WARPS * UNROLL) {
+        uint4 wl[UNROLL], wh[UNROLL], xv[UNROLL][NT];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
             const int ch = c0 + u * FUSED_GATE_WARPS;
             const bool ok = ch < nchunk;
             const int vi = 4 * ch + t;
             wl[u] = ok ? __ldg(w_lo + vi) : make_uint4(0u, 0u, 0u, 0u);
             wh[u] = ok ? __ldg(w_hi + vi) : make_uint4(0u, 0u, 0u, 0u);
-            xv[u] = (ok && x_ok) ? __ldg(xg + vi) : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                xv[u][nt] = (ok && x_ok[nt]) ? __ldg(xg[nt] + vi) : make_uint4(0u, 0u, 0u, 0u);
         }
 #pragma unroll
-        for (int u = 0; u < MMA_UNROLL; ++u) {
-            mma_bf16_16816(c, wl[u].x, wh[u].x, wl[u].y, wh[u].y, xv[u].x, xv[u].y);
-            mma_bf16_16816(c, wl[u].z, wh[u].z, wl[u].w, wh[u].w, xv[u].z, xv[u].w);
-        }
+        for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                mma_bf16_16816(c[nt], wl[u].x, wh[u].x, wl[u].y, wh[u].y, xv[u][nt].x, xv[u][nt].y);
+                mma_bf16_16816(c[nt], wl[u].z, wh[u].z, wl[u].w, wh[u].w, xv[u][nt].z, xv[u][nt].w);
+            }
     }
-    // c0, c1: row g, tokens 2t, 2t+1; c2, c3: row g + 8, tokens 2t, 2t+1
-    part[warp][g * MMA_TOKENS + 2 * t] = c[0];
-    part[warp][g * MMA_TOKENS + 2 * t + 1] = c[1];
-    part[warp][(g + 8) * MMA_TOKENS + 2 * t] = c[2];
-    part[warp][(g + 8) * MMA_TOKENS + 2 * t + 1] = c[3];
-    __syncthreads();
-    const int i = threadIdx.x, row = i / MMA_TOKENS, tok = i % MMA_TOKENS, j = j0 + row;
-    float sum = 0.f;
+    // c[nt][0], [1]: row g, tokens 8 nt + 2t, + 1; c[nt][2], [3]: row g + 8, the same tokens
 #pragma unroll
-    for (int w = 0; w < FUSED_GATE_WARPS; ++w) sum += part[w][i];
-    const unsigned short a = f_to_bf16(sum);
-    *tok_out = tok;
-    *j_out = j;
-    *valid = tok < M && j < H;
-    *active = *valid && relu_active(a);
-    float h = *active ? bf16_to_f(a) : 0.f;
+    for (int nt = 0; nt < NT; ++nt) {
+        const int col = MMA_TOKENS * nt + 2 * t;
+        part[warp][g * TOK + col] = c[nt][0];
+        part[warp][g * TOK + col + 1] = c[nt][1];
+        part[warp][(g + 8) * TOK + col] = c[nt][2];
+        part[warp][(g + 8) * TOK + col + 1] = c[nt][3];
+    }
+    __syncthreads();
+    float h[NT];
+    bool valid[NT], active[NT];
+#pragma unroll
+    for (int k = 0; k < NT; ++k) {
+        const int p = threadIdx.x + PAIRS * k, tok = p % TOK, j = j0 + p / TOK;
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < FUSED_GATE_WARPS; ++w) sum += part[w][p];
+        const unsigned short a = f_to_bf16(sum);
+        valid[k] = tok < M && j < H;
+        active[k] = valid[k] && relu_active(a);
+        h[k] = active[k] ? bf16_to_f(a) : 0.f;
+    }
     if (GATED) {
-        // the block's active pairs, listed in thread order, are spread over its 4 warps two at a time, so a block
-        // with up to 8 (a neuron active for several tokens lies in one warp) pays one dependent row read
-        __shared__ int plist[32 * FUSED_GATE_WARPS];
-        __shared__ float pdot[32 * FUSED_GATE_WARPS];
+        __shared__ int plist[PAIRS * NT];
+        __shared__ float pdot[PAIRS * NT];
         __shared__ int wcount[FUSED_GATE_WARPS];
-        const unsigned int mask = __ballot_sync(SPARSIFY_FULL_MASK, *active);
-        if (lane == 0) wcount[warp] = __popc(mask);
-        const int total = __syncthreads_count(*active);
+        unsigned int bal[NT];
+        int n_warp = 0;
+#pragma unroll
+        for (int k = 0; k < NT; ++k) {
+            bal[k] = __ballot_sync(SPARSIFY_FULL_MASK, active[k]);
+            n_warp += __popc(bal[k]);
+        }
+        if (lane == 0) wcount[warp] = n_warp;
+        __syncthreads();
+        int off = 0, total = 0;
+#pragma unroll
+        for (int w = 0; w < FUSED_GATE_WARPS; ++w) {
+            off += w < warp ? wcount[w] : 0;
+            total += wcount[w];
+        }
         if (total) {  // the same for the whole block
-            int base = 0;
-            for (int w = 0; w < warp; ++w) base += wcount[w];
-            if (*active) plist[base + __popc(mask & ((1u << lane) - 1u))] = i;
+            const unsigned int below = (1u << lane) - 1u;
+#pragma unroll
+            for (int k = 0; k < NT; ++k) {
+                if (active[k]) plist[off + __popc(bal[k] & below)] = threadIdx.x + PAIRS * k;
+                off += __popc(bal[k]);
+            }
             __syncthreads();
             const uint4* xb = reinterpret_cast<const uint4*>(x);
             const int nvec = D >> 3;
             for (int q = 2 * warp; q < total; q += 2 * FUSED_GATE_WARPS) {
                 const int p0 = plist[q], p1 = q + 1 < total ? plist[q + 1] : -1;
-                const int q1 = max(p1, 0);  // pair p: token p % 8, row j0 + p / 8
+                const int q1 = max(p1, 0);  // pair p: token p % TOK, row j0 + p / TOK
                 float d0, d1;
-                warp_dot2x(xb + (long long)(p0 % MMA_TOKENS) * nvec,
-                           reinterpret_cast<const uint4*>(up + (long long)(j0 + p0 / MMA_TOKENS) * D),
-                           xb + (long long)(q1 % MMA_TOKENS) * nvec,
-                           p1 >= 0 ? reinterpret_cast<const uint4*>(up + (long long)(j0 + q1 / MMA_TOKENS) * D)
-                                   : nullptr,
+                warp_dot2x(xb + (long long)(p0 % TOK) * nvec,
+                           reinterpret_cast<const uint4*>(up + (long long)(j0 + p0 / TOK) * D),
+                           xb + (long long)(q1 % TOK) * nvec,
+                           p1 >= 0 ? reinterpret_cast<const uint4*>(up + (long long)(j0 + q1 / TOK) * D) : nullptr,
                            nvec, lane, d0, d1);
                 if (lane == 0) {
                     pdot[p0] = d0;
@@ -185,23 +223,16 @@ __device__ __forceinline__ float mma_gate_up_pair(const unsigned short* __restri
                 }
             }
             __syncthreads();
-            if (*active) h *= pdot[i];
+#pragma unroll
+            for (int k = 0; k < NT; ++k)
+                if (active[k]) h[k] *= pdot[threadIdx.x + PAIRS * k];
         }
     }
-    return h;
-}
-
-template <bool GATED>
-__global__ void __launch_bounds__(32 * FUSED_GATE_WARPS) decode_gate_up_mma_kernel(
-    const unsigned short* __restrict__ x,      // (M, D)
-    const unsigned short* __restrict__ w_act,  // (H, D)
-    const unsigned short* __restrict__ up,     // (H, D), gated only
-    float* __restrict__ hbuf,                  // (M, Hs)
-    int M, int D, int H, int Hs) {
-    int tok, j;
-    bool valid, active;
-    const float h = mma_gate_up_pair<GATED>(x, w_act, up, M, D, H, &tok, &j, &valid, &active);
-    if (valid) hbuf[(long long)tok * Hs + j] = h;
+#pragma unroll
+    for (int k = 0; k < NT; ++k) {
+        const int p = threadIdx.x + PAIRS * k;
+        if (valid[k]) hbuf[(long long)(p % TOK) * Hs + j0 + p / TOK] = h[k];
+    }
 }
 
 // v := this lane's 8 values of the fp32 row at columns c0 .. c0 + 8, 0 at and past c_end (c0 a multiple of 8, the
@@ -365,7 +396,10 @@ SPARSIFY_FUSED_INST(5, 2)
 SPARSIFY_FUSED_INST(6, 2)
 SPARSIFY_FUSED_INST(7, 2)
 SPARSIFY_FUSED_INST(8, 2)
-template __global__ void decode_gate_up_mma_kernel<true>(const unsigned short*, const unsigned short*,
-                                                         const unsigned short*, float*, int, int, int, int);
-template __global__ void decode_gate_up_mma_kernel<false>(const unsigned short*, const unsigned short*,
-                                                          const unsigned short*, float*, int, int, int, int);
+#define SPARSIFY_MMA_INST(NT)                                                                                     \
+    template __global__ void decode_gate_up_mma_kernel<true, NT>(const unsigned short*, const unsigned short*,     \
+                                                                 const unsigned short*, float*, int, int, int, int); \
+    template __global__ void decode_gate_up_mma_kernel<false, NT>(const unsigned short*, const unsigned short*,    \
+                                                                  const unsigned short*, float*, int, int, int, int);
+SPARSIFY_MMA_INST(1)
+SPARSIFY_MMA_INST(2)

@@ -3,7 +3,7 @@
     python -m sparsify_cli.bench.ffn --out bench_results/ffn_h100.json [--quick]
 
 Prefill rows: D=2048, H=5632, M in {16384, 65536}, nnz/token in {29, 56, 112} (PERFORMANCE.md's input
-recipe, sparsify_cli.bench.synthetic). Decode rows: M in {1, 8, 64} at 99.5% sparsity, timed as CUDA-graph
+recipe, sparsify_cli.bench.synthetic). Decode rows: M in {1, 8, 16, 64} at 99.5% sparsity, timed as CUDA-graph
 replays over 4 independent layers' weights (so weights are not L2-resident across repetitions, as in a model).
 Timing: CUDA events, warm-up, median of >= 20 repetitions. Error: ‖out − ref32‖/‖ref32‖ on the first rows,
 ref32 = the block in fp32 from the same bf16 inputs; torch-bf16's own error is reported beside it.
@@ -26,7 +26,7 @@ from sparsify_cli.bench.synthetic import make_ffn_inputs
 D_MODEL, HIDDEN = 2048, 5632
 PREFILL_M = (16384, 65536)
 PREFILL_NNZ = (29, 56, 112)
-DECODE_M = (1, 8, 64)
+DECODE_M = (1, 8, 16, 64)
 DECODE_SPARSITY = 0.995
 TILE, SLOTS = 256, 32
 

@@ -38,7 +38,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # FFN suite on the GPU: bench/ffn.py's rows (D 2048, H 5632; PERFORMANCE.md's inputs), bf16.
     "ffn": {
-        "paper": dict(d_model=2048, d_ffn=5632, tokens=(16384, 65536), decode=(1, 8, 64), nnz=(29.0, 56.0, 112.0),
+        "paper": dict(d_model=2048, d_ffn=5632, tokens=(16384, 65536), decode=(1, 8, 16, 64),
+                      nnz=(29.0, 56.0, 112.0),
                       reps=30, warmup=5),
         "quick": dict(d_model=2048, d_ffn=5632, tokens=(4096,), decode=(1, 64), nnz=(29.0, 112.0), reps=20, warmup=5),
     },

@@ -42,15 +42,15 @@ class SparsePolicy:
     # Decode run eagerly (not captured in a CUDA graph, not compiled): the sparse path's host cost per call (a
     # custom op, a few CuPy launches: tens of µs) exceeds the ~18 µs its kernels save on a ~40 µs layer, and a
     # whole 28-layer model decoded at 0.79-0.84x dense that way (BENCHMARKS.md). So eager decode goes dense;
-    # under a CUDA graph the sparse kernels' speed-up (1.86-2.05x fused at 1-8 tokens, BENCHMARKS.md) is kept.
+    # under a CUDA graph the sparse kernels' speed-up (2.0-2.3x fused at 1-16 tokens, BENCHMARKS.md) is kept.
     eager_decode_dense: bool = True
     # Decode of at most launchers.FUSED_MAX_M tokens with a known density (nnz_hint, or mode="sparse") runs the
     # fused kernels (gate projection + relu + up dots in one pass, then the down rows): no activation round trip
     # and two launches instead of three (BENCHMARKS.md). False: gate projection, then the decode kernel.
     fused_decode: bool = True
     # The fused path's own limit: in its density sweep (H100, D 2048, H 5632, CUDA graphs; BENCHMARKS.md) it beat
-    # dense at every measured point up to 6% of H (1.72x at M = 1, 1.31x at M = 8), where the unfused M = 64
-    # path is 0.75x; beyond 6% was not measured, so it goes dense.
+    # dense at every measured point up to 6% of H (1.72x at M = 1, 1.31x at M = 8, 1.26x at M = 16), where the
+    # unfused M = 64 path is 0.75x; beyond 6% was not measured, so it goes dense.
     fused_decode_max_density: float = 0.06
 
     def use_dense_decode(self, m: int) -> bool:

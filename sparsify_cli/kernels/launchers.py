@@ -302,12 +302,21 @@ def launch_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rows: int |
                   (x.data_ptr(), w.data_ptr(), out.data_ptr(), _i32(d), _i32(h)))
 
 
-FUSED_MAX_M = 8  # tokens the fused decode path handles (kernels_cu/decode_fused.cu instances)
+# Tokens the fused decode path handles (decode_fused.cu: one or two 8-token tiles per tensor-core block) and up to
+# which ffn_forward takes it (SparsePolicy.takes_fused_decode). Four tiles (M <= 32) lost to the unfused path at 32
+# tokens (1.43x against 1.58x dense, BENCHMARKS.md); two win at 16 at every measured density.
+FUSED_MAX_M = 16
+FUSED_GEMV_MAX_M = 8  # the CUDA-core gate kernel's instances (decode_gate_up_kernel<MT, ...>)
 FUSED_GATE_WARPS = 4  # must match kernels_cu/decode_fused.cu
 FUSED_SEG = 256  # must match kernels_cu/decode_fused.cu (listing segment of the down kernel)
 FUSED_DEFAULT_DEFINES: tuple[str, ...] = ()
 FUSED_MMA_MIN_M = 2  # from this many tokens the gate-up kernel uses tensor cores (CUDA cores: M = 8 took 3x cuBLAS)
 FUSED_MMA_ROWS = 16  # gate rows per block of decode_gate_up_mma_kernel
+
+
+def mma_tiles(m: int) -> int:
+    """8-token tiles per block of the tensor-core gate kernel for m tokens: 1 or 2 (its instances)."""
+    return 1 if m <= 8 else 2
 
 
 def fused_rows(m: int) -> int:
@@ -369,10 +378,13 @@ def launch_decode_gate_up(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor
         impl = "mma" if m >= FUSED_MMA_MIN_M else "gemv"
     if impl not in ("gemv", "mma"):
         raise ValueError(f"impl must be auto, gemv or mma, got {impl!r}")
+    if impl == "gemv" and m > FUSED_GEMV_MAX_M:
+        raise ValueError(f"the CUDA-core gate kernel handles 1..{FUSED_GEMV_MAX_M} tokens, got M={m}")
     hs = -(-h // 8) * 8  # rows of h padded for 16-byte vector loads
     if impl == "mma":
         hbuf = torch.empty(m, hs, dtype=torch.float32, device=x.device)  # every column < H is written
-        fn = loader.get_function("decode_fused.cu", f"decode_gate_up_mma_kernel<{_b(up is not None)}>",
+        nt = mma_tiles(m)
+        fn = loader.get_function("decode_fused.cu", f"decode_gate_up_mma_kernel<{_b(up is not None)}, {nt}>",
                                  FUSED_DEFAULT_DEFINES if defines is None else tuple(defines))
         loader.launch(fn, ((h + FUSED_MMA_ROWS - 1) // FUSED_MMA_ROWS,), (32 * FUSED_GATE_WARPS,),
                       (x.data_ptr(), w_act.data_ptr(), up.data_ptr() if up is not None else 0, hbuf.data_ptr(),

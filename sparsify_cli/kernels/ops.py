@@ -10,7 +10,7 @@
       is the sparse half of the hybrid path (ffn.hybrid_ffn): columns < c_start are done densely elsewhere.
 - sparsify::gemv(x, w) -> x·wᵀ for 1..2 tokens (decode's gate projection; faster than cuBLAS's GEMV here).
 - sparsify::decode_ffn(x, w_act, up, down_t) -> out
-      the whole block for 1..8 tokens (decode): gate projection, relu and the active neurons' up dots in one
+      the whole block for 1..16 tokens (decode): gate projection, relu and the active neurons' up dots in one
       pass over the gate weight, then the active rows of down_t (kernels_cu/decode_fused.cu).
 Inference only: no autograd formula is registered (backward through these ops raises).
 """

@@ -1,6 +1,7 @@
-"""The decode density sweep for the fused path (M <= 8) beside the unfused one (M = 64): dense vs sparse as the
+"""The decode density sweep for the fused path (M <= 16) beside the unfused one (M = 64): dense vs sparse as the
 active neurons per token grow, under CUDA graphs (bench/ffn.py's decode rows). Development tool: calibrates
-SparsePolicy's decode limits.
+SparsePolicy's decode limits. (The sweep with M = 16 and 32 in bench_results/session5/density_tiles.json was taken
+while the fused kernels handled up to 32 tokens: "fused kernels" is that path.)
 
     python3 tests/gpu/decode_density_sweep.py OUT.json [M ...]
 """

@@ -1,5 +1,5 @@
 """Decode rows of bench/ffn.py over more batch sizes, and the decode density sweep at M = 64 (development tool).
-For M <= 8 each row has the fused path (sparse_ms), the gate projection + decode kernel (sparse_unfused_ms) and
+For M <= 16 each row has the fused path (sparse_ms), the gate projection + decode kernel (sparse_unfused_ms) and
 the fused path's kernel variants.
 
     python3 tests/gpu/decode_sweep.py OUT.json [M ...]

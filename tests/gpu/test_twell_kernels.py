@@ -283,7 +283,7 @@ def _fused_reference(inp, down_t, gated):
 
 
 @pytest.mark.parametrize("m,impl", [(1, "auto"), (2, "auto"), (3, "auto"), (5, "auto"), (8, "auto"), (1, "mma"),
-                                    (2, "gemv"), (8, "gemv")])
+                                    (2, "gemv"), (8, "gemv"), (9, "auto"), (12, "auto"), (16, "auto")])
 @pytest.mark.parametrize("d,h", FUSED_SHAPES)
 @pytest.mark.parametrize("density", [0.3, 0.02, 0.005, 0.001])
 @pytest.mark.parametrize("gated", [True, False])
@@ -392,9 +392,12 @@ def test_fused_decode_nan_and_shape_errors():
     x[1, 0] = float("nan")  # token 1: every a is NaN -> counts as active, NaN propagates; token 0 untouched
     out = ops.decode_ffn(x, inp.gate, inp.up, down_t)
     assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
-    with pytest.raises(ValueError, match="1..8 tokens"):
+    with pytest.raises(ValueError, match="1..16 tokens"):
+        launchers.launch_decode_ffn(inp.x.repeat(9, 1), inp.gate, inp.up, down_t,
+                                    torch.empty(18, 256, dtype=torch.bfloat16, device=DEV))
+    with pytest.raises(ValueError, match="CUDA-core gate kernel handles 1..8 tokens"):
         launchers.launch_decode_ffn(inp.x.repeat(5, 1), inp.gate, inp.up, down_t,
-                                    torch.empty(10, 256, dtype=torch.bfloat16, device=DEV))
+                                    torch.empty(10, 256, dtype=torch.bfloat16, device=DEV), impl="gemv")
     with pytest.raises(ValueError, match="w_act must have shape"):
         launchers.launch_decode_ffn(inp.x, inp.gate[:, :128].contiguous(), inp.up, down_t, torch.empty_like(inp.x))
 

@@ -53,11 +53,18 @@ def test_small_m_launchers_refuse_bad_shapes_before_touching_a_gpu():
         launchers.launch_gemv(torch.zeros(1, 128, **bf), w, torch.zeros(1, 64, **bf))
     with pytest.raises(ValueError, match="x and w_act must be 2-D"):
         launchers.launch_decode_ffn(torch.zeros(128, **bf), w, None, w, torch.zeros(1, 128, **bf))
-    with pytest.raises(ValueError, match=r"the fused decode path handles 1\.\.8 tokens, got M=9"):
-        launchers.launch_decode_ffn(torch.zeros(9, 128, **bf), w, None, w, torch.zeros(9, 128, **bf))
+    with pytest.raises(ValueError, match=r"the fused decode path handles 1\.\.16 tokens, got M=17"):
+        launchers.launch_decode_ffn(torch.zeros(17, 128, **bf), w, None, w, torch.zeros(17, 128, **bf))
     with pytest.raises(ValueError, match="D=96 must be a positive multiple of 64"):
         w96 = torch.zeros(64, 96, **bf)
         launchers.launch_decode_ffn(torch.zeros(1, 96, **bf), w96, None, w96, torch.zeros(1, 96, **bf))
+
+
+def test_mma_tiles_cover_every_token_count_of_the_fused_kernels():
+    """The tensor-core gate kernel's instance for m tokens has 8 * tiles >= m, and the smallest instance that does."""
+    for m in range(1, launchers.FUSED_MAX_M + 1):
+        nt = launchers.mma_tiles(m)
+        assert nt in (1, 2) and 8 * nt >= m and (nt == 1 or 8 * (nt // 2) < m)
 
 
 def _cuda_header() -> Path | None:

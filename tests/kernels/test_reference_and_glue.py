@@ -136,8 +136,8 @@ def test_policy():
     assert not q.choose_sparse(8, 0.04 * 5632, 5632) and q.choose_sparse(8, 0.04 * 5632, 5632, fused=True)
     assert not q.choose_sparse(8, 0.07 * 5632, 5632, fused=True)
     assert not q.choose_sparse(16384, 0.04 * 5632, 5632, fused=True)
-    assert q.takes_fused_decode(8, 2048, density_known=True)
-    assert not q.takes_fused_decode(9, 2048, density_known=True)  # launchers.FUSED_MAX_M
+    assert q.takes_fused_decode(16, 2048, density_known=True)
+    assert not q.takes_fused_decode(17, 2048, density_known=True)  # launchers.FUSED_MAX_M
     assert not q.takes_fused_decode(1, 2048 + 32, density_known=True)  # D not a multiple of 64
     assert not q.takes_fused_decode(1, 2048, density_known=False)
     assert not q.takes_fused_decode(1, 2048, density_known=True, via_twell=True)
