@@ -1,6 +1,6 @@
 """torch.library ops (namespace "sparsify") over the CUDA launchers, with fake impls for torch.compile.
 
-- sparsify::twell_pack(act, tile, slots) -> words        relu + TwELL pack (docs/TWELL_SPEC_DRAFT.md)
+- sparsify::twell_pack(act, tile, slots) -> words        relu + TwELL pack (docs/FORMAT.md)
 - sparsify::twell_ffn(x, words, up, down_t, act, tile) -> out
       gated (up given): out = (a ⊙ (x·Uᵀ))·DownT; plain (up None): out = a·DownT, a = the words' activation;
       overflowed tiles are read from relu(act) exactly. M <= 64 runs the decode kernel.

@@ -1,7 +1,7 @@
 """Pure-torch references for every kernel in kernels_cu/ (the semantics the CUDA code must match).
 
 Independent of sparsify_cli.formats on purpose (dependencies run formats -> kernels); tests check that both
-agree bit for bit. Layout: docs/TWELL_SPEC_DRAFT.md (TwELL v1).
+agree bit for bit. Layout: docs/FORMAT.md (TwELL v1).
 """
 
 from __future__ import annotations
