@@ -171,6 +171,19 @@ def prefill_row(m: int, nnz: float, reps: int, err_rows: int = 4096) -> dict:
     return row
 
 
+def fused_gate_variants(m: int) -> list[tuple[str, int | None, int]]:
+    """The fused path's gate-kernel variants that decode_row times for m tokens, as (impl, rows per warp, blocks
+    per SM): tensor cores (mma), and CUDA cores (gemv) where that kernel has instances (no-spill ones only)."""
+    from sparsify_cli.kernels.launchers import FUSED_GEMV_MAX_M
+
+    combos: list[tuple[str, int | None, int]] = [("mma", None, 3)]
+    if m <= FUSED_GEMV_MAX_M:
+        combos.append(("gemv", 2, 3))
+    if m == 1:
+        combos += [("gemv", 4, 3), ("gemv", 2, 4)]
+    return combos
+
+
 def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> dict:
     """Dense vs sparse decode of m tokens over `layers` layers under CUDA graphs, with the fused path's kernel
     variants."""
@@ -223,12 +236,8 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
         row["sparse_unfused_ms"] = cuda_time(graph_replay(unfused_all), reps) / layers
         row["fused_gate_up_ms"] = cuda_time(
             graph_replay(lambda: [launchers.launch_decode_gate_up(x, s.gate, s.up) for s in sets]), reps) / layers
-        # tuning: the gate-up kernel on tensor cores (mma) or CUDA cores (gemv: rows per warp x blocks per SM;
-        # no-spill instances only)
-        combos = [("mma", None, 3), ("gemv", 2, 3)] + (
-            [("gemv", 4, 3), ("gemv", 2, 4)] if m == 1 else [])
         variants = {}
-        for impl, rows, mb in combos:
+        for impl, rows, mb in fused_gate_variants(m):
             out_v = torch.empty_like(x)
             defines = (f"FUSED_GATE_MIN_BLOCKS={mb}",)
             variants[f"{impl}" + (f"_rows{rows}_minblocks{mb}" if rows else "")] = cuda_time(graph_replay(lambda: [

@@ -7,8 +7,9 @@
 
 The dense activation GEMM runs through cuBLAS (torch), or through the gemv kernel for 1-2 tokens; then either the
 sparse path (sparse up/down kernels) or the dense path (two more cuBLAS GEMMs) finishes the block, chosen per call
-by ``choose_sparse`` from the density (see BENCHMARKS.md for the rule's numbers). Decode of at most 8 tokens with
-a known density runs the fused decode kernels instead, gate projection included.
+by ``choose_sparse`` from the density (see BENCHMARKS.md for the rule's numbers). Decode of at most FUSED_MAX_M
+tokens with a known density runs the fused decode kernels instead, gate projection included
+(docs/INFERENCE_KERNELS.md).
 """
 
 from __future__ import annotations

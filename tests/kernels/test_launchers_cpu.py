@@ -117,3 +117,17 @@ def test_pdl_launch_argument_types():
     assert isinstance(loader._c_arg(np.int64(7)), ctypes.c_int64)
     with pytest.raises(TypeError, match="not supported by the PDL launch"):
         loader._c_arg(1.5)
+
+
+def test_bench_times_only_gate_kernel_variants_that_exist():
+    """decode_row's tuning variants for every M the fused path takes: the CUDA-core gate kernel only where it has
+    an instance (M <= FUSED_GEMV_MAX_M, one lane per (token, row) pair), the tensor-core one always."""
+    from sparsify_cli.bench.ffn import fused_gate_variants
+
+    for m in range(1, launchers.FUSED_MAX_M + 1):
+        combos = fused_gate_variants(m)
+        assert ("mma", None, 3) in combos
+        for impl, rows, _ in combos:
+            if impl == "gemv":
+                assert m <= launchers.FUSED_GEMV_MAX_M and m * rows <= 32
+    assert all(impl == "mma" for impl, _, _ in fused_gate_variants(launchers.FUSED_MAX_M))
