@@ -23,6 +23,9 @@
 #define FUSED_GATE_MIN_BLOCKS 3
 #endif
 #define FUSED_GATE_WARPS 4  // warps per block of decode_gate_up_kernel; must match kernels/launchers.py
+#define FUSED_SEG 256  // columns per listing segment (one warp step: 32 lanes x 8)
+#define DECODE_UP_WARPS 8  // warps (= segments) per block of decode_up_act_kernel; must match kernels/launchers.py
+#define DECODE_UP_CAP 256  // active pairs per block and batch of up dots in decode_up_act_kernel
 
 // h *= x_tok · U_j for the lanes whose pair is active (pair(p) = {token, row j} of lane p), two dots at a time
 // (usually none or one per warp at decode sparsity). Every lane of the warp calls it; returns this lane's h.
@@ -235,6 +238,88 @@ __global__ void __launch_bounds__(32 * FUSED_GATE_WARPS) decode_gate_up_mma_kern
     }
 }
 
+// The first half of the decode path when the gate projection ran elsewhere (cuBLAS, 17..64 tokens; or no known
+// density): h from the dense activation act (M, H) instead of from the gate weight. One warp per (token, 256-column
+// segment): each lane loads its 8 values of act, relu; the block's active pairs (all of one token) are listed in
+// shared memory and their up dots spread over the block's warps, two at a time, so a token with several active
+// neurons in one segment (hot-first order puts them together) pays one dependent row read, not several; h into
+// hbuf (dense, 0 where inactive), then decode_down_kernel finishes. The per-entry arithmetic is twell_decode.cu's
+// (h = a * (x . U_j) by warp_dot2, the same down sums), so the output is the same bits (GPU test).
+template <bool GATED>
+__global__ void __launch_bounds__(32 * DECODE_UP_WARPS) decode_up_act_kernel(
+    const unsigned short* __restrict__ x,    // (M, D)
+    const unsigned short* __restrict__ act,  // (M, H): x . w_actᵀ
+    const unsigned short* __restrict__ up,   // (H, D), gated only
+    float* __restrict__ hbuf,                // (M, Hs): h, 0 where inactive
+    int D, int H, int Hs, int vec_ok) {
+    __shared__ int plist[DECODE_UP_CAP];
+    __shared__ float pdot[DECODE_UP_CAP];
+    __shared__ int wcount[DECODE_UP_WARPS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const long long m = blockIdx.x;
+    const int c0 = (blockIdx.y * DECODE_UP_WARPS + warp) * FUSED_SEG + lane * 8;
+    pdl_launch_dependents();  // the down kernel may launch now (it waits for this grid before reading hbuf)
+    pdl_wait();               // act may be the output of the kernel launched before this one
+    unsigned short v[8];
+    load8(act + m * H, c0, H, vec_ok != 0, v);  // zeros at and past H
+    float h[8];
+    int n = 0;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        const bool a = relu_active(v[e]);
+        h[e] = a ? bf16_to_f(v[e]) : 0.f;
+        n += a ? 1 : 0;
+    }
+    if (GATED) {
+        const int incl = warp_incl_scan(n, lane);
+        if (lane == 31) wcount[warp] = incl;
+        __syncthreads();
+        int first = incl - n, total = 0;  // this lane's first rank in the block's list; the block's list length
+#pragma unroll
+        for (int w = 0; w < DECODE_UP_WARPS; ++w) {
+            first += w < warp ? wcount[w] : 0;
+            total += wcount[w];
+        }
+        const uint4* xg = reinterpret_cast<const uint4*>(x + m * D);
+        const int nvec = D >> 3;
+        for (int base = 0; base < total; base += DECODE_UP_CAP) {  // the same trip count for the whole block
+            const int nb = min(total - base, DECODE_UP_CAP);
+            int r = first;
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                if (relu_active(v[e])) {
+                    if (r >= base && r < base + nb) plist[r - base] = c0 + e;
+                    ++r;
+                }
+            __syncthreads();
+            for (int q = 2 * warp; q < nb; q += 2 * DECODE_UP_WARPS) {
+                float d0, d1;
+                warp_dot2(xg, reinterpret_cast<const uint4*>(up + (long long)plist[q] * D),
+                          q + 1 < nb ? reinterpret_cast<const uint4*>(up + (long long)plist[q + 1] * D) : nullptr,
+                          nvec, lane, d0, d1);
+                if (lane == 0) {
+                    pdot[q] = d0;
+                    if (q + 1 < nb) pdot[q + 1] = d1;
+                }
+            }
+            __syncthreads();
+            r = first;
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                if (relu_active(v[e])) {
+                    if (r >= base && r < base + nb) h[e] *= pdot[r - base];
+                    ++r;
+                }
+            __syncthreads();  // before the next batch overwrites plist
+        }
+    }
+    if (c0 < H) {  // Hs is a multiple of 8 >= H: the whole vector lies in the row
+        float4* dst = reinterpret_cast<float4*>(hbuf + m * Hs + c0);
+        dst[0] = make_float4(h[0], h[1], h[2], h[3]);
+        dst[1] = make_float4(h[4], h[5], h[6], h[7]);
+    }
+}
+
 // v := this lane's 8 values of the fp32 row at columns c0 .. c0 + 8, 0 at and past c_end (c0 a multiple of 8, the
 // row 16-byte aligned).
 __device__ __forceinline__ void load_row8(const float* __restrict__ row, int c0, int c_end, float (&v)[8]) {
@@ -278,7 +363,6 @@ __device__ __forceinline__ int warp_for_each_nonzero(const float* __restrict__ r
     return r;
 }
 
-#define FUSED_SEG 256  // columns per listing segment (one warp step: 32 lanes x 8)
 #define DOWN_SEG_REGS 4  // segments per warp the one-pass listing holds in registers: H <= 16 warps x 4 x 256
 
 // The list of (column, h) of one token's non-zero h, in ascending order, in batches of DECODE_CAP, each summed
@@ -403,3 +487,7 @@ SPARSIFY_FUSED_INST(8, 2)
                                                                   const unsigned short*, float*, int, int, int, int);
 SPARSIFY_MMA_INST(1)
 SPARSIFY_MMA_INST(2)
+template __global__ void decode_up_act_kernel<true>(const unsigned short*, const unsigned short*,
+                                                  const unsigned short*, float*, int, int, int, int);
+template __global__ void decode_up_act_kernel<false>(const unsigned short*, const unsigned short*,
+                                                   const unsigned short*, float*, int, int, int, int);

@@ -6,13 +6,12 @@
 //   2. down: each thread owns 16-byte column vectors of out_m and sums h_e * DownT_j over all entries, with all
 //            row loads independent so that many are in flight.
 // Only the active rows of U and DownT are read. Overflowed tiles (true count > K) are taken exactly from the
-// dense activation `act` (relu applied). FROM_ACT = true skips TwELL altogether: the entries come straight from
-// the dense activation row (for decode the row is only H * 2 bytes, so this saves the pack launch and two
-// dependent memory round trips; `words` is then unused). Lists longer than CAP are processed in batches; partial sums live in
-// an fp32 shared-memory row of the chunk.
+// dense activation `act` (relu applied). Lists longer than CAP are processed in batches; partial sums live in an
+// fp32 shared-memory row of the chunk. (Decode straight from the dense activation, without TwELL, runs
+// decode_fused.cu's decode_up_act_kernel + decode_down_kernel: the same products in the same order.)
 #include "decode_down.cuh"
 
-template <bool GATED, bool FROM_ACT>
+template <bool GATED>
 __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
     const unsigned short* __restrict__ x,       // (M, D)
     const int* __restrict__ words,              // (M, NT, S)
@@ -39,15 +38,7 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
     const int* wrow = words + m * (long long)NT * S;
     const unsigned short* arow = act + m * (long long)H;
 
-    if (FROM_ACT) {  // no TwELL words: count each tile's non-zeros straight from the dense activation
-        for (int t = warp; t < NT; t += nwarps) {
-            const int r = warp_for_each_active(arow, t * T, min(H, (t + 1) * T), vec_ok != 0, lane,
-                                               [](int, int, unsigned short) {});
-            if (lane == 0) offs[t] = r;
-        }
-    } else {
-        for (int t = tid; t < NT; t += DECODE_THREADS) offs[t] = __ldg(wrow + (long long)t * S);
-    }
+    for (int t = tid; t < NT; t += DECODE_THREADS) offs[t] = __ldg(wrow + (long long)t * S);
     for (int i = tid; i < ch.CVr * 8; i += DECODE_THREADS) accrow[i] = 0.f;
     __syncthreads();
     if (warp == 0) warp_exclusive_scan(offs, NT, lane);  // of the true counts
@@ -62,7 +53,7 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
             const int o = offs[t], n = offs[t + 1] - o;
             if (o >= lim || o + n <= base) continue;
             const int* tw = wrow + (long long)t * S;
-            if (!FROM_ACT && n <= K) {
+            if (n <= K) {
                 for (int i = lane; i < n; i += 32) {
                     const int e = o + i;
                     if (e >= base && e < lim) {
@@ -71,7 +62,7 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
                         eh[e - base] = bf16_to_f((unsigned short)(w & 0xffffu));
                     }
                 }
-            } else {  // overflowed tile, or FROM_ACT: exact, from the dense activation
+            } else {  // overflowed tile: exact, from the dense activation
                 warp_for_each_active(arow, t * T, min(H, (t + 1) * T), vec_ok != 0, lane,
                                      [&](int r, int col, unsigned short b) {
                                          const int e = o + r;
@@ -102,11 +93,9 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) twell_decode_kernel(
     decode_store_chunk(accrow, out + m * D, ch);
 }
 
-#define SPARSIFY_DECODE_INST(G, A)                                                                         \
-    template __global__ void twell_decode_kernel<G, A>(const unsigned short*, const int*, const unsigned short*, \
-                                                       const unsigned short*, const unsigned short*,           \
-                                                       unsigned short*, long long, int, int, int, int, int, int);
-SPARSIFY_DECODE_INST(true, false)
-SPARSIFY_DECODE_INST(false, false)
-SPARSIFY_DECODE_INST(true, true)
-SPARSIFY_DECODE_INST(false, true)
+template __global__ void twell_decode_kernel<true>(const unsigned short*, const int*, const unsigned short*,
+                                                  const unsigned short*, const unsigned short*, unsigned short*,
+                                                  long long, int, int, int, int, int, int);
+template __global__ void twell_decode_kernel<false>(const unsigned short*, const int*, const unsigned short*,
+                                                   const unsigned short*, const unsigned short*, unsigned short*,
+                                                   long long, int, int, int, int, int, int);

@@ -282,6 +282,16 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
     acts = [x @ s.gate.T for s in sets]
     row["decode_kernel_ms"] = cuda_time(
         graph_replay(lambda: [ops.relu_ffn(x, a, s.up, dt) for a, s, dt in zip(acts, sets, downs_t)]), reps) / layers
+    # the decode path from the gate projection's output (launch_relu_ffn: what ffn_forward runs above FUSED_MAX_M
+    # tokens or without a known density), gate projection included, with its kernels launched without
+    # programmatic dependent launch (the default on Hopper), and with it for the down kernel only
+    act_variants = {}
+    for name, opts in (("no_pdl", {"pdl": False, "pdl_up": False}), ("pdl_down_only", {"pdl_up": False})):
+        out_v = torch.empty_like(x)
+        act_variants[name] = cuda_time(graph_replay(lambda: [
+            launchers.launch_relu_ffn(x, gate(s, x), s.up, dt, out_v, path="decode", **opts)
+            for s, dt in zip(sets, downs_t)]), reps) / layers
+    row["decode_act_variants_ms"] = act_variants
     row["speedup"] = row["dense_ms"] / row["sparse_ms"]
     s0 = sets[0]
     ref32 = dense_block(x.float(), s0.gate.float(), s0.up.float(), s0.down.float())

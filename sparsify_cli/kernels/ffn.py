@@ -33,11 +33,12 @@ class SparsePolicy:
     for prefill (M > decode_max_m) or ``decode_max_density`` for decode. Defaults: the largest densities at
     which the sparse path (no hybrid) took <= 0.97x dense time in the calibration sweep of
     ``python -m sparsify_cli.bench.ffn`` (D=2048, H=5632, M=16384 resp. 64): 0.0071 (the next point, 0.0085,
-    ran at 1.01-1.04x) and 0.020 (0.030 in an earlier run, at 1.01-1.03x): bench_results/ffn_h100.json.
+    ran at 1.01-1.04x; bench_results/ffn_h100.json) and, for decode since its two-kernel path from the activation,
+    0.030 (1.12-1.13x in three runs; 4% ran at 1.00-1.02x: bench_results/session6/decode_sweep_*.json).
     """
 
     max_density: float = 0.0075
-    decode_max_density: float = 0.02
+    decode_max_density: float = 0.03
     decode_max_m: int = 64
     sample_rows: int = 256
     # Decode run eagerly (not captured in a CUDA graph, not compiled): the sparse path's host cost per call (a

@@ -174,16 +174,16 @@ def _allow_smem(fn, smem: int, what: str, d: int, h: int) -> None:
         fn.max_dynamic_shared_size_bytes = smem
 
 
-def _decode_launch(x, words, up, down_t, act, out, tile, from_act: bool, m, d, h, nt, s) -> None:
+def _decode_launch(x, words, up, down_t, act, out, tile, m, d, h, nt, s) -> None:
+    """The TwELL decode kernel (twell_decode.cu): one block per token and D-chunk."""
     from sparsify_cli.kernels import loader
 
-    g = "true" if up is not None else "false"
-    fn = loader.get_function("twell_decode.cu", f"twell_decode_kernel<{g}, {'true' if from_act else 'false'}>")
+    fn = loader.get_function("twell_decode.cu", f"twell_decode_kernel<{_b(up is not None)}>")
     chunks, cvr = decode_chunks(d, m)
     smem = decode_smem(nt, cvr)
     _allow_smem(fn, smem, "decode path", d, h)
-    ptrs = (x.data_ptr(), words.data_ptr() if words is not None else 0, up.data_ptr() if up is not None else 0,
-            down_t.data_ptr(), act.data_ptr(), out.data_ptr())
+    ptrs = (x.data_ptr(), words.data_ptr(), up.data_ptr() if up is not None else 0, down_t.data_ptr(),
+            act.data_ptr(), out.data_ptr())
     tail = (_i64(m), _i32(d), _i32(h), _i32(nt), _i32(s), _i32(tile), _i32(_vec_ok(act)))
     loader.launch(fn, (m, chunks), (DECODE_THREADS,), ptrs + tail, shared_mem=smem)
 
@@ -212,12 +212,14 @@ def _prefill_launch(x, words, up, down_t, act, out, tile, from_act: bool, define
 
 def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 256,
                     defines: tuple[str, ...] | None = None, c_start: int = 0,
-                    init: torch.Tensor | None = None) -> None:
+                    init: torch.Tensor | None = None, pdl: bool | None = None, pdl_up: bool | None = None) -> None:
     """The sparse FFN without materializing TwELL: each token's entries come straight from the dense activation
     ``act`` (relu applied; packing fused into the FFN kernel). Reads only the active rows of U and DownT.
-    path: auto (decode kernel for M <= DECODE_MAX_M, else prefill) | prefill | decode.
+    path: auto (decode kernels for M <= DECODE_MAX_M, else prefill) | prefill | decode.
     Hybrid (prefill only): only columns >= ``c_start`` are used (a multiple of 8), and ``init`` (M, D) bf16 is
-    added to the result (the hot neurons' dense part)."""
+    added to the result (the hot neurons' dense part).
+    Decode runs two kernels (launch_decode_up_act, then launch_decode_down); ``pdl`` launches the second and
+    ``pdl_up`` the first with programmatic dependent launch (None: pdl_default). The results are the same bits."""
     if act.dim() != 2 or x.dim() != 2:
         raise ValueError("x and act must be 2-D: x (M, D), act (M, H)")
     m, d, h, nt, _ = check_ffn_args(x, None, up, down_t, act, out, tile)
@@ -233,8 +235,10 @@ def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 
         path = "prefill" if hybrid or m > DECODE_MAX_M else "decode"
     if path == "decode":
         if hybrid:
-            raise ValueError("the decode kernel has no hybrid (c_start/init) mode; use path='prefill'")
-        _decode_launch(x, None, up, down_t, act, out, tile, True, m, d, h, nt, 2)
+            raise ValueError("the decode kernels have no hybrid (c_start/init) mode; use path='prefill'")
+        default = pdl_default(x.device)
+        hbuf = launch_decode_up_act(x, act, up, pdl=default if pdl_up is None else pdl_up)
+        launch_decode_down(hbuf, down_t, out, h, pdl=default if pdl is None else pdl)
     elif path == "prefill":
         _prefill_launch(x, None, up, down_t, act, out, tile, True, defines, m, d, h, nt, 2, False, c_start, init)
     else:
@@ -246,15 +250,13 @@ def launch_twell_ffn(x, words, up, down_t, act, out, tile: int, *, path: str = "
     """out = sparse FFN up/down from TwELL words (gated when ``up`` is given). path: auto | prefill | decode.
     Tuning variants of the prefill kernel: ``defines`` (e.g. ``("FFN_MIN_BLOCKS=3",)``; None = the default),
     ``split`` (phase A in its own kernel; None = FFN_DEFAULT_SPLIT)."""
-    from sparsify_cli.kernels import loader
-
     m, d, h, nt, s = check_ffn_args(x, words, up, down_t, act, out, tile)
     if m == 0:
         return
     if path == "auto":
         path = "decode" if m <= DECODE_MAX_M else "prefill"
     if path == "decode":
-        _decode_launch(x, words, up, down_t, act, out, tile, False, m, d, h, nt, s)
+        _decode_launch(x, words, up, down_t, act, out, tile, m, d, h, nt, s)
     elif path == "prefill":
         _prefill_launch(x, words, up, down_t, act, out, tile, False, defines, m, d, h, nt, s,
                         FFN_DEFAULT_SPLIT if split is None else split)
@@ -394,6 +396,30 @@ def launch_decode_gate_up(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor
     loader.launch(fn, ((h + per_block - 1) // per_block,), (32 * FUSED_GATE_WARPS,),
                   (x.data_ptr(), w_act.data_ptr(), up.data_ptr() if up is not None else 0, hbuf.data_ptr(),
                    _i32(d), _i32(h), _i32(hs)))
+    return hbuf
+
+
+DECODE_UP_WARPS = 8  # must match kernels_cu/decode_fused.cu (one 256-column segment per warp)
+
+
+def launch_decode_up_act(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, *,
+                         pdl: bool = False) -> torch.Tensor:
+    """The decode path's first kernel when the gate projection ran elsewhere (launch_relu_ffn checks the
+    arguments): h (M, Hs) fp32, h = relu(a)·(x·U_j) (gated) or relu(a), 0 where inactive, Hs = H rounded up to 8;
+    launch_decode_down finishes. pdl: launched with programmatic dependent launch (it waits for the kernel before
+    it before reading act; after cuBLAS that only hides the launch: -0.2 to -0.4 us, BENCHMARKS.md)."""
+    from sparsify_cli.kernels import loader
+
+    m, d = x.shape
+    h = act.shape[1]
+    hs = -(-h // 8) * 8
+    hbuf = torch.empty(m, hs, dtype=torch.float32, device=x.device)  # every column < H is written
+    fn = loader.get_function("decode_fused.cu", f"decode_up_act_kernel<{_b(up is not None)}>",
+                             FUSED_DEFAULT_DEFINES)
+    segs = -(-h // FUSED_SEG)
+    loader.launch(fn, (m, -(-segs // DECODE_UP_WARPS)), (32 * DECODE_UP_WARPS,),
+                  (x.data_ptr(), act.data_ptr(), up.data_ptr() if up is not None else 0, hbuf.data_ptr(), _i32(d),
+                   _i32(h), _i32(hs), _i32(_vec_ok(act))), pdl=pdl)
     return hbuf
 
 

@@ -25,13 +25,14 @@ def main() -> None:
               f"variants {json.dumps({k: round(v * 1e3, 1) for k, v in r.get('fused_variants_ms', {}).items()})}, "
               f"err {r['rel_err_sparse']:.2e} vs bf16 {r['rel_err_torch_bf16']:.2e}; chained: dense "
               f"{r['dense_chain_ms'] * 1e3:.1f} us, sparse {r['sparse_chain_ms'] * 1e3:.1f} us "
-              f"({r['speedup_chain']:.2f}x), without PDL {r.get('sparse_chain_no_pdl_ms', float('nan')) * 1e3:.1f} us",
+              f"({r['speedup_chain']:.2f}x), without PDL {r.get('sparse_chain_no_pdl_ms', float('nan')) * 1e3:.1f} us, "
+              f"decode from act {json.dumps({k: round(v * 1e3, 1) for k, v in r['decode_act_variants_ms'].items()})}",
               flush=True)
     sweep = []
     for nnz in (28, 56, 113, 169, 225):
         r = ffn.decode_row(64, 20, nnz=nnz)
-        sweep.append({k: r[k] for k in ("M", "nnz_mean", "dense_ms", "sparse_ms", "speedup", "sparse_unfused_ms")
-                      if k in r})
+        sweep.append({k: r[k] for k in ("M", "nnz_mean", "dense_ms", "sparse_ms", "speedup", "sparse_unfused_ms",
+                                        "decode_act_variants_ms") if k in r})
         print(f"M=64 nnz {r['nnz_mean']:.1f}: dense/sparse {r['speedup']:.2f}x", flush=True)
     with open(out, "w") as f:
         json.dump({"rows": rows, "decode_density_sweep": sweep}, f, indent=1)

@@ -108,7 +108,7 @@ def test_ffn_matches_reference(m, d, h, density, gated, path):
 @pytest.mark.parametrize("gated", [True, False])
 def test_ffn_overflow_exact(path, gated):
     """Tiles with more entries than slots (K=3 at slots=4) are computed from the dense activation, exactly."""
-    m, d, h = (50, 512, 1100) if path == "decode" else (333, 512, 1100)
+    m, d, h = (50, 512, 1100) if path.startswith("decode") else (333, 512, 1100)
     if path in ("prefill_mb3", "prefill_split"):
         m, d, h = 257, 2560, 3000  # chunked D, tiles of up to 256 entries in the list
     out, ref32, t16, words = _ffn_case(m, d, h, 0.05, gated, path, slots=4, seed=11)
@@ -322,6 +322,53 @@ def test_fused_decode_bitwise_equals_gemv_and_decode_kernel(m, gated):
     assert torch.equal(fused, unfused)
 
 
+@pytest.mark.parametrize("m", [1, 5, 17, 33, 64])
+@pytest.mark.parametrize("d,h", [(2048, 5632), (256, 1000), (64, 33)])
+@pytest.mark.parametrize("density", [0.3, 0.02, 0.005])
+@pytest.mark.parametrize("gated", [True, False])
+def test_decode_from_act_bitwise_equals_twell_decode(m, d, h, density, gated):
+    """The decode path from a dense activation (h of the active pairs, then the down rows) sums the same products
+    in the same order as the TwELL decode kernel: equal bit for bit, with and without programmatic dependent
+    launch. Density 0.3 overflows TwELL tiles (read back from act exactly) and gives a block more active pairs
+    than one batch of up dots holds (DECODE_UP_CAP)."""
+    inp = make_ffn_inputs(m, d, h, max(density * h, 0.5), device=DEV, seed=m * 13 + d + h)
+    down_t = inp.down.T.contiguous()
+    up = inp.up if gated else None
+    act = inp.x @ inp.gate.T
+    want = _poison(torch.empty_like(inp.x))
+    launchers.launch_twell_ffn(inp.x, ops.twell_pack(act, 256, 32), up, down_t, act, want, 256, path="decode")
+    pdl_options = [(False, False)]
+    if launchers.pdl_default(torch.device(DEV)):
+        pdl_options += [(True, False), (True, True)]
+    outs = []
+    for pdl, pdl_up in pdl_options:
+        outs.append(_poison(torch.empty_like(inp.x)))
+        launchers.launch_relu_ffn(inp.x, act, up, down_t, outs[-1], path="decode", pdl=pdl, pdl_up=pdl_up)
+    torch.cuda.synchronize()
+    assert not torch.isnan(want).any()
+    for out in outs:
+        assert torch.equal(out, want)
+
+
+def test_decode_from_act_hot_segment_and_nan():
+    """All of a token's active neurons in one 256-column segment (hot-first order does that): the block's warps
+    share the up dots; NaN in the activation counts as active and propagates to its token only."""
+    m, d, h = 40, 512, 2048
+    inp = make_ffn_inputs(m, d, h, 5, device=DEV, seed=4)
+    down_t = inp.down.T.contiguous()
+    act = -(inp.x @ inp.gate.T).abs() - 0.01
+    act[:, 256:300] = act[:, 256:300].abs()  # 44 active neurons per token, all in segment 1
+    act[7, 1000] = float("nan")
+    out = _poison(torch.empty_like(inp.x))
+    launchers.launch_relu_ffn(inp.x, act, inp.up, down_t, out, path="decode")
+    torch.cuda.synchronize()
+    keep = torch.arange(m, device=DEV) != 7
+    assert torch.isnan(out[7]).all() and not torch.isnan(out[keep]).any()
+    a16 = torch.relu(act[:, 256:300])
+    want = (a16.float() * (inp.x.float() @ inp.up[256:300].float().T)) @ down_t[256:300].float()
+    assert _rel(out[keep], want[keep]) < 1e-2
+
+
 def _needs_pdl():
     if not launchers.pdl_default(torch.device(DEV)):
         pytest.skip("programmatic dependent launch needs sm_90 or newer")
@@ -375,6 +422,37 @@ def test_fused_decode_pdl_waits_for_its_inputs(m):
     with torch.cuda.stream(side):
         chain(True)
     torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = chain(True)
+    for _ in range(3):
+        got.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("m", [17, 64])
+def test_decode_from_act_pdl_waits_after_cublas(m):
+    """Both kernels of the decode path from the activation launched with PDL after the cuBLAS gate GEMM, in a chain of layers
+    (each x the previous out), eager and as poisoned CUDA-graph replays: equal bit for bit to plain launches."""
+    _needs_pdl()
+    d, h, layers = 1024, 2816, 6
+    sets = [make_ffn_inputs(m, d, h, 14, device=DEV, seed=300 + i) for i in range(layers)]
+    downs_t = [s.down.T.contiguous() for s in sets]
+
+    def chain(pdl):
+        x = sets[0].x
+        for i, (s, dt) in enumerate(zip(sets, downs_t)):
+            out = torch.empty_like(x)
+            launchers.launch_relu_ffn(x, x @ s.gate.T, s.up, dt, out, path="decode", pdl=pdl, pdl_up=pdl)
+            x = out * (m * d) ** 0.5 / (out.float().norm() + 1e-6)
+        return x
+
+    want = chain(False)
+    torch.cuda.synchronize()
+    assert torch.isfinite(want).all()
+    assert torch.equal(chain(True), want)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         got = chain(True)
