@@ -238,6 +238,206 @@ __global__ void __launch_bounds__(32 * FUSED_GATE_WARPS) decode_gate_up_mma_kern
     }
 }
 
+// Tensor-core gate pass for 17..64 tokens on Hopper: thread-block clusters split D. The 8-token-tile kernel above
+// re-reads all of x for every 16 gate rows, which at 32+ tokens is several times the gate weight's own bytes
+// (BENCHMARKS.md). Here a block takes 128 gate rows (8 warps x 16) and one quarter of D (a K-slice): it stages
+// x's slice (all tokens) in shared memory once, and each warp runs mma.m16n8k16 over its 16 rows and all token
+// tiles, its gate rows streamed from global memory with CL_UNROLL chunks of 32 columns in flight. The 4 blocks of
+// a cluster hold the 4 K-slices of the same rows: each writes its partial tile to its shared memory, and after a
+// cluster barrier each block sums a quarter of the rows over the 4 partial tiles (distributed shared memory, fixed
+// slice order, so the result is deterministic), rounds a to bf16, and computes the active pairs' up dots (listed in
+// shared memory, spread over its warps, two at a time); h into hbuf as in the other gate kernels.
+#define CL_WARPS 8
+#define CL_ROWS (16 * CL_WARPS)  // gate rows per block (and per cluster)
+#define CL_SPLIT 4               // blocks per cluster = K-slices of D; must match kernels/launchers.py
+#define CL_RS (CL_ROWS + 4)      // floats per token row of the partial tile (+4: conflict-free stores)
+#ifndef CL_UNROLL
+#define CL_UNROLL 8              // 32-column chunks of gate rows in flight per warp: 2 x CL_UNROLL 16-byte loads
+#endif
+
+__device__ __forceinline__ unsigned int smem_addr(const void* p) {
+    unsigned int a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+__device__ __forceinline__ float ld_cluster_f32(unsigned int local_addr, int rank) {
+    unsigned int remote;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local_addr), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
+template <bool GATED, int NT>
+__global__ void __launch_bounds__(32 * CL_WARPS, 2) decode_gate_up_cluster_kernel(
+    const unsigned short* __restrict__ x,      // (M, D)
+    const unsigned short* __restrict__ w_act,  // (H, D)
+    const unsigned short* __restrict__ up,     // (H, D), gated only
+    float* __restrict__ hbuf,                  // (M, Hs): h, 0 where inactive
+    int M, int D, int H, int Hs, int KS) {     // KS: columns per K-slice, a multiple of 64
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    constexpr int TOK = MMA_TOKENS * NT;
+    // dynamic: x's slice (TOK rows of KS columns, 2 KS + 64 bytes apart: the 8 lanes of a 16-byte access phase hit
+    // distinct banks); after the mma the same space holds this block's partial tile part[tok * CL_RS + row]
+    extern __shared__ __align__(16) unsigned char cl_smem[];
+    __shared__ int plist[32 * TOK];
+    __shared__ float pdot[32 * TOK];
+    __shared__ int wcount[CL_WARPS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int j0 = blockIdx.x * CL_ROWS, s = blockIdx.y;  // s: the K-slice, = the block's rank in its cluster
+    const int k_beg = s * KS, k_end = min(D, k_beg + KS);
+    const int nch = max(0, (k_end - k_beg) >> 5);
+    const int xstride = 2 * KS + 64;
+    pdl_launch_dependents();  // as in decode_gate_up_kernel
+
+    const int jr = j0 + 16 * warp + g;
+    const uint4* w_lo = reinterpret_cast<const uint4*>(w_act + (long long)min(jr, H - 1) * D + k_beg);
+    const uint4* w_hi = reinterpret_cast<const uint4*>(w_act + (long long)min(jr + 8, H - 1) * D + k_beg);
+    uint4 wl[CL_UNROLL], wh[CL_UNROLL];
+#pragma unroll
+    for (int u = 0; u < CL_UNROLL; ++u) {  // the first chunks' loads are in flight while x is staged
+        const bool ok = u < nch;
+        wl[u] = ok ? __ldg(w_lo + 4 * u + t) : make_uint4(0u, 0u, 0u, 0u);
+        wh[u] = ok ? __ldg(w_hi + 4 * u + t) : make_uint4(0u, 0u, 0u, 0u);
+    }
+    // x's slice by cp.async: all of a thread's copies in flight at once (a load-then-store loop waits for each
+    // load in turn); zero-filled past M and past the slice's end
+    const int vrow = KS >> 3;
+    const unsigned int xs_addr = smem_addr(cl_smem);
+    for (int i = threadIdx.x; i < TOK * vrow; i += 32 * CL_WARPS) {
+        const int tok = i / vrow, v = i - tok * vrow, col = k_beg + 8 * v;
+        const bool ok = tok < M && col < k_end;
+        const unsigned short* src = ok ? x + (long long)tok * D + col : x;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(xs_addr + tok * xstride + 16 * v),
+                     "l"(src), "r"(ok ? 16 : 0)
+                     : "memory");
+    }
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+    __syncthreads();
+    float c[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+    for (int c0 = 0; c0 < nch; c0 += CL_UNROLL) {
+#pragma unroll
+        for (int u = 0; u < CL_UNROLL; ++u) {
+            if (c0 + u < nch) {
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    const uint4 xv = *reinterpret_cast<const uint4*>(
+                        cl_smem + (MMA_TOKENS * nt + g) * xstride + ((c0 + u) * 32 + 8 * t) * 2);
+                    mma_bf16_16816(c[nt], wl[u].x, wh[u].x, wl[u].y, wh[u].y, xv.x, xv.y);
+                    mma_bf16_16816(c[nt], wl[u].z, wh[u].z, wl[u].w, wh[u].w, xv.z, xv.w);
+                }
+            }
+        }
+        if (c0 + CL_UNROLL < nch) {
+#pragma unroll
+            for (int u = 0; u < CL_UNROLL; ++u) {
+                const int ch = c0 + CL_UNROLL + u;
+                const bool ok = ch < nch;
+                wl[u] = ok ? __ldg(w_lo + 4 * ch + t) : make_uint4(0u, 0u, 0u, 0u);
+                wh[u] = ok ? __ldg(w_hi + 4 * ch + t) : make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+    }
+    __syncthreads();  // x's slice is dead; its space takes the partial tile
+    float* part = reinterpret_cast<float*>(cl_smem);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {  // c[nt][0], [1]: row g, tokens 8 nt + 2t, + 1; c[nt][2], [3]: row g + 8
+        const int tok = MMA_TOKENS * nt + 2 * t, r = 16 * warp + g;
+        part[tok * CL_RS + r] = c[nt][0];
+        part[(tok + 1) * CL_RS + r] = c[nt][1];
+        part[tok * CL_RS + r + 8] = c[nt][2];
+        part[(tok + 1) * CL_RS + r + 8] = c[nt][3];
+    }
+    cluster_arrive();
+    cluster_wait();  // every block's partial tile is written
+    // this block's quarter of the rows: pair k of a thread = token warp + 8 k, row 32 s + lane
+    const unsigned int part_addr = smem_addr(part);
+    float h[NT];
+    bool valid[NT], active[NT];
+#pragma unroll
+    for (int k = 0; k < NT; ++k) {
+        const int tok = warp + CL_WARPS * k, row = 32 * s + lane;
+        const unsigned int off = part_addr + 4u * (unsigned int)(tok * CL_RS + row);
+        float v[CL_SPLIT];
+#pragma unroll
+        for (int r = 0; r < CL_SPLIT; ++r) v[r] = ld_cluster_f32(off, r);
+        float sum = v[0];
+#pragma unroll
+        for (int r = 1; r < CL_SPLIT; ++r) sum += v[r];
+        const unsigned short a = f_to_bf16(sum);
+        valid[k] = tok < M && j0 + row < H;
+        active[k] = valid[k] && relu_active(a);
+        h[k] = active[k] ? bf16_to_f(a) : 0.f;
+    }
+    cluster_arrive();  // done reading the other blocks' tiles (they wait for it before exiting)
+    if (GATED) {
+        unsigned int bal[NT];
+        int n_warp = 0;
+#pragma unroll
+        for (int k = 0; k < NT; ++k) {
+            bal[k] = __ballot_sync(SPARSIFY_FULL_MASK, active[k]);
+            n_warp += __popc(bal[k]);
+        }
+        if (lane == 0) wcount[warp] = n_warp;
+        __syncthreads();
+        int off = 0, total = 0;
+#pragma unroll
+        for (int w = 0; w < CL_WARPS; ++w) {
+            off += w < warp ? wcount[w] : 0;
+            total += wcount[w];
+        }
+        if (total) {  // the same for the whole block
+            const unsigned int below = (1u << lane) - 1u;
+#pragma unroll
+            for (int k = 0; k < NT; ++k) {
+                if (active[k]) plist[off + __popc(bal[k] & below)] = threadIdx.x + 32 * CL_WARPS * k;
+                off += __popc(bal[k]);
+            }
+            __syncthreads();
+            const uint4* xb = reinterpret_cast<const uint4*>(x);
+            const int nvec = D >> 3;
+            for (int q = 2 * warp; q < total; q += 2 * CL_WARPS) {  // pair e: token e >> 5, row 32 s + (e & 31)
+                const int e0 = plist[q], e1 = q + 1 < total ? plist[q + 1] : -1, e1c = max(e1, 0);
+                float d0, d1;
+                warp_dot2x(xb + (long long)(e0 >> 5) * nvec,
+                           reinterpret_cast<const uint4*>(up + (long long)(j0 + 32 * s + (e0 & 31)) * D),
+                           xb + (long long)(e1c >> 5) * nvec,
+                           e1 >= 0 ? reinterpret_cast<const uint4*>(up + (long long)(j0 + 32 * s + (e1c & 31)) * D)
+                                   : nullptr,
+                           nvec, lane, d0, d1);
+                if (lane == 0) {
+                    pdot[e0] = d0;
+                    if (e1 >= 0) pdot[e1] = d1;
+                }
+            }
+            __syncthreads();
+#pragma unroll
+            for (int k = 0; k < NT; ++k)
+                if (active[k]) h[k] *= pdot[threadIdx.x + 32 * CL_WARPS * k];
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < NT; ++k)
+        if (valid[k]) hbuf[(long long)(warp + CL_WARPS * k) * Hs + j0 + 32 * s + lane] = h[k];
+    cluster_wait();  // no block leaves while another may still read its partial tile
+#endif
+}
+
 // The first half of the decode path when the gate projection ran elsewhere (cuBLAS, 17..64 tokens; or no known
 // density): h from the dense activation act (M, H) instead of from the gate weight. One warp per (token, 256-column
 // segment): each lane loads its 8 values of act, relu; the block's active pairs (all of one token) are listed in
@@ -491,3 +691,13 @@ template __global__ void decode_up_act_kernel<true>(const unsigned short*, const
                                                   const unsigned short*, float*, int, int, int, int);
 template __global__ void decode_up_act_kernel<false>(const unsigned short*, const unsigned short*,
                                                    const unsigned short*, float*, int, int, int, int);
+#define SPARSIFY_CLUSTER_INST(NT)                                                                                 \
+    template __global__ void decode_gate_up_cluster_kernel<true, NT>(const unsigned short*, const unsigned short*, \
+                                                                     const unsigned short*, float*, int, int, int, \
+                                                                     int, int);                                   \
+    template __global__ void decode_gate_up_cluster_kernel<false, NT>(const unsigned short*,                      \
+                                                                      const unsigned short*, const unsigned short*, \
+                                                                      float*, int, int, int, int, int);
+SPARSIFY_CLUSTER_INST(2)
+SPARSIFY_CLUSTER_INST(4)
+SPARSIFY_CLUSTER_INST(8)
