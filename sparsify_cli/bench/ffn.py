@@ -250,18 +250,6 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
             reps) / layers
         row["fused_variants_ms"] = variants
 
-    if launchers.pdl_default(x.device) and m <= launchers.CLUSTER_MAX_M:
-        # the cluster gate kernel (D split over 4 blocks): the fused path above FUSED_MAX_M tokens on Hopper
-        cl = {}
-        for name, defines in (("cluster", None), ("cluster_unroll4", ("CL_UNROLL=4",))):
-            out_v = torch.empty_like(x)
-            cl[name] = cuda_time(graph_replay(lambda: [
-                launchers.launch_decode_ffn(x, s.gate, s.up, dt, out_v, impl="cluster", defines=defines)
-                for s, dt in zip(sets, downs_t)]), reps) / layers
-        cl["cluster_gate_up"] = cuda_time(graph_replay(
-            lambda: [launchers.launch_decode_gate_up(x, s.gate, s.up, impl="cluster") for s in sets]), reps) / layers
-        row["fused_cluster_ms"] = cl
-
     # chained layers: each layer's input comes out of a residual add on the previous layer's output, as in a
     # model, so no kernel can start on data it does not have yet (alpha=0 keeps x's values, hence the calibrated
     # density, in every layer)

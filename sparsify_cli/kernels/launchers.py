@@ -312,28 +312,6 @@ FUSED_SEG = 256  # must match kernels_cu/decode_fused.cu (listing segment of the
 FUSED_DEFAULT_DEFINES: tuple[str, ...] = ()
 FUSED_MMA_MIN_M = 2  # from this many tokens the gate-up kernel uses tensor cores (CUDA cores: M = 8 took 3x cuBLAS)
 FUSED_MMA_ROWS = 16  # gate rows per block of decode_gate_up_mma_kernel
-# The cluster gate kernel (decode_gate_up_cluster_kernel, sm_90+): up to 64 tokens in tiles of 8, 128 gate rows per
-# cluster of CLUSTER_SPLIT blocks, each one K-slice of D (KS columns, a multiple of 64) with x's slice staged in
-# shared memory. Must match kernels_cu/decode_fused.cu.
-CLUSTER_MAX_M = 64
-CLUSTER_ROWS = 128
-CLUSTER_SPLIT = 4
-CLUSTER_WARPS = 8
-CLUSTER_RS = CLUSTER_ROWS + 4
-CLUSTER_MAX_SMEM = 200 * 1024  # dynamic shared memory above which the kernel is not used (wide D)
-
-
-def cluster_tiles(m: int) -> int:
-    """8-token tiles of the cluster gate kernel for m tokens (its instances: 2, 4, 8)."""
-    return 2 if m <= 16 else 4 if m <= 32 else 8
-
-
-def cluster_layout(d: int, m: int) -> tuple[int, int]:
-    """(KS, dynamic shared memory bytes) of the cluster gate kernel: x's slice of TOK rows x KS columns (rows
-    2 KS + 64 bytes apart), reused for the partial tile (TOK x CLUSTER_RS fp32)."""
-    tok = 8 * cluster_tiles(m)
-    ks = -(-d // (CLUSTER_SPLIT * 64)) * 64
-    return ks, max(tok * (2 * ks + 64), tok * CLUSTER_RS * 4)
 
 
 def mma_tiles(m: int) -> int:
@@ -365,10 +343,7 @@ def launch_decode_ffn(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | N
     kernel's (launch_decode_gate_up). pdl: launch the down kernel with programmatic dependent launch (None:
     pdl_default), so its launch overlaps the gate kernel (-0.4 to -1.0 us per call on an H100, BENCHMARKS.md);
     the result is the same bits. The gate kernel launches ordinarily: launched early as well, it ran slower."""
-    max_m = FUSED_MAX_M
-    if impl in ("auto", "cluster") and x.device.type == "cuda" and pdl_default(x.device):
-        max_m = CLUSTER_MAX_M
-    m, d, h, dev = _check_few_tokens(x, w_act, "w_act", "the fused decode path", max_m, 64)
+    m, d, h, dev = _check_few_tokens(x, w_act, "w_act", "the fused decode path", FUSED_MAX_M, 64)
     if h > MAX_HIDDEN:
         raise ValueError(f"H={h} exceeds {MAX_HIDDEN}")
     _check(x, "x", torch.bfloat16, (m, d), dev)
@@ -389,37 +364,18 @@ def launch_decode_gate_up(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor
                           defines: tuple[str, ...] | None = None, impl: str = "auto") -> torch.Tensor:
     """The fused decode path's first kernel (arguments checked by launch_decode_ffn): h (M, Hs) fp32, h = relu(a)·u
     (gated) or relu(a), 0 where inactive; a = x·w_actᵀ rounded to bf16. impl: auto | gemv (CUDA cores) | mma
-    (tensor cores) | cluster (tensor cores, D split over a thread-block cluster; sm_90+); auto = mma from
-    FUSED_MMA_MIN_M tokens, cluster above FUSED_MAX_M."""
+    (tensor cores); auto = mma from FUSED_MMA_MIN_M tokens."""
     from sparsify_cli.kernels import loader
 
     m, d = x.shape
     h = w_act.shape[0]
     if impl == "auto":
-        impl = "cluster" if m > FUSED_MAX_M else "mma" if m >= FUSED_MMA_MIN_M else "gemv"
-    if impl not in ("gemv", "mma", "cluster"):
-        raise ValueError(f"impl must be auto, gemv, mma or cluster, got {impl!r}")
+        impl = "mma" if m >= FUSED_MMA_MIN_M else "gemv"
+    if impl not in ("gemv", "mma"):
+        raise ValueError(f"impl must be auto, gemv or mma, got {impl!r}")
     if impl == "gemv" and m > FUSED_GEMV_MAX_M:
         raise ValueError(f"the CUDA-core gate kernel handles 1..{FUSED_GEMV_MAX_M} tokens, got M={m}")
-    if impl == "mma" and m > FUSED_MAX_M:
-        raise ValueError(f"the tensor-core gate kernel handles 1..{FUSED_MAX_M} tokens, got M={m}")
     hs = -(-h // 8) * 8  # rows of h padded for 16-byte vector loads
-    if impl == "cluster":
-        if not pdl_default(x.device):
-            raise ValueError("the cluster gate kernel needs sm_90 or newer (thread-block clusters)")
-        ks, smem = cluster_layout(d, m)
-        if smem > CLUSTER_MAX_SMEM:
-            raise ValueError(f"the cluster gate kernel: D={d} at M={m} needs {smem} bytes of shared memory")
-        hbuf = torch.empty(m, hs, dtype=torch.float32, device=x.device)  # every column < H is written
-        fn = loader.get_function("decode_fused.cu",
-                                 f"decode_gate_up_cluster_kernel<{_b(up is not None)}, {cluster_tiles(m)}>",
-                                 FUSED_DEFAULT_DEFINES if defines is None else tuple(defines))
-        fn.max_dynamic_shared_size_bytes = smem  # with its static lists the block can pass 48 KB at any size
-        loader.launch(fn, (-(-h // CLUSTER_ROWS), CLUSTER_SPLIT), (32 * CLUSTER_WARPS,),
-                      (x.data_ptr(), w_act.data_ptr(), up.data_ptr() if up is not None else 0, hbuf.data_ptr(),
-                       _i32(m), _i32(d), _i32(h), _i32(hs), _i32(ks)), shared_mem=smem,
-                      cluster=(1, CLUSTER_SPLIT, 1))
-        return hbuf
     if impl == "mma":
         hbuf = torch.empty(m, hs, dtype=torch.float32, device=x.device)  # every column < H is written
         nt = mma_tiles(m)

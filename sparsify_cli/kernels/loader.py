@@ -144,25 +144,23 @@ def current_stream():
 
 
 def launch(fn, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int = 0,
-           pdl: bool = False, cluster: tuple[int, int, int] | None = None) -> None:
+           pdl: bool = False) -> None:
     """Launch on torch's current stream. ``args`` holds ints (pointers via data_ptr()) already typed by caller.
     pdl: with programmatic dependent launch (sm_90+; the kernel must call pdl_wait() of common.cuh before it
-    reads another kernel's output or writes anything); cluster: thread-block cluster dimensions (sm_90+; the grid
-    must be a multiple of them). Both go through the driver's cuLaunchKernelEx, which CuPy does not expose."""
-    if pdl or cluster is not None:
-        _launch_ex(fn, grid, block, args, shared_mem, pdl, cluster)
+    reads another kernel's output or writes anything), through the driver's cuLaunchKernelEx, which CuPy does
+    not expose."""
+    if pdl:
+        _launch_pdl(fn, grid, block, args, shared_mem)
     else:
         fn(grid, block, args, shared_mem=shared_mem, stream=current_stream())
 
 
 # cuLaunchKernelEx's structures (cuda.h): CUlaunchAttribute is {id, 4 bytes of padding, a 64-byte union}.
-_CLUSTER_DIMENSION = 4  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION: value {x, y, z} (unsigned int each)
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
 class _AttrValue(ctypes.Union):
-    _fields_ = [("pad", ctypes.c_char * 64), ("as_int", ctypes.c_int), ("dims", ctypes.c_uint * 3),
-                ("_align", ctypes.c_uint64)]
+    _fields_ = [("pad", ctypes.c_char * 64), ("as_int", ctypes.c_int), ("_align", ctypes.c_uint64)]
 
 
 class _LaunchAttr(ctypes.Structure):
@@ -196,26 +194,17 @@ def _c_arg(v):
     raise TypeError(f"kernel argument of type {type(v).__name__} is not supported by the PDL launch")
 
 
-def _launch_ex(fn, grid, block, args, shared_mem: int, pdl: bool, cluster) -> None:
+def _launch_pdl(fn, grid, block, args, shared_mem: int) -> None:
     import torch
 
-    attrs = (_LaunchAttr * 2)()
-    n = 0
-    if pdl:
-        attrs[n].id = _PROGRAMMATIC_STREAM_SERIALIZATION
-        attrs[n].value.as_int = 1
-        n += 1
-    if cluster is not None:
-        attrs[n].id = _CLUSTER_DIMENSION
-        attrs[n].value.dims[:] = tuple(cluster)
-        n += 1
+    attr = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value.as_int = 1
     grid = tuple(grid) + (1,) * (3 - len(grid))
     block = tuple(block) + (1,) * (3 - len(block))
     cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
-                        torch.cuda.current_stream().cuda_stream, ctypes.cast(attrs, ctypes.POINTER(_LaunchAttr)), n)
+                        torch.cuda.current_stream().cuda_stream, ctypes.pointer(attr), 1)
     vals = [_c_arg(a) for a in args]  # kept alive until the call returns (the driver copies them)
     params = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
     rc = _driver().cuLaunchKernelEx(ctypes.byref(cfg), fn.kernel.ptr, params, None)
     if rc != 0:
-        what = " and ".join(w for w, on in (("programmatic dependent launch", pdl), ("a cluster", cluster)) if on)
-        raise RuntimeError(f"cuLaunchKernelEx ({what}) failed with CUresult {rc}")
+        raise RuntimeError(f"cuLaunchKernelEx (programmatic dependent launch) failed with CUresult {rc}")

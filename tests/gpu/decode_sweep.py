@@ -26,8 +26,7 @@ def main() -> None:
               f"err {r['rel_err_sparse']:.2e} vs bf16 {r['rel_err_torch_bf16']:.2e}; chained: dense "
               f"{r['dense_chain_ms'] * 1e3:.1f} us, sparse {r['sparse_chain_ms'] * 1e3:.1f} us "
               f"({r['speedup_chain']:.2f}x), without PDL {r.get('sparse_chain_no_pdl_ms', float('nan')) * 1e3:.1f} us, "
-              f"decode from act {json.dumps({k: round(v * 1e3, 1) for k, v in r['decode_act_variants_ms'].items()})}, "
-              f"cluster {json.dumps({k: round(v * 1e3, 1) for k, v in r.get('fused_cluster_ms', {}).items()})}",
+              f"decode from act {json.dumps({k: round(v * 1e3, 1) for k, v in r['decode_act_variants_ms'].items()})}",
               flush=True)
     sweep = []
     for nnz in (28, 56, 113, 169, 225):

@@ -283,8 +283,7 @@ def _fused_reference(inp, down_t, gated):
 
 
 @pytest.mark.parametrize("m,impl", [(1, "auto"), (2, "auto"), (3, "auto"), (5, "auto"), (8, "auto"), (1, "mma"),
-                                    (2, "gemv"), (8, "gemv"), (9, "auto"), (12, "auto"), (16, "auto"), (17, "auto"),
-                                    (32, "auto"), (33, "auto"), (64, "auto"), (5, "cluster"), (16, "cluster")])
+                                    (2, "gemv"), (8, "gemv"), (9, "auto"), (12, "auto"), (16, "auto")])
 @pytest.mark.parametrize("d,h", FUSED_SHAPES)
 @pytest.mark.parametrize("density", [0.3, 0.02, 0.005, 0.001])
 @pytest.mark.parametrize("gated", [True, False])
@@ -292,15 +291,11 @@ def test_fused_decode_matches_reference(m, impl, d, h, density, gated):
     """The fused decode path (gate projection + relu + up dots, then the down rows; the gate projection on CUDA
     cores or tensor cores) against fp32 math on the same bf16 activation; density 0.3 at H 5632 lists > 1024
     entries per token (several batches)."""
-    if (impl == "cluster" or m > launchers.FUSED_MAX_M) and not launchers.pdl_default(torch.device(DEV)):
-        pytest.skip("the cluster gate kernel needs sm_90")
     inp = make_ffn_inputs(m, d, h, max(density * h, 0.5), device=DEV, seed=m * 31 + d + h)
     down_t = inp.down.T.contiguous()
     up = inp.up if gated else None
     out = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
     hbuf = launchers.launch_decode_ffn(inp.x, inp.gate, up, down_t, out, impl=impl)
-    again = launchers.launch_decode_ffn(inp.x, inp.gate, up, down_t, torch.empty_like(out), impl=impl)
-    assert torch.equal(again[:, :h], hbuf[:, :h]), "the gate kernel's h must be deterministic"
     torch.cuda.synchronize()
     h32, ref32, t16 = _fused_reference(inp, down_t, gated)
     assert not torch.isnan(out).any(), "unwritten (poisoned) output elements"
@@ -397,7 +392,7 @@ def test_fused_decode_pdl_same_bits_as_plain_launch(m, gated):
     assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
 
 
-@pytest.mark.parametrize("m", [1, 8, 40])
+@pytest.mark.parametrize("m", [1, 8])
 def test_fused_decode_pdl_waits_for_its_inputs(m):
     """Launched early, the down kernel still waits for the h it reads: a chain of layers (x of the first made by
     a long matmul just before; each later x the previous layer's out, so h buffers are reused by the allocator
@@ -477,11 +472,7 @@ def test_fused_decode_nan_and_shape_errors():
     assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
     with pytest.raises(ValueError, match="1..16 tokens"):
         launchers.launch_decode_ffn(inp.x.repeat(9, 1), inp.gate, inp.up, down_t,
-                                    torch.empty(18, 256, dtype=torch.bfloat16, device=DEV), impl="mma")
-    top = launchers.CLUSTER_MAX_M if launchers.pdl_default(torch.device(DEV)) else launchers.FUSED_MAX_M
-    with pytest.raises(ValueError, match=f"1..{top} tokens"):
-        launchers.launch_decode_ffn(inp.x.repeat(33, 1)[: top + 1].contiguous(), inp.gate, inp.up, down_t,
-                                    torch.empty(top + 1, 256, dtype=torch.bfloat16, device=DEV))
+                                    torch.empty(18, 256, dtype=torch.bfloat16, device=DEV))
     with pytest.raises(ValueError, match="CUDA-core gate kernel handles 1..8 tokens"):
         launchers.launch_decode_ffn(inp.x.repeat(5, 1), inp.gate, inp.up, down_t,
                                     torch.empty(10, 256, dtype=torch.bfloat16, device=DEV), impl="gemv")

@@ -90,18 +90,17 @@ def test_pdl_launch_structures_match_cuda_h(tmp_path):
     src = tmp_path / "layout.c"
     src.write_text(
         "#include <stdio.h>\n#include <stddef.h>\n#include <cuda.h>\nint main(void) {\n"
-        'printf("%zu %zu %zu %zu %zu %zu %zu %d %d\\n", sizeof(CUlaunchAttribute), offsetof(CUlaunchAttribute, value),'
+        'printf("%zu %zu %zu %zu %zu %zu %zu %d\\n", sizeof(CUlaunchAttribute), offsetof(CUlaunchAttribute, value),'
         " sizeof(CUlaunchConfig), offsetof(CUlaunchConfig, sharedMemBytes), offsetof(CUlaunchConfig, hStream),"
         " offsetof(CUlaunchConfig, attrs), offsetof(CUlaunchConfig, numAttrs),"
-        " (int)CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, (int)CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION);"
-        "\nreturn 0;\n}\n")
+        " (int)CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION);\nreturn 0;\n}\n")
     exe = tmp_path / "layout"
     subprocess.run([cc, f"-I{header.parent}", str(src), "-o", str(exe)], check=True)
     got = [int(v) for v in subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split()]
     cfg = loader._LaunchConfig
     assert got == [ctypes.sizeof(loader._LaunchAttr), loader._LaunchAttr.value.offset, ctypes.sizeof(cfg),
                    cfg.shared_mem.offset, cfg.stream.offset, cfg.attrs.offset, cfg.num_attrs.offset,
-                   loader._PROGRAMMATIC_STREAM_SERIALIZATION, loader._CLUSTER_DIMENSION]
+                   loader._PROGRAMMATIC_STREAM_SERIALIZATION]
 
 
 def test_pdl_launch_argument_types():
