@@ -131,3 +131,24 @@ def test_bench_times_only_gate_kernel_variants_that_exist():
             if impl == "gemv":
                 assert m <= launchers.FUSED_GEMV_MAX_M and m * rows <= 32
     assert all(impl == "mma" for impl, _, _ in fused_gate_variants(launchers.FUSED_MAX_M))
+
+
+def test_launch_constants_match_the_kernel_sources():
+    """The block sizes and list capacities the launchers compute grids and shared memory from are the kernels'
+    own #defines (a mismatch would launch a wrong grid, not fail to compile)."""
+    from sparsify_cli.kernels import loader
+
+    def src(name):
+        return (loader.kernel_dir() / name).read_text()
+
+    expected = {
+        "twell_ffn.cu": (("FFN_WARPS", launchers.FFN_WARPS), ("UP_WARPS", launchers.UP_WARPS)),
+        "decode_down.cuh": (("DECODE_THREADS", launchers.DECODE_THREADS), ("DECODE_CAP", launchers.DECODE_CAP)),
+        "decode_fused.cu": (("FUSED_GATE_WARPS", launchers.FUSED_GATE_WARPS), ("FUSED_SEG", launchers.FUSED_SEG),
+                            ("DECODE_UP_WARPS", launchers.DECODE_UP_WARPS),
+                            ("MMA_ROWS", launchers.FUSED_MMA_ROWS)),
+    }
+    for name, pairs in expected.items():
+        text = src(name)
+        for macro, value in pairs:
+            assert f"#define {macro} {value}" in text, (name, macro, value)
