@@ -184,6 +184,15 @@ def fused_gate_variants(m: int) -> list[tuple[str, int | None, int]]:
     return combos
 
 
+def decode_layers(m: int, layers: int, seed: int, nnz: float | None = None) -> tuple[list, list]:
+    """`layers` independent decode layers of m tokens (PERFORMANCE.md's inputs, D_MODEL x HIDDEN, nnz active
+    neurons per token; default: DECODE_SPARSITY), seeds seed, seed + 1, ...: (input sets, their Downᵀ)."""
+    if nnz is None:
+        nnz = (1 - DECODE_SPARSITY) * HIDDEN
+    sets = [make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=seed + i) for i in range(layers)]
+    return sets, [s.down.T.contiguous() for s in sets]
+
+
 def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> dict:
     """Dense vs sparse decode of m tokens over `layers` layers under CUDA graphs, with the fused path's kernel
     variants."""
@@ -192,8 +201,7 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
 
     if nnz is None:
         nnz = (1 - DECODE_SPARSITY) * HIDDEN
-    sets = [make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=100 + i) for i in range(layers)]
-    downs_t = [s.down.T.contiguous() for s in sets]
+    sets, downs_t = decode_layers(m, layers, 100, nnz)
     x = sets[0].x
 
     def dense_all():

@@ -406,8 +406,8 @@ def launch_decode_up_act(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | 
                          pdl: bool = False) -> torch.Tensor:
     """The decode path's first kernel when the gate projection ran elsewhere (launch_relu_ffn checks the
     arguments): h (M, Hs) fp32, h = relu(a)·(x·U_j) (gated) or relu(a), 0 where inactive, Hs = H rounded up to 8;
-    launch_decode_down finishes. pdl: launched with programmatic dependent launch (it waits for the kernel before
-    it before reading act; after cuBLAS that only hides the launch: -0.2 to -0.4 us, BENCHMARKS.md)."""
+    launch_decode_down finishes. pdl: launched with programmatic dependent launch (it waits for the previous
+    kernel before reading act; after cuBLAS that only hides the launch: -0.2 to -0.4 us, BENCHMARKS.md)."""
     from sparsify_cli.kernels import loader
 
     m, d = x.shape

@@ -14,8 +14,7 @@ import sys
 
 import torch
 
-from sparsify_cli.bench.ffn import D_MODEL, DECODE_SPARSITY, HIDDEN, cuda_time, dense_block, graph_replay
-from sparsify_cli.bench.synthetic import make_ffn_inputs
+from sparsify_cli.bench.ffn import HIDDEN, cuda_time, decode_layers, dense_block, graph_replay
 from sparsify_cli.kernels import launchers
 
 
@@ -23,11 +22,9 @@ def main() -> None:
     out = sys.argv[1]
     ms = [int(v) for v in sys.argv[2:]] or [1, 17, 32, 64]
     layers, reps = 8, 100
-    nnz = (1 - DECODE_SPARSITY) * HIDDEN
     rows = []
     for m in ms:
-        sets = [make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=500 + i) for i in range(layers)]
-        downs_t = [s.down.T.contiguous() for s in sets]
+        sets, downs_t = decode_layers(m, layers, 500)
         x = sets[0].x
         acts = [x @ s.gate.T for s in sets]
         dead = [-a.abs() - 1 for a in acts]  # no neuron active

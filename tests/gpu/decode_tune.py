@@ -14,8 +14,7 @@ import sys
 
 import torch
 
-from sparsify_cli.bench.ffn import D_MODEL, HIDDEN, DECODE_SPARSITY, cuda_time, dense_block, graph_replay
-from sparsify_cli.bench.synthetic import make_ffn_inputs
+from sparsify_cli.bench.ffn import cuda_time, decode_layers, dense_block, graph_replay
 from sparsify_cli.kernels import launchers
 
 
@@ -28,11 +27,9 @@ def main() -> None:
     out = sys.argv[1]
     ms = [int(v) for v in sys.argv[2:]] or [1, 2, 4, 8]
     layers, reps = 8, 100
-    nnz = (1 - DECODE_SPARSITY) * HIDDEN
     result = []
     for m in ms:
-        sets = [make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=300 + i) for i in range(layers)]
-        downs_t = [s.down.T.contiguous() for s in sets]
+        sets, downs_t = decode_layers(m, layers, 300)
         x = sets[0].x
         o = torch.empty_like(x)
         row = {"M": m, "dense_ms": [], "gate_gemm_ms": [], "full_ms": {}, "gate_up_ms": {}}

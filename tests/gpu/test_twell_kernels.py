@@ -369,6 +369,30 @@ def test_decode_from_act_hot_segment_and_nan():
     assert _rel(out[keep], want[keep]) < 1e-2
 
 
+def _assert_pdl_chain_matches_plain(chain, side_stream: bool = False) -> None:
+    """chain(pdl) runs a chain of layers and returns its last output: with PDL it must equal the plain launches
+    bit for bit, eagerly (and, with side_stream, run once on a side stream), then as a CUDA graph replayed three
+    times with its output poisoned in between."""
+    want = chain(False)
+    torch.cuda.synchronize()
+    assert torch.isfinite(want).all()
+    assert torch.equal(chain(True), want)
+    if side_stream:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            chain(True)
+        torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = chain(True)
+    for _ in range(3):
+        got.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
+
+
 def _needs_pdl():
     if not launchers.pdl_default(torch.device(DEV)):
         pytest.skip("programmatic dependent launch needs sm_90 or newer")
@@ -413,23 +437,7 @@ def test_fused_decode_pdl_waits_for_its_inputs(m):
             x = out if i % 2 == 0 else out * (m * d) ** 0.5 / (out.float().norm() + 1e-6)
         return x
 
-    want = chain(False)
-    torch.cuda.synchronize()
-    assert torch.isfinite(want).all()
-    assert torch.equal(chain(True), want)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        chain(True)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        got = chain(True)
-    for _ in range(3):
-        got.fill_(float("nan"))
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(got, want)
+    _assert_pdl_chain_matches_plain(chain, side_stream=True)
 
 
 @pytest.mark.parametrize("m", [17, 64])
@@ -449,18 +457,7 @@ def test_decode_from_act_pdl_waits_after_cublas(m):
             x = out * (m * d) ** 0.5 / (out.float().norm() + 1e-6)
         return x
 
-    want = chain(False)
-    torch.cuda.synchronize()
-    assert torch.isfinite(want).all()
-    assert torch.equal(chain(True), want)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        got = chain(True)
-    for _ in range(3):
-        got.fill_(float("nan"))
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(got, want)
+    _assert_pdl_chain_matches_plain(chain)
 
 
 def test_fused_decode_nan_and_shape_errors():
