@@ -437,3 +437,70 @@ def launch_decode_down(hbuf: torch.Tensor, down_t: torch.Tensor, out: torch.Tens
     loader.launch(fn, (m, chunks), (DECODE_THREADS,),
                   (hbuf.data_ptr(), down_t.data_ptr(), out.data_ptr(), _i32(d), _i32(h), _i32(hbuf.shape[1])),
                   shared_mem=smem, pdl=pdl)
+
+
+GT_WARPS = 8  # consumer warps per block of decode_gate_tma_kernel; must match kernels_cu/decode_gate_tma.cu
+GT_KC = 1024  # columns per pipeline stage (one bulk copy per row); must match kernels_cu/decode_gate_tma.cu
+GT_TPB_MAX = 4  # 16-row tiles per block; must match kernels_cu/decode_gate_tma.cu
+GT_MAX_M = 64  # tokens; must match kernels_cu/decode_gate_tma.cu
+SMEM_PER_SM = 228 * 1024  # Hopper: shared memory per SM; one block may take at most 227 KB of it
+SMEM_PER_BLOCK = 227 * 1024
+
+
+def gate_tma_plan(m: int, d: int, h: int, sms: int, kc: int = GT_KC,
+                  tpb: int | None = None) -> tuple[int, int, int, int, int, int]:
+    """decode_gate_tma_kernel's launch for m tokens, D = d, H = h on a GPU with `sms` SMs: (tiles per block,
+    grid, columns per stage, stages, token tiles tt, dynamic shared memory bytes). Blocks take as few 16-row tiles
+    as fill every SM (up to GT_TPB_MAX; fewer where the shared memory below does not fit), stages are kc columns
+    wide (halved, down to 256, until two fit), the ring has as many stages as the block's share of the SM's shared
+    memory holds (at most D's), and at least the bytes of the warps' partial sums, which reuse it."""
+    tt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+    tiles = -(-h // 16)
+    first = min(GT_TPB_MAX, -(-tiles // sms)) if tpb is None else tpb
+    # all blocks resident at once if the shared memory allows, else (large H at 64 tokens) in waves
+    for tpb, resident in [(t, True) for t in range(first, 0, -1)] + [(first, False)]:
+        grid = -(-tiles // tpb)
+        per_sm = -(-grid // sms) if resident else 1  # blocks per SM for all of them to run at once
+        budget = min(SMEM_PER_BLOCK, SMEM_PER_SM // per_sm - 1024)  # 1 KB per block is the system's
+        partials = GT_WARPS * 8 * tt * (16 * tpb + 4) * 4  # [warp][token][row], rows padded by 4
+        k = kc
+        while True:
+            slot = 16 * tpb * (2 * k + 64)  # a stage's rows, padded by 64 bytes each
+            nst = -(-d // k)
+            stages = min(nst, (budget - 128) // slot)
+            while stages > 1 and -(-16 * stages // 128) * 128 + stages * slot > budget:
+                stages -= 1
+            if stages >= 2 or (stages == 1 and nst == 1) or k <= 256:
+                break
+            k //= 2
+        smem = -(-16 * stages // 128) * 128 + max(stages * slot, partials)
+        if (stages >= 2 or (stages == 1 and nst == 1)) and smem <= budget:
+            return tpb, grid, k, stages, tt, smem
+    raise ValueError(f"the bulk-copy gate kernel does not fit D={d}, H={h}, M={m} in shared memory")
+
+
+def launch_gate_tma(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, pdl: bool = False,
+                    kc: int = GT_KC, tpb: int | None = None) -> None:
+    """out = x · wᵀ for 1..GT_MAX_M tokens on Hopper (kernels_cu/decode_gate_tma.cu: the weight streamed through
+    shared memory by bulk copies, tensor-core sums in fp32, one rounding to bf16). x (M, D), w (H, D),
+    out (M, H). pdl: launched with programmatic dependent launch: the weight copies start while the previous
+    kernel runs; x is read after it ends. kc: the widest stage in columns (a multiple of 256; a tuning variant)."""
+    from sparsify_cli.kernels import loader
+
+    m, d, h, dev = _check_few_tokens(x, w, "w", "the bulk-copy gate kernel", GT_MAX_M, 64)
+    _check(x, "x", torch.bfloat16, (m, d), dev)
+    _check(w, "w", torch.bfloat16, (h, d), dev)
+    _check(out, "out", torch.bfloat16, (m, h), dev)
+    _check_aligned(x=x, w=w)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if loader.capability(index) < (9, 0):
+        raise ValueError("the bulk-copy gate kernel needs Hopper (sm_90) or newer")
+    if kc <= 0 or kc % 256:
+        raise ValueError(f"kc={kc} must be a positive multiple of 256")
+    tpb, grid, kc, stages, tt, smem = gate_tma_plan(m, d, h, loader.sm_count(index), kc, tpb)
+    fn = loader.get_function("decode_gate_tma.cu", f"decode_gate_tma_kernel<{tt}>",
+                             () if kc == GT_KC else (f"GT_KC={kc}",))
+    _allow_smem(fn, smem, "the bulk-copy gate kernel", d, h)
+    loader.launch(fn, (grid,), (32 * GT_WARPS,),
+                  (x.data_ptr(), w.data_ptr(), out.data_ptr(), _i32(m), _i32(d), _i32(h), _i32(tpb), _i32(stages)),
+                  shared_mem=smem, pdl=pdl)

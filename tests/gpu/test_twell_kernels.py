@@ -506,3 +506,71 @@ def test_fused_decode_in_graph_and_ffn_forward_routing(monkeypatch):
     ffn.ffn_forward(inp.x, inp.gate, inp.up, down_t, mode="sparse", kernels="cuda", nnz_hint=20.0,
                     policy=ffn.SparsePolicy(fused_decode=False))
     assert calls == []
+
+
+# The bulk-copy gate kernel (decode_gate_tma.cu): D 2048 fits the whole K in the ring; 4096 and 8192 x 14336
+# (four tiles per block, two blocks per SM, 3 stages) wrap the ring; 2112 ends on a partial stage; 33 and 700
+# end on partial row tiles.
+GATE_TMA_SHAPES = [(2048, 5632), (64, 33), (192, 1000), (2112, 700), (4096, 5632), (8192, 14336)]
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 33, 64])
+@pytest.mark.parametrize("d,h", GATE_TMA_SHAPES)
+def test_gate_tma_matches_reference(m, d, h):
+    _needs_pdl()
+    g = torch.Generator(device=DEV).manual_seed(d + h + m)
+    x = torch.randn(m, d, generator=g, device=DEV).to(torch.bfloat16)
+    w = (torch.randn(h, d, generator=g, device=DEV) * 0.02).to(torch.bfloat16)
+    out = _poison(torch.empty(m, h, dtype=torch.bfloat16, device=DEV))
+    launchers.launch_gate_tma(x, w, out)
+    ref32 = x.float() @ w.float().T
+    assert not torch.isnan(out).any(), "unwritten (poisoned) output elements"
+    assert _rel(out, ref32) <= 2 * _rel(x @ w.T, ref32) + 1e-4
+    # one rounding of an fp32 sum: within a bf16 half-ulp of the fp32 reference, plus the sum's own error
+    tol = ref32.abs() * 2.0 ** -8 + 1e-5 * (x.float().abs() @ w.float().abs().T)
+    assert ((out.float() - ref32).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("m", [1, 17, 64])
+@pytest.mark.parametrize("d,h", [(2048, 5632), (2112, 700), (4096, 5632)])
+@pytest.mark.parametrize("kc", [256, 2048])
+def test_gate_tma_stage_widths(m, d, h, kc):
+    """Every stage width gives the same bits (the sums' order does not depend on it)."""
+    _needs_pdl()
+    g = torch.Generator(device=DEV).manual_seed(d + h + m + kc)
+    x = torch.randn(m, d, generator=g, device=DEV).to(torch.bfloat16)
+    w = (torch.randn(h, d, generator=g, device=DEV) * 0.02).to(torch.bfloat16)
+    want, got = (_poison(torch.empty(m, h, dtype=torch.bfloat16, device=DEV)) for _ in range(2))
+    launchers.launch_gate_tma(x, w, want)
+    launchers.launch_gate_tma(x, w, got, kc=kc)
+    assert not torch.isnan(want).any() and torch.equal(got, want)
+
+
+def test_gate_tma_pdl_chain_and_errors():
+    """Launched with PDL (weight copies before the previous kernel ends), each layer still reads the x the kernel
+    before it wrote: a chain, eager, on a side stream and as poisoned graph replays, equals plain launches bit for
+    bit. Shapes it does not take are refused."""
+    _needs_pdl()
+    m, d, h, layers = 40, 1024, 2816, 6
+    g = torch.Generator(device=DEV).manual_seed(7)
+    ws = [(torch.randn(h, d, generator=g, device=DEV) * 0.03).to(torch.bfloat16) for _ in range(layers)]
+    big = torch.randn(4096, 4096, device=DEV, dtype=torch.bfloat16) / 64
+    x0 = torch.randn(m, d, generator=g, device=DEV).to(torch.bfloat16)
+
+    def chain(pdl):
+        x = (big @ big)[:m, :d].contiguous() + x0  # a ~0.1 ms kernel makes x just before the first layer
+        for w in ws:
+            act = torch.empty(m, h, dtype=torch.bfloat16, device=DEV)
+            launchers.launch_gate_tma(x, w, act, pdl=pdl)
+            x = act[:, :d] * (m * d) ** 0.5 / (act[:, :d].float().norm() + 1e-6)
+            x = x.to(torch.bfloat16).contiguous()
+        return x
+
+    _assert_pdl_chain_matches_plain(chain, side_stream=True)
+    w = ws[0]
+    with pytest.raises(ValueError, match="tokens"):
+        launchers.launch_gate_tma(torch.zeros(65, d, dtype=torch.bfloat16, device=DEV), w,
+                                  torch.empty(65, h, dtype=torch.bfloat16, device=DEV))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        launchers.launch_gate_tma(torch.zeros(2, 96, dtype=torch.bfloat16, device=DEV), w[:, :96].contiguous(),
+                                  torch.empty(2, h, dtype=torch.bfloat16, device=DEV))
