@@ -147,29 +147,8 @@ def test_launch_constants_match_the_kernel_sources():
         "decode_fused.cu": (("FUSED_GATE_WARPS", launchers.FUSED_GATE_WARPS), ("FUSED_SEG", launchers.FUSED_SEG),
                             ("DECODE_UP_WARPS", launchers.DECODE_UP_WARPS),
                             ("MMA_ROWS", launchers.FUSED_MMA_ROWS)),
-        "decode_gate_tma.cu": (("GT_WARPS", launchers.GT_WARPS), ("GT_KC", launchers.GT_KC),
-                               ("GT_TPB_MAX", launchers.GT_TPB_MAX), ("GT_MAX_M", launchers.GT_MAX_M)),
     }
     for name, pairs in expected.items():
         text = src(name)
         for macro, value in pairs:
             assert f"#define {macro} {value}" in text, (name, macro, value)
-
-
-@pytest.mark.parametrize("d,h", [(2048, 5632), (64, 33), (4096, 14336), (8192, 14336), (2112, 700)])
-@pytest.mark.parametrize("m", [1, 8, 9, 16, 17, 32, 33, 64])
-def test_gate_tma_plan_covers_the_rows_and_fits_the_sm(m, d, h):
-    """The bulk-copy gate kernel's plan on a 132-SM H100: the blocks cover every 16-row tile, all of them are
-    resident at once, the ring and its barriers fit their share of the SM's shared memory and hold the warps'
-    partial sums, and the token tiles cover the M tokens."""
-    tpb, grid, kc, stages, tt, smem = launchers.gate_tma_plan(m, d, h, 132)
-    tiles = -(-h // 16)
-    assert 1 <= tpb <= launchers.GT_TPB_MAX and grid * tpb >= tiles and (grid - 1) * tpb < tiles
-    per_sm = -(-grid // 132)
-    assert smem <= launchers.SMEM_PER_BLOCK
-    assert per_sm * (smem + 1024) <= launchers.SMEM_PER_SM or (m > 32 and h > 8448)  # waves only there
-    assert 256 <= kc <= launchers.GT_KC and kc % 256 == 0
-    assert 1 <= stages <= -(-d // kc) and (stages >= 2 or d <= kc)
-    assert tt in (1, 2, 4, 8) and 8 * tt >= m and (tt == 1 or 4 * tt < m)
-    ring = smem - -(-16 * stages // 128) * 128
-    assert ring >= stages * 16 * tpb * (2 * kc + 64) and ring >= launchers.GT_WARPS * 8 * tt * (16 * tpb + 4) * 4
