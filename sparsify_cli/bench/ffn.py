@@ -17,11 +17,14 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from sparsify_cli.bench.synthetic import make_ffn_inputs
+from sparsify_cli.bench.synthetic import make_ffn_inputs, recipe_tokens
+from sparsify_cli.pack import layout
+from sparsify_cli.pack.pack import PackOptions
 
 D_MODEL, HIDDEN = 2048, 5632
 PREFILL_M = (16384, 65536)
@@ -29,6 +32,52 @@ PREFILL_NNZ = (29, 56, 112)
 DECODE_M = (1, 8, 16, 64)
 DECODE_SPARSITY = 0.995
 TILE, SLOTS = 256, 32
+CALIB_TOKENS = PackOptions().calib_tokens  # tokens a packed layer is calibrated on (as `sparsify pack`)
+
+
+@dataclass
+class PackedLayer:
+    """One FFN layer as `sparsify pack` lays it out (pack.layout): neurons that fired on no calibration token
+    removed, the rest hot-first, the width padded with zero neurons; weights (width, D) each."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down_t: torch.Tensor
+    n_hot: int
+    nnz_hint: float  # calibrated mean active neurons per token (ffn_forward's nnz_hint)
+    cold_nnz_hint: float  # ... over the cold neurons (>= n_hot), the hybrid prefill's rule
+    kept: torch.Tensor  # (H,) bool: the source neurons that stay
+
+    @property
+    def width(self) -> int:
+        return self.gate.shape[0]
+
+
+def packed_layer(gate: torch.Tensor, up: torch.Tensor, down_t: torch.Tensor, calib_x: torch.Tensor) -> PackedLayer:
+    """The packed twin of a layer (gate, up, down_t: (H, D)) from calibration tokens calib_x (N, D)."""
+    fires = ((calib_x @ gate.T) > 0).sum(0).cpu()  # (H,) firing counts
+    tokens = calib_x.shape[0]
+    order, n_hot, _ = layout.layer_order(fires, tokens, "hot")
+    idx = order.to(gate.device)
+    w = layout.pad_width({"gate": gate[idx], "up": up[idx], "down_t": down_t[idx]})
+    rates = fires[order].double() / tokens
+    kept = torch.zeros(gate.shape[0], dtype=torch.bool, device=gate.device)
+    kept[idx] = True
+    return PackedLayer(w["gate"].contiguous(), w["up"].contiguous(), w["down_t"].contiguous(), n_hot,
+                       float(rates.sum()), float(rates[n_hot:].sum()), kept)
+
+
+def calib_tokens(n: int, seed: int, d_model: int = D_MODEL) -> torch.Tensor:
+    """n calibration tokens of the input recipe, drawn apart from any timed tokens."""
+    return recipe_tokens(n, d_model, torch.Generator(device="cuda").manual_seed(seed), device="cuda")
+
+
+def removed_share(x: torch.Tensor, gate: torch.Tensor, kept: torch.Tensor) -> float:
+    """Share of x's activations (relu(x·gateᵀ) > 0) that fall on neurons a packed layer removed (pruning's price:
+    neurons silent on the calibration tokens that fire on these)."""
+    act = x @ gate.T  # (M, H)
+    total = int((act > 0).sum())
+    return int((act[:, ~kept] > 0).sum()) / max(total, 1)
 
 
 def cuda_time(fn, reps: int = 30, warmup: int = 5) -> float:
@@ -203,6 +252,9 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
         nnz = (1 - DECODE_SPARSITY) * HIDDEN
     sets, downs_t = decode_layers(m, layers, 100, nnz)
     x = sets[0].x
+    calib = calib_tokens(CALIB_TOKENS, 7)
+    packed = [packed_layer(s.gate, s.up, dt, calib) for s, dt in zip(sets, downs_t)]
+    del calib
 
     def dense_all():
         for s in sets:
@@ -223,6 +275,10 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
         for s, dt in zip(sets, downs_t):
             sparse_one(s, dt)
 
+    def packed_all():  # the same path on the layers as `sparsify pack` lays them out (PackedLayer)
+        for p in packed:
+            sparse_one(p, p.down_t)
+
     def unfused_all():
         for s, dt in zip(sets, downs_t):
             unfused_one(s, dt)
@@ -240,6 +296,10 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
     row["dense_ms"] = cuda_time(graph_replay(dense_all), reps) / layers
     row["sparse_ms"] = cuda_time(graph_replay(sparse_all), reps) / layers
     row["sparse_path"] = "fused (decode_gate_up + decode_down)" if fused else "gate projection + decode kernel"
+    row["packed_ms"] = cuda_time(graph_replay(packed_all), reps) / layers
+    row["speedup_packed"] = row["dense_ms"] / row["packed_ms"]
+    row["packed_width"] = packed[0].width
+    row["packed_removed_share"] = removed_share(x, sets[0].gate, packed[0].kept)
     if fused:
         row["sparse_unfused_ms"] = cuda_time(graph_replay(unfused_all), reps) / layers
         row["fused_gate_up_ms"] = cuda_time(
@@ -304,6 +364,7 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
     s0 = sets[0]
     ref32 = dense_block(x.float(), s0.gate.float(), s0.up.float(), s0.down.float())
     row["rel_err_sparse"] = _rel(sparse_one(s0, downs_t[0]), ref32)
+    row["rel_err_packed"] = _rel(sparse_one(packed[0], packed[0].down_t), ref32)
     if fused:
         row["rel_err_unfused"] = _rel(unfused_one(s0, downs_t[0]), ref32)
     row["rel_err_torch_bf16"] = _rel(dense_block(x, s0.gate, s0.up, s0.down), ref32)

@@ -37,7 +37,8 @@ CSV_COLUMNS = (
 CSV_EXTRA_COLUMNS = (
     "nnz_p99", "tail_rows", "tail_share", "width", "backend", "dtype", "l1_coeff", "err_out", "err_l1", "err_dx",
     "err_dgate", "err_dup", "err_ddown", "ref_err_sparse", "ref_err_dense", "ref_err_ratio", "op_nnz_mean",
-    "loss_dense", "loss_sparse", "dense_nnz_mean", "sparse_nnz_mean", "gpu",
+    "loss_dense", "loss_sparse", "dense_nnz_mean", "sparse_nnz_mean", "gpu", "packed_width", "packed_ms",
+    "packed_speedup", "packed_removed_share",
 )
 
 

@@ -22,7 +22,7 @@ import torch
 
 from sparsify_cli.bench import settings as bench_settings
 from sparsify_cli.bench.energy import EnergyMeter
-from sparsify_cli.bench.measure import compare, nnz_stats
+from sparsify_cli.bench.measure import compare, cuda_median_ms, nnz_stats, rel_err
 from sparsify_cli.errors import UserError
 
 Case = tuple[str, Callable[[], dict]]
@@ -147,22 +147,45 @@ def gpu_prefill_row(s, m: int, nnz: float, energy: Optional[EnergyMeter] = None)
     inp = make_ffn_inputs(m, ffn.D_MODEL, ffn.HIDDEN, nnz, device="cuda", seed=int(nnz) + m)  # prefill_row's seed
     x, gate, up, down = inp.x, inp.gate, inp.up, inp.down
     row = {"kind": "prefill", "M": m, "D": ffn.D_MODEL, "H": ffn.HIDDEN, "nnz_target": nnz, **nnz_stats(x @ gate.T)}
-    # As `sparsify pack` lays a layer out: hot-first neuron order from firing rates measured on calibration tokens
-    # (the first 8192 here), Downᵀ rows; the hints: the calibrated mean over all neurons, and over the cold ones
-    # (what the hybrid path leaves to the sparse kernel), as PackedFFN passes them.
+    # Neuron order and hints from firing rates on calibration tokens (the recipe's, apart from the timed ones), as
+    # `sparsify pack` measures them: hot-first order, Downᵀ rows; the hints: the calibrated mean over all neurons,
+    # and over the cold ones (what the hybrid path leaves to the sparse kernel), as PackedFFN passes them.
+    # The main columns keep every neuron (the same function as dense, exactly); the packed_* columns time the
+    # layer as pack lays it out, without the neurons that never fired on the calibration tokens.
     from sparsify_cli.kernels.ffn import hot_first_order
 
-    calib = x[:8192]
+    calib = ffn.calib_tokens(ffn.CALIB_TOKENS, m + 1, s.d_model)
     rates = ((calib @ gate.T) > 0).float().mean(0)  # (H,)
     perm, n_hot = hot_first_order(rates)
     gate_p, up_p, down_t = gate[perm].contiguous(), up[perm].contiguous(), down.T[perm].contiguous()
     hint, cold_hint = float(rates.sum()), float(rates[perm][n_hot:].sum())
-    row.update(compare(lambda: ffn.dense_block(x, gate, up, down),
+
+    def dense():
+        return ffn.dense_block(x, gate, up, down)
+
+    row.update(compare(dense,
                        lambda: ffn_forward(x, gate_p, up_p, down_t, kernels="cuda", mode="auto", nnz_hint=hint,
                                            cold_nnz_hint=cold_hint, n_hot=n_hot),
                        device=torch.device("cuda"), tokens=m, reps=s.reps, warmup=s.warmup, energy=energy))
     row["n_hot"] = n_hot
-    row["sparse_path"] = "kernels.ffn_forward as a packed layer runs it (hot-first order, auto policy, nnz hint), bf16"
+    row["sparse_path"] = ("kernels.ffn_forward on the layer in hot-first order, every neuron kept (auto policy, "
+                          "calibrated nnz hints), bf16")
+    pk = ffn.packed_layer(gate, up, down.T.contiguous(), calib)
+    del calib
+
+    def packed():
+        return ffn_forward(x, pk.gate, pk.up, pk.down_t, kernels="cuda", mode="auto", nnz_hint=pk.nnz_hint,
+                           cold_nnz_hint=pk.cold_nnz_hint, n_hot=pk.n_hot)
+
+    with torch.no_grad():
+        row["packed_rel_err"] = rel_err(packed(), dense())
+    row["packed_ms"] = cuda_median_ms({"packed": packed}, s.reps, s.warmup)["packed"]
+    row.update(packed_speedup=row["dense_ms"] / row["packed_ms"], packed_width=pk.width, packed_n_hot=pk.n_hot,
+               packed_removed_share=ffn.removed_share(x, gate, pk.kept),
+               packed_path=("the layer as `sparsify pack` lays it out: neurons silent on the calibration tokens "
+                            "removed (packed_removed_share of the timed tokens' activations fell on them), "
+                            "hot-first order"))
+    del pk
     if detail is not None:
         row["kernel_sparse_ms"] = detail["sparse_ms"]  # the fused sparse kernel, always sparse
         row["kernel_speedup"] = detail["speedup"]
@@ -180,7 +203,7 @@ def gpu_decode_row(s, m: int, energy: Optional[EnergyMeter] = None) -> dict:
     from sparsify_cli.bench import ffn
     from sparsify_cli.bench.synthetic import make_ffn_inputs
     from sparsify_cli.kernels import ffn_forward
-    from sparsify_cli.bench.measure import peak_mb, rel_err
+    from sparsify_cli.bench.measure import peak_mb
 
     d = ffn.decode_row(m, s.reps)
     row = {k: d[k] for k in ("kind", "M", "D", "H", "nnz_target", "nnz_mean", "nnz_max", "max_per_tile")}
@@ -198,6 +221,8 @@ def gpu_decode_row(s, m: int, energy: Optional[EnergyMeter] = None) -> dict:
 
     with torch.no_grad():
         row["rel_err"] = rel_err(sparse(), dense())
+    row.update(packed_ms=d["packed_ms"], packed_speedup=d["speedup_packed"], packed_width=d["packed_width"],
+               packed_removed_share=d["packed_removed_share"], packed_rel_err_fp32_ref=d["rel_err_packed"])
     row.update(dense_ms=d["dense_ms"], sparse_ms=d["sparse_ms"], speedup=d["speedup"],
                dense_tok_s=m / d["dense_ms"] * 1e3, sparse_tok_s=m / d["sparse_ms"] * 1e3,
                dense_peak_mb=peak_mb(dense, torch.device("cuda")), sparse_peak_mb=peak_mb(sparse, torch.device("cuda")),

@@ -66,8 +66,16 @@ def make_ffn_inputs(
     z = torch.special.ndtri(1.0 - r).float()  # Φ⁻¹(1 - r_j)
     z = torch.where(rates.to(device) > 0, z, torch.full_like(z, 8.0))
     gate[:, 0] = -sigma * z
-    x = torch.randn(tokens, d_model, generator=dgen, device=device, dtype=torch.float32)
-    x[:, 0] = 1.0
+    x = recipe_tokens(tokens, d_model, dgen, device=device, dtype=dtype)
     return FFNInputs(
-        x=x.to(dtype), gate=gate.to(dtype), up=up.to(dtype), down=down.to(dtype), rates=rates.to(device)
+        x=x, gate=gate.to(dtype), up=up.to(dtype), down=down.to(dtype), rates=rates.to(device)
     )
+
+
+def recipe_tokens(tokens: int, d_model: int, generator: torch.Generator, *, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """(tokens, d_model) inputs of the recipe: N(0, 1) with feature 0 fixed at 1.0 (the feature the gate rows'
+    thresholds sit on). They do not depend on the weights, so they also serve as calibration tokens."""
+    x = torch.randn(tokens, d_model, generator=generator, device=device, dtype=torch.float32)
+    x[:, 0] = 1.0
+    return x.to(dtype)

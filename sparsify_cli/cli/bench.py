@@ -129,6 +129,7 @@ def _print(report: dict) -> None:
             f"{o(r['dense_mj_tok'], '.3g')}/{o(r['sparse_mj_tok'], '.3g')}",
         )
     print_table(table)
+    _print_packed(report)
     _print_train(report)
     for line in [*report.get("notes", []), *{r["notes"] for r in report["rows"] if r.get("notes")}]:
         console.print(f"note: {line}", highlight=False)
@@ -141,6 +142,25 @@ def _print(report: dict) -> None:
 
         console.print("kernel detail (bench/ffn.py):", highlight=False)
         console.print(format_table({"rows": details}), highlight=False, soft_wrap=True)
+
+
+def _print_packed(report: dict) -> None:
+    """The ffn suite's packed_* columns: the same layers without the neurons pack removes."""
+    from sparsify_cli.bench.report import optional as o
+
+    rows = [r for r in report["rows"] if r.get("packed_ms") is not None]
+    if not rows:
+        return
+    table = Table(title="the same layers as `sparsify pack` lays them out (neurons silent on the calibration tokens "
+                  "removed)", caption="removed act. = share of the timed tokens' activations that fell on removed "
+                  "neurons (pruning's price); speed-up against the same dense ms", title_justify="left",
+                  caption_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("kind", "tokens", "width", "packed ms", "speed-up", "removed act. %"):
+        table.add_column(col, justify="left" if col == "kind" else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(r["kind"], str(r["M"]), f"{r['packed_width']}/{r['H']}", o(r["packed_ms"], ".3f"),
+                      f"{r['packed_speedup']:.2f}×", f"{100 * r['packed_removed_share']:.3f}")
+    print_table(table)
 
 
 def _print_train(report: dict) -> None:

@@ -25,6 +25,37 @@ import torch
 
 COMPRESSIONS = (16, 8, 4, 2)  # tried from the most compact
 REORDERS = ("hot", "balance", "none")
+# Kept widths are padded to a multiple of this with all-zero neurons (relu(0) = 0: they never fire). A GEMM whose
+# output width is not a multiple of 8 loses cuBLAS's aligned bf16 kernels; 64 also keeps tiles whole.
+WIDTH_MULTIPLE = 64
+
+
+def layer_order(fires: torch.Tensor, tokens: int, reorder: str = "hot", preferred_tile: int = 256
+                ) -> tuple[torch.Tensor, int, int]:
+    """(order, n_hot, tile) of one layer from its calibration firing counts (H,) over `tokens` tokens: the
+    surviving neurons in their new order (neuron_order), how many lead as hot, and the TwELL tile of the padded
+    width. What `sparsify pack` decides per layer, and what `sparsify bench --suite ffn` applies to its layers."""
+    alive = int((fires > 0).sum())
+    tile = choose_tile(-(-alive // WIDTH_MULTIPLE) * WIDTH_MULTIPLE, preferred_tile)
+    order, n_hot = neuron_order(fires, tile, reorder, tokens)
+    return order, n_hot, tile
+
+
+def pad_width(weights: dict[str, torch.Tensor], multiple: int = WIDTH_MULTIPLE) -> dict[str, torch.Tensor]:
+    """Append all-zero neurons (rows) up to a multiple of `multiple`; a "neuron_index" entry gets -1 for them and
+    a "down_b" entry (D,), not per neuron, is kept as it is."""
+    width = next(t for name, t in weights.items() if name != "down_b").shape[0]
+    pad = (-width) % multiple
+    if pad == 0:
+        return weights
+    out = {}
+    for name, t in weights.items():
+        if name == "down_b":
+            out[name] = t
+            continue
+        fill = -1 if name == "neuron_index" else 0
+        out[name] = torch.cat([t, torch.full((pad, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)])
+    return out
 
 
 def choose_tile(width: int, preferred: int = 256) -> int:

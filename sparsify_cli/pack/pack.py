@@ -23,9 +23,6 @@ from sparsify_cli.pack.packed import (
 from sparsify_cli.storage import atomic_directory, write_text
 
 CALIB_BATCH = 8  # sequences per calibration forward
-# Kept widths are padded to a multiple of this with all-zero neurons (relu(0) = 0: they never fire). A GEMM whose
-# output width is not a multiple of 8 loses cuBLAS's aligned bf16 kernels; 64 also keeps tiles whole.
-WIDTH_MULTIPLE = 64
 
 
 @dataclass
@@ -54,22 +51,6 @@ def _windows(tokens, seq_len: int, start: int, n_tokens: int) -> list[tuple[torc
     x = flat[:-1].view(n_seq, seq_len)
     y = flat[1:].view(n_seq, seq_len)
     return [(x[i:i + CALIB_BATCH], y[i:i + CALIB_BATCH]) for i in range(0, n_seq, CALIB_BATCH)]
-
-
-def _pad_width(weights: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
-    """Append all-zero neurons up to a multiple of `multiple` rows; their neuron_index is -1."""
-    width = weights["up_w"].shape[0]
-    pad = (-width) % multiple
-    if pad == 0:
-        return weights
-    out = {}
-    for name, t in weights.items():
-        if name == "down_b":  # (D,): not per neuron
-            out[name] = t
-            continue
-        fill = -1 if name == "neuron_index" else 0
-        out[name] = torch.cat([t, torch.full((pad, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)])
-    return out
 
 
 def _ffn_weights(model: SparseLlama, layer: int, order: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -124,9 +105,8 @@ def pack_layers(model: SparseLlama, calib, options: PackOptions) -> tuple[Sparse
     layers, tensors = [], {}
     for i, rec in enumerate(neurons):
         alive = int((rec.fires > 0).sum())
-        tile = layout.choose_tile(-(-alive // WIDTH_MULTIPLE) * WIDTH_MULTIPLE, options.preferred_tile)
-        order, n_hot = layout.neuron_order(rec.fires, tile, options.reorder, rec.tokens)
-        weights = _pad_width(_ffn_weights(model, i, order.to(model.ffns[i].up.weight.device)), WIDTH_MULTIPLE)
+        order, n_hot, tile = layout.layer_order(rec.fires, rec.tokens, options.reorder, options.preferred_tile)
+        weights = layout.pad_width(_ffn_weights(model, i, order.to(model.ffns[i].up.weight.device)))
         counts = rec.token_counts().double()
         stats = {
             "mean_active": float(counts.mean()),

@@ -28,6 +28,11 @@ def test_ffn_suite_quick(tmp_path):
     assert pre["rel_err"] < 2e-2 and pre["rel_err_fp32_ref"] <= 2 * pre["rel_err_torch_bf16"] + 1e-4
     assert "detail" in pre and pre["detail"]["dense_ms"] > 0
     assert dec["M"] == 1 and dec["rel_err"] < 2e-2 and dec["speedup"] == pytest.approx(dec["dense_ms"] / dec["sparse_ms"])
+    for row in (pre, dec):  # the packed twin: narrower (the recipe leaves 30% of the neurons dead), nearly exact
+        assert 0.6 * row["H"] < row["packed_width"] < 0.8 * row["H"] and row["packed_width"] % 64 == 0
+        assert 0 <= row["packed_removed_share"] < 1e-2
+        assert row["packed_speedup"] == pytest.approx(row["dense_ms"] / row["packed_ms"])
+    assert pre["packed_rel_err"] < 2e-2 and dec["packed_rel_err_fp32_ref"] < 2e-2
     energy_measured = pre["dense_mj_tok"] is not None
     assert energy_measured or any("energy: not measured" in n for n in report["notes"])
 
