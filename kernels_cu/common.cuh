@@ -82,11 +82,26 @@ __device__ __forceinline__ float warp_dot(const uint4* __restrict__ xg, const ui
     return warp_sum(s);
 }
 
-// Load act[c0 .. c0+8) (bf16 bits) into v, zero past c_end; one 16-byte load when allowed.
+// 16-byte load / store of data touched once (a dense activation row, the hybrid's init, the output):
+// ld/st.global.cs allocate the lines evict-first in L1 and L2, so streaming hundreds of MB past the gather does
+// not push out the weight rows it keeps re-reading from L2. Same values as __ldg / a plain store.
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+    uint4 v;
+    asm("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ void st_stream16(void* p, uint4 v) {
+    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+}
+
+// Load act[c0 .. c0+8) (bf16 bits) into v, zero past c_end; one 16-byte load when allowed (STREAM: evict-first).
+template <bool STREAM = false>
 __device__ __forceinline__ void load8(const unsigned short* __restrict__ arow, int c0, int c_end, bool vec_ok,
                                       unsigned short* v) {
     if (vec_ok && c0 + 8 <= c_end) {
-        const uint4 q = __ldg(reinterpret_cast<const uint4*>(arow + c0));
+        const uint4 q = STREAM ? ld_stream16(arow + c0) : __ldg(reinterpret_cast<const uint4*>(arow + c0));
         const unsigned int w[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -102,14 +117,15 @@ __device__ __forceinline__ void load8(const unsigned short* __restrict__ arow, i
 // Visit the relu-active entries of act row columns [c_beg, c_end) in ascending column order, 512 columns
 // (two 16-byte loads per lane, both in flight) per step: f(rank, col, bits) with rank = 0, 1, ... in order.
 // Every lane of the warp must call it. c_beg must be a multiple of 8. Returns the number visited.
-template <typename F>
+// STREAM: the row is read evict-first (ld_stream16).
+template <bool STREAM = false, typename F>
 __device__ __forceinline__ int warp_for_each_active(const unsigned short* __restrict__ arow, int c_beg, int c_end,
                                                     bool vec_ok, int lane, F f) {
     int r = 0;
     for (int c = c_beg; c < c_end; c += 512) {
         unsigned short v[2][8];
-        load8(arow, c + lane * 8, c_end, vec_ok, v[0]);
-        load8(arow, c + 256 + lane * 8, c_end, vec_ok, v[1]);
+        load8<STREAM>(arow, c + lane * 8, c_end, vec_ok, v[0]);
+        load8<STREAM>(arow, c + 256 + lane * 8, c_end, vec_ok, v[1]);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int c0 = c + 256 * h + lane * 8;
@@ -198,8 +214,9 @@ __device__ __forceinline__ void warp_down_rows(float* acc, const unsigned short*
     }
 }
 
-// out_chunk := acc rounded to bf16 (the lane's NV column vectors of 8, as warp_down_rows lays them out).
-template <int NV>
+// out_chunk := acc rounded to bf16 (the lane's NV column vectors of 8, as warp_down_rows lays them out);
+// STREAM: evict-first stores (st_stream16).
+template <int NV, bool STREAM = false>
 __device__ __forceinline__ void warp_store_bf16(unsigned short* __restrict__ out_chunk, const float* acc, int nvec_c,
                                                 int lane) {
     uint4* og = reinterpret_cast<uint4*>(out_chunk);
@@ -208,8 +225,12 @@ __device__ __forceinline__ void warp_store_bf16(unsigned short* __restrict__ out
         const int vi = k * 32 + lane;
         if (vi < nvec_c) {
             const float* a8 = acc + 8 * k;
-            og[vi] = make_uint4(pack_bf16x2(a8[0], a8[1]), pack_bf16x2(a8[2], a8[3]), pack_bf16x2(a8[4], a8[5]),
-                                pack_bf16x2(a8[6], a8[7]));
+            const uint4 q = make_uint4(pack_bf16x2(a8[0], a8[1]), pack_bf16x2(a8[2], a8[3]),
+                                       pack_bf16x2(a8[4], a8[5]), pack_bf16x2(a8[6], a8[7]));
+            if (STREAM)
+                st_stream16(og + vi, q);
+            else
+                og[vi] = q;
         }
     }
 }

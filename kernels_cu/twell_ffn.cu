@@ -31,6 +31,10 @@
 #define FFN_MIN_BLOCKS 3  // blocks per SM the register budget is cut for (3 x 4 warps: <= 168 registers)
 #endif
 #define FFN_CAP 1024  // entries gathered per warp and batch (>= any tile's count: T <= 1024)
+#ifndef FFN_STREAM_HINTS
+#define FFN_STREAM_HINTS 1  // the activation scan, init and out go evict-first (ld/st.global.cs, common.cuh): 4-10% off
+                            // the hybrid's sparse kernel (BENCHMARKS.md); 0: plain loads and stores
+#endif
 
 template <int NV, bool GATED, bool FROM_ACT, bool HBUF>
 __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kernel(
@@ -67,7 +71,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
         for (int k = 0; k < NV; ++k) {
             const int vi = k * 32 + lane;
             if (vi < nvec_c) {
-                const uint4 q = __ldg(ig + vi);
+                const uint4 q = FFN_STREAM_HINTS ? ld_stream16(ig + vi) : __ldg(ig + vi);
                 acc[8 * k + 0] = bf16_lo(q.x); acc[8 * k + 1] = bf16_hi(q.x);
                 acc[8 * k + 2] = bf16_lo(q.y); acc[8 * k + 3] = bf16_hi(q.y);
                 acc[8 * k + 4] = bf16_lo(q.z); acc[8 * k + 5] = bf16_hi(q.z);
@@ -90,7 +94,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
             while (cnext < H && E <= FFN_CAP - 512) {
                 const int c_end = min(H, cnext + 512);
                 const int base = E;
-                E += warp_for_each_active(arow, cnext, c_end, vec_ok != 0, lane,
+                E += warp_for_each_active<FFN_STREAM_HINTS != 0>(arow, cnext, c_end, vec_ok != 0, lane,
                                           [&](int r, int col, unsigned short b) {
                                               lw[base + r] = ((unsigned int)col << 16) | (unsigned int)b;
                                           });
@@ -179,7 +183,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
                            [&](int e) { return lh[e]; });
         __syncwarp();
     }
-    warp_store_bf16<NV>(out + m * D + d0, acc, nvec_c, lane);
+    warp_store_bf16<NV, FFN_STREAM_HINTS != 0>(out + m * D + d0, acc, nvec_c, lane);
 }
 
 // Phase A alone, as its own kernel (the "split" variant): h = a * (x_m . U_j) for every STORED entry, written

@@ -219,6 +219,28 @@ def test_relu_ffn_c_start_and_init_semantics():
         launchers.launch_relu_ffn(inp.x, act, inp.up, down_t, out, c_start=3)
 
 
+@pytest.mark.parametrize("m,d,h", [(1029, 2048, 5632), (300, 512, 1001), (77, 2560, 704)])
+@pytest.mark.parametrize("gated", [True, False])
+def test_stream_hints_same_bits(m, d, h, gated):
+    """FFN_STREAM_HINTS=1 changes only cache eviction priorities (activation, init, out): the same bits as the
+    plain build, whole rows and hybrid (c_start/init), aligned and unaligned (H % 8 != 0) activations."""
+    inp = make_ffn_inputs(m, d, h, 0.02 * h, device=DEV, seed=m + d)
+    down_t = inp.down.T.contiguous()
+    up = inp.up if gated else None
+    act = inp.x @ inp.gate.T
+    init = torch.randn(m, d, device=DEV).to(torch.bfloat16)
+    for c_start, extra in ((0, None), (64, init)):
+        outs = []
+        for hints in (0, 1):
+            out = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
+            launchers.launch_relu_ffn(inp.x, act, up, down_t, out, path="prefill", c_start=c_start, init=extra,
+                                      defines=("FFN_MIN_BLOCKS=4", f"FFN_STREAM_HINTS={hints}"))
+            outs.append(out)
+        torch.cuda.synchronize()
+        assert not torch.isnan(outs[1]).any(), "unwritten (poisoned) output elements"
+        assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("d,h", [(2048, 5632), (64, 33), (2560, 1001), (4160, 700)])
 def test_gemv_matches_reference(m, d, h):
@@ -306,6 +328,26 @@ def test_fused_decode_matches_reference(m, impl, d, h, density, gated):
     flips = (hbuf[:, :h] != 0).ne(h32 != 0).sum().item()
     assert flips <= max(1, 1e-3 * (h32 != 0).sum().item()), flips
     assert _rel(hbuf[:, :h], h32) < 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("d,h", [(2048, 5632), (256, 1001), (64, 33)])
+def test_fused_gate_up_bits_do_not_depend_on_row_order(m, d, h):
+    """The tensor-core gate kernel spreads a block's 16 rows over the layer (hot-first layers): a neuron's h is
+    the same bits wherever its row sits, so permuting the rows permutes h and nothing else; the decode kernel from
+    the activation likewise (its segments are spread over a token's blocks)."""
+    inp = make_ffn_inputs(m, d, h, max(0.05 * h, 0.5), device=DEV, seed=m + h)
+    perm = torch.randperm(h, generator=torch.Generator().manual_seed(h)).to(DEV)
+    h1 = launchers.launch_decode_gate_up(inp.x, inp.gate, inp.up, impl="mma")
+    h2 = launchers.launch_decode_gate_up(inp.x, inp.gate[perm].contiguous(), inp.up[perm].contiguous(), impl="mma")
+    torch.cuda.synchronize()
+    assert (h1[:, :h] != 0).any()
+    assert torch.equal(h1[:, :h][:, perm], h2[:, :h])
+    act = inp.x @ inp.gate.T
+    u1 = launchers.launch_decode_up_act(inp.x, act, inp.up)
+    u2 = launchers.launch_decode_up_act(inp.x, act[:, perm].contiguous(), inp.up[perm].contiguous())
+    torch.cuda.synchronize()
+    assert torch.equal(u1[:, :h][:, perm], u2[:, :h])
 
 
 @pytest.mark.parametrize("m", [1, 2])

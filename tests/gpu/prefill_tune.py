@@ -1,0 +1,153 @@
+"""Prefill and decode of a full-width layer against the same layer as `sparsify pack` lays it out (neurons that
+never fired on calibration tokens removed), with the prefill kernel's cache-hint variant (development tool).
+
+Prefill (D=2048, H=5632, PERFORMANCE.md's inputs): dense, the gate GEMM (cuBLAS; cuBLASLt beside it), the hybrid
+path on the full width and on the packed layer, each with the sparse kernel built with FFN_STREAM_HINTS=0 and =1
+(activation scan, init and out evict-first), in two interleaved rounds; the sparse kernel alone; whether the
+two builds give the same bits; the packed layer's error against the fp32 block and how many activations of the
+timed tokens fell on removed neurons. Decode (99.5% sparsity, CUDA graphs over 8 layers): dense, the path
+ffn_forward takes with a known density on the full width and on the packed layers.
+
+    python3 tests/gpu/prefill_tune.py OUT.json [prefill] [decode]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from sparsify_cli.bench.ffn import (CALIB_TOKENS, D_MODEL, HIDDEN, _rel, calib_tokens, cuda_time, decode_layers,
+                                    dense_block, environment, graph_replay, packed_layer)
+from sparsify_cli.bench.synthetic import make_ffn_inputs
+from sparsify_cli.kernels import launchers, ops
+from sparsify_cli.kernels.ffn import hot_first_order
+
+HINTS = {"hints0": ("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=0"), "hints1": ("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1")}
+
+
+def hybrid(x, gate, up, down_t, n_hot, defines):
+    """hybrid_ffn with the sparse kernel built with `defines` (gate GEMM included)."""
+    act = x @ gate.T  # (M, H)
+    hot_out = (torch.relu(act[:, :n_hot]) * (x @ up[:n_hot].T)) @ down_t[:n_hot]  # (M, D)
+    out = torch.empty_like(x)
+    launchers.launch_relu_ffn(x, act, up, down_t, out, c_start=n_hot, init=hot_out, defines=defines)
+    return out
+
+
+def prefill(m: int, nnz: float, reps: int = 20) -> dict:
+    inp = make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=int(nnz) + m)
+    x, gate, up, down = inp.x, inp.gate, inp.up, inp.down
+    down_t = down.T.contiguous()
+    calib = x[:CALIB_TOKENS]  # as bench --suite ffn: the first tokens calibrate (full width: hot-first only)
+    rates = ((calib @ gate.T) > 0).float().mean(0)
+    perm, n_hot = hot_first_order(rates)
+    full = (gate[perm].contiguous(), up[perm].contiguous(), down_t[perm].contiguous(), n_hot)
+    pk = packed_layer(gate, up, down_t, calib)
+    packed = (pk.gate, pk.up, pk.down_t, pk.n_hot)
+    row = {"M": m, "nnz_target": nnz, "n_hot": n_hot, "packed_width": pk.width, "packed_n_hot": pk.n_hot,
+           "nnz_mean": ((x[:4096] @ gate.T) > 0).sum(1).float().mean().item()}
+    removed = ~pk.kept
+    row["removed_neurons"] = int(removed.sum())
+    row["removed_active_entries"] = int(((x @ gate[removed].T) > 0).sum()) if removed.any() else 0
+    times: dict[str, list[float]] = {}
+
+    def t(name, fn):
+        times.setdefault(name, []).append(cuda_time(fn, reps))
+
+    for _ in range(2):  # interleaved rounds
+        t("dense", lambda: dense_block(x, gate, up, down))
+        t("gate_cublas", lambda: x @ gate.T)
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        t("gate_cublaslt", lambda: x @ gate.T)
+        torch.backends.cuda.preferred_blas_library("default")
+        t("gate_packed", lambda: x @ pk.gate.T)
+        for lay_name, lay in (("full", full), ("packed", packed)):
+            for hname, defs in HINTS.items():
+                t(f"hybrid_{lay_name}_{hname}", lambda: hybrid(x, *lay, defs))
+    for lay_name, (g, u, dt, nh) in (("full", full), ("packed", packed)):
+        act = x @ g.T
+        hot_out = (torch.relu(act[:, :nh]) * (x @ u[:nh].T)) @ dt[:nh]
+        outs = {}
+        for hname, defs in HINTS.items():
+            o = torch.full_like(x, float("nan"))
+            t(f"kernel_{lay_name}_{hname}",
+              lambda: launchers.launch_relu_ffn(x, act, u, dt, o, c_start=nh, init=hot_out, defines=defs))
+            outs[hname] = o
+        row[f"same_bits_{lay_name}"] = bool(torch.equal(outs["hints0"], outs["hints1"]))
+        t(f"hot_part_{lay_name}", lambda: (torch.relu(act[:, :nh]) * (x @ u[:nh].T)) @ dt[:nh])
+    row["ms"] = {k: min(v) for k, v in times.items()}
+    row["ms_rounds"] = times
+    r = slice(0, 4096)
+    ref32 = dense_block(x[r].float(), gate.float(), up.float(), down.float())
+    row["rel_err_full"] = _rel(hybrid(x[r], *full, HINTS["hints0"]), ref32)
+    row["rel_err_packed"] = _rel(hybrid(x[r], *packed, HINTS["hints0"]), ref32)
+    row["rel_err_torch_bf16"] = _rel(dense_block(x[r], gate, up, down), ref32)
+    ms = row["ms"]
+    row["speedup"] = {k: ms["dense"] / v for k, v in ms.items() if k.startswith("hybrid")}
+    return row
+
+
+def decode(m: int, layers: int = 8, reps: int = 50) -> dict:
+    sets, downs_t = decode_layers(m, layers, 300)
+    x = sets[0].x
+    calib = calib_tokens(CALIB_TOKENS, 77)
+    pks = [packed_layer(s.gate, s.up, dt, calib) for s, dt in zip(sets, downs_t)]
+
+    def sparse(g, u, dt, nnz):  # the decode path ffn_forward takes with a known density (mode="sparse")
+        if m <= launchers.FUSED_MAX_M:
+            return ops.decode_ffn(x, g, u, dt)
+        a = ops.gemv(x, g) if m <= launchers.GEMV_MAX_M else x @ g.T
+        return ops.relu_ffn(x, a, u, dt)
+
+    nnz = ((x @ sets[0].gate.T) > 0).sum(1).float().mean().item()
+    runs = {
+        "dense": graph_replay(lambda: [dense_block(x, s.gate, s.up, s.down) for s in sets]),
+        "sparse_full": graph_replay(lambda: [sparse(s.gate, s.up, dt, nnz) for s, dt in zip(sets, downs_t)]),
+        "sparse_packed": graph_replay(lambda: [sparse(p.gate, p.up, p.down_t, nnz) for p in pks]),
+        "gate_full": graph_replay(lambda: [x @ s.gate.T for s in sets]),
+        "gate_packed": graph_replay(lambda: [x @ p.gate.T for p in pks]),
+    }
+    times: dict[str, list[float]] = {}
+    for _ in range(2):
+        for k, fn in runs.items():
+            times.setdefault(k, []).append(cuda_time(fn, reps) / layers * 1e3)
+    us = {k: min(v) for k, v in times.items()}
+    s0, p0 = sets[0], pks[0]
+    ref32 = dense_block(x.float(), s0.gate.float(), s0.up.float(), s0.down.float())
+    return {"M": m, "nnz_mean": nnz, "packed_width": p0.width, "us": us, "us_rounds": times,
+            "speedup_full": us["dense"] / us["sparse_full"], "speedup_packed": us["dense"] / us["sparse_packed"],
+            "rel_err_full": _rel(sparse(s0.gate, s0.up, downs_t[0], nnz), ref32),
+            "rel_err_packed": _rel(sparse(p0.gate, p0.up, p0.down_t, nnz), ref32),
+            "rel_err_torch_bf16": _rel(dense_block(x, s0.gate, s0.up, s0.down), ref32)}
+
+
+def main() -> None:
+    out = sys.argv[1]
+    parts = sys.argv[2:] or ["prefill", "decode"]
+    result = {"environment": environment(), "prefill": [], "decode": []}
+    if "prefill" in parts:
+        for m in (16384, 65536):
+            for nnz in (29, 56, 112):
+                result["prefill"].append(prefill(m, nnz))
+                torch.cuda.empty_cache()  # the row's tensors went with its frame
+                r = result["prefill"][-1]
+                print(json.dumps({k: r[k] for k in ("M", "nnz_target", "packed_width", "removed_active_entries",
+                                                    "same_bits_full", "same_bits_packed", "rel_err_packed",
+                                                    "rel_err_torch_bf16")}),
+                      {k: round(v, 3) for k, v in r["ms"].items()}, {k: round(v, 2) for k, v in r["speedup"].items()},
+                      flush=True)
+                json.dump(result, open(out, "w"), indent=1)
+    if "decode" in parts:
+        for m in (1, 8, 16, 17, 32, 64):
+            result["decode"].append(decode(m))
+            r = result["decode"][-1]
+            print(m, {k: round(v, 1) for k, v in r["us"].items()}, round(r["speedup_full"], 2),
+                  round(r["speedup_packed"], 2), f"err {r['rel_err_packed']:.2e} / {r['rel_err_torch_bf16']:.2e}",
+                  flush=True)
+            json.dump(result, open(out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
