@@ -31,9 +31,14 @@
 #define FFN_MIN_BLOCKS 3  // blocks per SM the register budget is cut for (3 x 4 warps: <= 168 registers)
 #endif
 #define FFN_CAP 1024  // entries gathered per warp and batch (>= any tile's count: T <= 1024)
+#ifndef FFN_ACT_PREFETCH
+#define FFN_ACT_PREFETCH 0  // 1 (FROM_ACT): the warp asks L2 for its token's activation row [c_start, H) on entry.
+// Off: on an H200 it took 3-6% off the kernel alone at every shape, but the whole hybrid block moved -2%..+5%
+// (worse at M = 65536, nnz 112 in both rounds): the burst of row prefetches evicts weight rows (BENCHMARKS.md).
+#endif
 #ifndef FFN_STREAM_HINTS
-#define FFN_STREAM_HINTS 1  // the activation scan, init and out go evict-first (ld/st.global.cs, common.cuh): 4-10% off
-                            // the hybrid's sparse kernel (BENCHMARKS.md); 0: plain loads and stores
+#define FFN_STREAM_HINTS 1  // the activation scan, init and out go evict-first (ld/st.global.cs, common.cuh): 5-10% off
+// the hybrid's sparse kernel at 65536 tokens, 0-4% at 16384 (H200, BENCHMARKS.md); 0: plain loads and stores
 #endif
 
 template <int NV, bool GATED, bool FROM_ACT, bool HBUF>
@@ -62,6 +67,10 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
     const int K = S - 1;
 
     const uint4* xg = reinterpret_cast<const uint4*>(x + m * D);
+    const unsigned short* arow = act + m * (long long)H;
+    // the listing's scan walks the row 512 columns at a time, each step a dependent DRAM round trip: with the row
+    // already on its way to L2, the steps wait for L2 instead (aligned rows only: vec_ok means H % 8 == 0)
+    if (FROM_ACT && FFN_ACT_PREFETCH && vec_ok) warp_prefetch_l2(arow + c_start, (H - c_start) * 2, lane);
     float acc[8 * NV];
 #pragma unroll
     for (int i = 0; i < 8 * NV; ++i) acc[i] = 0.f;
@@ -82,7 +91,6 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
 
     const int* wrow = words + m * (long long)NT * S;
     const float* hrow = hbuf + m * (long long)NT * S;  // only dereferenced when HBUF
-    const unsigned short* arow = act + m * (long long)H;
     int t = 0;      // next tile (TwELL)
     int cnext = c_start;  // next column (FROM_ACT)
     while (FROM_ACT ? cnext < H : t < NT) {

@@ -9,6 +9,7 @@ timed tokens fell on removed neurons. Decode (99.5% sparsity, CUDA graphs over 8
 ffn_forward takes with a known density on the full width and on the packed layers.
 
     python3 tests/gpu/prefill_tune.py OUT.json [prefill] [decode]
+    ncu --kernel-name regex:twell_ffn_kernel python3 tests/gpu/prefill_tune.py profile   # one launch per build
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ from sparsify_cli.bench.synthetic import make_ffn_inputs
 from sparsify_cli.kernels import launchers, ops
 from sparsify_cli.kernels.ffn import hot_first_order
 
-HINTS = {"hints0": ("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=0"), "hints1": ("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1")}
+HINTS = {  # builds of the sparse kernel: cache eviction hints, the activation row prefetched to L2
+    "hints0": ("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=0", "FFN_ACT_PREFETCH=0"),
+    "hints1": ("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1", "FFN_ACT_PREFETCH=0"),
+    "hints1_prefetch": ("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1", "FFN_ACT_PREFETCH=1"),
+}
 
 
 def hybrid(x, gate, up, down_t, n_hot, defines):
@@ -75,7 +80,7 @@ def prefill(m: int, nnz: float, reps: int = 20) -> dict:
             t(f"kernel_{lay_name}_{hname}",
               lambda: launchers.launch_relu_ffn(x, act, u, dt, o, c_start=nh, init=hot_out, defines=defs))
             outs[hname] = o
-        row[f"same_bits_{lay_name}"] = bool(torch.equal(outs["hints0"], outs["hints1"]))
+        row[f"same_bits_{lay_name}"] = all(bool(torch.equal(outs["hints0"], o)) for o in outs.values())
         t(f"hot_part_{lay_name}", lambda: (torch.relu(act[:, :nh]) * (x @ u[:nh].T)) @ dt[:nh])
     row["ms"] = {k: min(v) for k, v in times.items()}
     row["ms_rounds"] = times
@@ -123,7 +128,25 @@ def decode(m: int, layers: int = 8, reps: int = 50) -> dict:
             "rel_err_torch_bf16": _rel(dense_block(x, s0.gate, s0.up, s0.down), ref32)}
 
 
+def profile(m: int = 65536, nnz: float = 29) -> None:
+    """For ncu: the full-width hybrid's sparse kernel, warmed up, then one launch per build in HINTS' order."""
+    inp = make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=int(nnz) + m)
+    x = inp.x
+    rates = ((calib_tokens(CALIB_TOKENS, 5) @ inp.gate.T) > 0).float().mean(0)
+    perm, nh = hot_first_order(rates)
+    g, u, dt = inp.gate[perm].contiguous(), inp.up[perm].contiguous(), inp.down.T[perm].contiguous()
+    act = x @ g.T
+    hot_out = (torch.relu(act[:, :nh]) * (x @ u[:nh].T)) @ dt[:nh]
+    out = torch.empty_like(x)
+    for defs in list(HINTS.values()) * 2:
+        launchers.launch_relu_ffn(x, act, u, dt, out, c_start=nh, init=hot_out, defines=defs)
+    torch.cuda.synchronize()
+
+
 def main() -> None:
+    if sys.argv[1] == "profile":
+        profile()
+        return
     out = sys.argv[1]
     parts = sys.argv[2:] or ["prefill", "decode"]
     result = {"environment": environment(), "prefill": [], "decode": []}

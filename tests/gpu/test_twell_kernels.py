@@ -221,9 +221,10 @@ def test_relu_ffn_c_start_and_init_semantics():
 
 @pytest.mark.parametrize("m,d,h", [(1029, 2048, 5632), (300, 512, 1001), (77, 2560, 704)])
 @pytest.mark.parametrize("gated", [True, False])
-def test_stream_hints_same_bits(m, d, h, gated):
-    """FFN_STREAM_HINTS=1 changes only cache eviction priorities (activation, init, out): the same bits as the
-    plain build, whole rows and hybrid (c_start/init), aligned and unaligned (H % 8 != 0) activations."""
+def test_cache_hint_builds_same_bits(m, d, h, gated):
+    """FFN_STREAM_HINTS (eviction priorities of the activation, init, out) and FFN_ACT_PREFETCH (the activation row
+    prefetched to L2) are hints only: the same bits as the plain build, whole rows and hybrid (c_start/init),
+    aligned and unaligned (H % 8 != 0) activations."""
     inp = make_ffn_inputs(m, d, h, 0.02 * h, device=DEV, seed=m + d)
     down_t = inp.down.T.contiguous()
     up = inp.up if gated else None
@@ -231,14 +232,16 @@ def test_stream_hints_same_bits(m, d, h, gated):
     init = torch.randn(m, d, device=DEV).to(torch.bfloat16)
     for c_start, extra in ((0, None), (64, init)):
         outs = []
-        for hints in (0, 1):
+        for hints, prefetch in ((0, 0), (1, 0), (1, 1)):
             out = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
             launchers.launch_relu_ffn(inp.x, act, up, down_t, out, path="prefill", c_start=c_start, init=extra,
-                                      defines=("FFN_MIN_BLOCKS=4", f"FFN_STREAM_HINTS={hints}"))
+                                      defines=("FFN_MIN_BLOCKS=4", f"FFN_STREAM_HINTS={hints}",
+                                               f"FFN_ACT_PREFETCH={prefetch}"))
             outs.append(out)
         torch.cuda.synchronize()
-        assert not torch.isnan(outs[1]).any(), "unwritten (poisoned) output elements"
-        assert torch.equal(outs[0], outs[1])
+        for out in outs[1:]:
+            assert not torch.isnan(out).any(), "unwritten (poisoned) output elements"
+            assert torch.equal(outs[0], out)
 
 
 @pytest.mark.parametrize("m", [1, 2])
