@@ -98,13 +98,19 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, unsigned int a0, unsign
 }
 
 #define MMA_ROWS 16         // gate rows per block
+#ifndef MMA_ROW_GROUP
+#define MMA_ROW_GROUP 1  // a block's rows come in groups of this many neighbours (1, 2, 4, 8 or 16), see below.
+// H200, 8 / 16 tokens, µs: packed (hot-first) layers 15.1 / 17.1 at 1, 15.5 / 18.8 at 4, 18.1 / 24.5 at 16;
+// unordered layers 16.8 / 19.2 at 1, 16.2 / 18.3 at 16. Packed layers are what runs, hence 1 (BENCHMARKS.md).
+#endif
 #define MMA_TOKENS 8        // tokens per mma (n); a block takes NT tiles of them, M <= 8 * NT
 
-// The tensor-core gate pass: one block per 16 gate rows and all M <= 8 * NT tokens. Block b takes the rows
-// b, b + G, ..., b + 15 G (G = gridDim.x), not 16 neighbours: in a packed layer the hot neurons come first
-// (hot-first order), and 16 neighbouring hot rows gave the first blocks most of the active pairs' up dots, a
-// tail that made packed layers slower than unordered ones at 8-16 tokens (BENCHMARKS.md). Each row's dot is
-// summed the same way wherever it sits, so the bits do not depend on the mapping. Warp w sweeps the 32-column
+// The tensor-core gate pass: one block per 16 gate rows and all M <= 8 * NT tokens. Block b takes 16 / RG groups
+// of RG = MMA_ROW_GROUP neighbouring rows, groups b, b + G, b + 2G, ... (G = gridDim.x; RG = 16: 16 neighbours),
+// so the hot neurons that lead a packed layer (hot-first order) are shared out over the blocks: with 16
+// neighbouring hot rows the first blocks got most of the active pairs' up dots, a tail that made packed layers
+// slower than unordered ones at 8-16 tokens (BENCHMARKS.md). Each row's dot is summed the same way wherever it
+// sits, so the bits do not depend on the mapping. Warp w sweeps the 32-column
 // chunks w, w + 4, ... of D (UNROLL of them with their loads in flight) and runs, per chunk and token tile, two
 // mma.m16n8k16 with the 16 rows as A and the tile's tokens (zero past M) as B; the 4 warps' partial tiles are
 // summed in warp order. The chunk order per warp does not depend on NT, so a token's a has the same bits
@@ -126,11 +132,15 @@ __global__ void __launch_bounds__(32 * FUSED_GATE_WARPS) decode_gate_up_mma_kern
     __shared__ float part[FUSED_GATE_WARPS][MMA_ROWS * TOK];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int j0 = blockIdx.x, js = gridDim.x;  // this block's rows: j0 + r * js, r < MMA_ROWS
+    static_assert(MMA_ROWS % MMA_ROW_GROUP == 0, "whole row groups per block");
+    const int grid = gridDim.x;
+    auto row_of = [&](int r) {  // this block's r-th row, r < MMA_ROWS
+        return (blockIdx.x + (r / MMA_ROW_GROUP) * grid) * MMA_ROW_GROUP + r % MMA_ROW_GROUP;
+    };
     pdl_launch_dependents();  // as in decode_gate_up_kernel
     const int nchunk = D >> 5;
-    const uint4* w_lo = reinterpret_cast<const uint4*>(w_act + (long long)min(j0 + g * js, H - 1) * D);
-    const uint4* w_hi = reinterpret_cast<const uint4*>(w_act + (long long)min(j0 + (g + 8) * js, H - 1) * D);
+    const uint4* w_lo = reinterpret_cast<const uint4*>(w_act + (long long)min(row_of(g), H - 1) * D);
+    const uint4* w_hi = reinterpret_cast<const uint4*>(w_act + (long long)min(row_of(g + 8), H - 1) * D);
     const uint4* xg[NT];
     bool x_ok[NT];  // tokens past M are zero columns of B
 #pragma unroll
@@ -177,7 +187,7 @@ __global__ void __launch_bounds__(32 * FUSED_GATE_WARPS) decode_gate_up_mma_kern
     bool valid[NT], active[NT];
 #pragma unroll
     for (int k = 0; k < NT; ++k) {
-        const int p = threadIdx.x + PAIRS * k, tok = p % TOK, j = j0 + (p / TOK) * js;
+        const int p = threadIdx.x + PAIRS * k, tok = p % TOK, j = row_of(p / TOK);
         float sum = 0.f;
 #pragma unroll
         for (int w = 0; w < FUSED_GATE_WARPS; ++w) sum += part[w][p];
@@ -217,13 +227,12 @@ __global__ void __launch_bounds__(32 * FUSED_GATE_WARPS) decode_gate_up_mma_kern
             const int nvec = D >> 3;
             for (int q = 2 * warp; q < total; q += 2 * FUSED_GATE_WARPS) {
                 const int p0 = plist[q], p1 = q + 1 < total ? plist[q + 1] : -1;
-                const int q1 = max(p1, 0);  // pair p: token p % TOK, row j0 + (p / TOK) * js
+                const int q1 = max(p1, 0);  // pair p: token p % TOK, row row_of(p / TOK)
                 float d0, d1;
                 warp_dot2x(xb + (long long)(p0 % TOK) * nvec,
-                           reinterpret_cast<const uint4*>(up + (long long)(j0 + (p0 / TOK) * js) * D),
+                           reinterpret_cast<const uint4*>(up + (long long)row_of(p0 / TOK) * D),
                            xb + (long long)(q1 % TOK) * nvec,
-                           p1 >= 0 ? reinterpret_cast<const uint4*>(up + (long long)(j0 + (q1 / TOK) * js) * D)
-                                   : nullptr,
+                           p1 >= 0 ? reinterpret_cast<const uint4*>(up + (long long)row_of(q1 / TOK) * D) : nullptr,
                            nvec, lane, d0, d1);
                 if (lane == 0) {
                     pdot[p0] = d0;
@@ -239,7 +248,7 @@ __global__ void __launch_bounds__(32 * FUSED_GATE_WARPS) decode_gate_up_mma_kern
 #pragma unroll
     for (int k = 0; k < NT; ++k) {
         const int p = threadIdx.x + PAIRS * k;
-        if (valid[k]) hbuf[(long long)(p % TOK) * Hs + j0 + (p / TOK) * js] = h[k];
+        if (valid[k]) hbuf[(long long)(p % TOK) * Hs + row_of(p / TOK)] = h[k];
     }
 }
 

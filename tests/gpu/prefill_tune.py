@@ -128,6 +128,34 @@ def decode(m: int, layers: int = 8, reps: int = 50) -> dict:
             "rel_err_torch_bf16": _rel(dense_block(x, s0.gate, s0.up, s0.down), ref32)}
 
 
+def row_groups(m: int, layers: int = 8, reps: int = 50) -> dict:
+    """The fused decode path with the tensor-core gate kernel's MMA_ROW_GROUP = 1, 4, 16 (16: a block's rows are
+    16 neighbours), full-width and packed layers, CUDA graphs over 8 layers; whether the outputs are the same bits."""
+    sets, downs_t = decode_layers(m, layers, 300)
+    x = sets[0].x
+    calib = calib_tokens(CALIB_TOKENS, 77)
+    pks = [packed_layer(s.gate, s.up, dt, calib) for s, dt in zip(sets, downs_t)]
+    lay = {"full": [(s.gate, s.up, dt) for s, dt in zip(sets, downs_t)],
+           "packed": [(p.gate, p.up, p.down_t) for p in pks]}
+    o = torch.empty_like(x)
+    runs, outs = {}, {}
+    for name, ws in lay.items():
+        for rg in (1, 4, 16):
+            defs = (f"MMA_ROW_GROUP={rg}",)
+            runs[f"{name}_rg{rg}"] = graph_replay(
+                lambda ws=ws, defs=defs: [launchers.launch_decode_ffn(x, g, u, dt, o, defines=defs) for g, u, dt in ws])
+            r = torch.empty_like(x)
+            launchers.launch_decode_ffn(x, *ws[0], r, defines=defs)
+            outs[f"{name}_rg{rg}"] = r
+    runs["dense"] = graph_replay(lambda: [dense_block(x, s.gate, s.up, s.down) for s in sets])
+    times: dict[str, list[float]] = {}
+    for _ in range(2):
+        for k, fn in runs.items():
+            times.setdefault(k, []).append(cuda_time(fn, reps) / layers * 1e3)
+    same = all(torch.equal(outs[f"{n}_rg1"], outs[f"{n}_rg{rg}"]) for n in lay for rg in (4, 16))
+    return {"M": m, "us": {k: min(v) for k, v in times.items()}, "us_rounds": times, "same_bits": same}
+
+
 def profile(m: int = 65536, nnz: float = 29) -> None:
     """For ncu: the full-width hybrid's sparse kernel, warmed up, then one launch per build in HINTS' order."""
     inp = make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=int(nnz) + m)
@@ -162,6 +190,13 @@ def main() -> None:
                       {k: round(v, 3) for k, v in r["ms"].items()}, {k: round(v, 2) for k, v in r["speedup"].items()},
                       flush=True)
                 json.dump(result, open(out, "w"), indent=1)
+    if "rowgroup" in parts:
+        result["row_groups"] = []
+        for m in (8, 16):
+            result["row_groups"].append(row_groups(m))
+            r = result["row_groups"][-1]
+            print(m, r["same_bits"], {k: round(v, 2) for k, v in r["us"].items()}, flush=True)
+            json.dump(result, open(out, "w"), indent=1)
     if "decode" in parts:
         for m in (1, 8, 16, 17, 32, 64):
             result["decode"].append(decode(m))
