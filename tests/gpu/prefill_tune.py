@@ -1,15 +1,16 @@
 """Prefill and decode of a full-width layer against the same layer as `sparsify pack` lays it out (neurons that
-never fired on calibration tokens removed), with the prefill kernel's cache-hint variant (development tool).
+never fired on calibration tokens removed), with the builds of the prefill kernel (development tool).
 
 Prefill (D=2048, H=5632, PERFORMANCE.md's inputs): dense, the gate GEMM (cuBLAS; cuBLASLt beside it), the hybrid
-path on the full width and on the packed layer, each with the sparse kernel built with FFN_STREAM_HINTS=0 and =1
-(activation scan, init and out evict-first), in two interleaved rounds; the sparse kernel alone; whether the
-two builds give the same bits; the packed layer's error against the fp32 block and how many activations of the
-timed tokens fell on removed neurons. Decode (99.5% sparsity, CUDA graphs over 8 layers): dense, the path
-ffn_forward takes with a known density on the full width and on the packed layers.
+path on the full width and on the packed layer with every build of the sparse kernel in HINTS (the one-warp kernel
+with and without its cache hints, the cooperative kernel), in two interleaved rounds; the sparse kernel alone;
+whether all builds give the same bits; the packed layer's error against the fp32 block and how many activations
+of the timed tokens fell on removed neurons. Decode (99.5% sparsity, CUDA graphs over 8 layers): dense, the path
+ffn_forward takes with a known density on the full width and on the packed layers; `rowgroup`: the fused gate
+kernel's MMA_ROW_GROUP.
 
-    python3 tests/gpu/prefill_tune.py OUT.json [prefill] [decode]
-    ncu --kernel-name regex:twell_ffn_kernel python3 tests/gpu/prefill_tune.py profile   # one launch per build
+    python3 tests/gpu/prefill_tune.py OUT.json [prefill] [decode] [rowgroup]
+    ncu --kernel-name regex:'twell_ffn|act_ffn_coop' python3 tests/gpu/prefill_tune.py profile   # a launch per build
 """
 
 from __future__ import annotations
@@ -25,19 +26,24 @@ from sparsify_cli.bench.synthetic import make_ffn_inputs
 from sparsify_cli.kernels import launchers, ops
 from sparsify_cli.kernels.ffn import hot_first_order
 
-HINTS = {  # builds of the sparse kernel: cache eviction hints, the activation row prefetched to L2
-    "hints0": ("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=0", "FFN_ACT_PREFETCH=0"),
-    "hints1": ("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1", "FFN_ACT_PREFETCH=0"),
-    "hints1_prefetch": ("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1", "FFN_ACT_PREFETCH=1"),
+HINTS = {  # builds of the sparse kernel (launch_relu_ffn keywords): the one-warp kernel's cache eviction hints and
+    # activation-row prefetch; the cooperative kernel (act_ffn_coop.cu) with 2 / 4 warps per token and its
+    # register budget (blocks per SM)
+    "hints0": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=0", "FFN_ACT_PREFETCH=0")),
+    "hints1": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1", "FFN_ACT_PREFETCH=0")),
+    "hints1_prefetch": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1", "FFN_ACT_PREFETCH=1")),
+    "coop2_mb5": dict(defines=("COOP_MIN_BLOCKS=5",), coop=2),
+    "coop4_mb5": dict(defines=("COOP_MIN_BLOCKS=5",), coop=4),
+    "coop4_mb6": dict(defines=("COOP_MIN_BLOCKS=6",), coop=4),
 }
 
 
-def hybrid(x, gate, up, down_t, n_hot, defines):
-    """hybrid_ffn with the sparse kernel built with `defines` (gate GEMM included)."""
+def hybrid(x, gate, up, down_t, n_hot, build):
+    """hybrid_ffn with the sparse kernel of `build` (a HINTS entry; gate GEMM included)."""
     act = x @ gate.T  # (M, H)
     hot_out = (torch.relu(act[:, :n_hot]) * (x @ up[:n_hot].T)) @ down_t[:n_hot]  # (M, D)
     out = torch.empty_like(x)
-    launchers.launch_relu_ffn(x, act, up, down_t, out, c_start=n_hot, init=hot_out, defines=defines)
+    launchers.launch_relu_ffn(x, act, up, down_t, out, c_start=n_hot, init=hot_out, **build)
     return out
 
 
@@ -78,7 +84,7 @@ def prefill(m: int, nnz: float, reps: int = 20) -> dict:
         for hname, defs in HINTS.items():
             o = torch.full_like(x, float("nan"))
             t(f"kernel_{lay_name}_{hname}",
-              lambda: launchers.launch_relu_ffn(x, act, u, dt, o, c_start=nh, init=hot_out, defines=defs))
+              lambda: launchers.launch_relu_ffn(x, act, u, dt, o, c_start=nh, init=hot_out, **defs))
             outs[hname] = o
         row[f"same_bits_{lay_name}"] = all(bool(torch.equal(outs["hints0"], o)) for o in outs.values())
         t(f"hot_part_{lay_name}", lambda: (torch.relu(act[:, :nh]) * (x @ u[:nh].T)) @ dt[:nh])
@@ -166,8 +172,8 @@ def profile(m: int = 65536, nnz: float = 29) -> None:
     act = x @ g.T
     hot_out = (torch.relu(act[:, :nh]) * (x @ u[:nh].T)) @ dt[:nh]
     out = torch.empty_like(x)
-    for defs in list(HINTS.values()) * 2:
-        launchers.launch_relu_ffn(x, act, u, dt, out, c_start=nh, init=hot_out, defines=defs)
+    for build in list(HINTS.values()) * 2:
+        launchers.launch_relu_ffn(x, act, u, dt, out, c_start=nh, init=hot_out, **build)
     torch.cuda.synchronize()
 
 
