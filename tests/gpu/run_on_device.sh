@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the FFN benchmark on the device machine; logs and JSON go to $OUT (or ./gpu_out).
-# Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|profile|train|all] [extra args for the bench]
+# Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|profile|train|tune|all] [extra args for the bench]
 # train: the training op's GPU tests and its fwd+bwd profile (tests/gpu/profile_train.py) only
+# tune: the prefill kernel's builds (one-warp kernel, cache hints, the cooperative kernel): their GPU tests, then
+#       tests/gpu/prefill_tune.py's prefill rows (every neuron and packed layers, each build) into $OUT/prefill_tune.json
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -14,6 +16,11 @@ fi
 if [[ $what == train ]]; then
   python3 -m pytest -q tests/gpu/test_train_kernels.py -p no:cacheprovider 2>&1 | tee "$OUT/train_tests.log" | tail -n 40 || rc=1
   python3 tests/gpu/profile_train.py --out "$OUT" "$@" 2>&1 | tee "$OUT/train_profile.log" || rc=1
+fi
+if [[ $what == tune ]]; then
+  python3 -m pytest -q tests/gpu/test_twell_kernels.py -k "coop or cache_hint or hybrid" -p no:cacheprovider 2>&1 \
+    | tee "$OUT/tune_tests.log" | tail -n 5 || rc=1
+  python3 tests/gpu/prefill_tune.py "$OUT/prefill_tune.json" prefill 2>&1 | tee "$OUT/prefill_tune.log" || rc=1
 fi
 if [[ $what == bench || $what == all ]]; then
   python3 -m sparsify_cli.bench.ffn --out "$OUT/ffn_bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{' || rc=1
