@@ -129,20 +129,34 @@ def write_report(report: dict, path: str | Path) -> tuple[Path, Path]:
     return path, csv_path
 
 
-def write_plot(report: dict, path: str | Path) -> Path:
-    """Speed-up (dense time / sparse time) against measured sparsity, one line per (kind, tokens per call)."""
-    plt = pyplot()
-    path = Path(path)
+def plot_series(report: dict) -> dict[str, list[tuple[float, float]]]:
+    """label -> [(sparsity %, speed-up)] sorted by sparsity: one series per (kind, tokens per call), and the ffn
+    suite's packed twins (rows with packed_speedup) as "<label>, packed"."""
     series: dict[str, list[tuple[float, float]]] = {}
     for r in report["rows"]:
         if r.get("speedup") is None or r.get("sparsity") is None:
             continue
         label = f"{r['kind']} M={r['M']}" + (f" ({r['layers']} layers)" if r.get("layers") else "")
         series.setdefault(label, []).append((100 * r["sparsity"], r["speedup"]))
+        if r.get("packed_speedup") is not None:
+            series.setdefault(f"{label}, packed", []).append((100 * r["sparsity"], r["packed_speedup"]))
+    return {label: sorted(pts) for label, pts in series.items()}
+
+
+def write_plot(report: dict, path: str | Path) -> Path:
+    """Speed-up (dense time / sparse time) against measured sparsity, one line per (kind, tokens per call); the ffn
+    suite's packed twins (packed_speedup) as dashed lines beside them."""
+    plt = pyplot()
+    path = Path(path)
+    series = plot_series(report)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors: dict[str, str] = {}  # a series and its packed twin share a colour
     for label, pts in series.items():
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        packed = label.endswith(", packed")
+        base = label.removesuffix(", packed")
+        colors.setdefault(base, f"C{len(colors) % 10}")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, color=colors[base],
+                ls="--" if packed else "-", mfc="none" if packed else colors[base])
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     env, s = report["environment"], report["settings"]
     ax.set_xlabel("FFN activation sparsity (%), measured")
