@@ -4,8 +4,8 @@
 
 Prefill rows: D=2048, H=5632, M in {16384, 65536}, nnz/token in {29, 56, 112} (PERFORMANCE.md's input
 recipe, sparsify_cli.bench.synthetic). Decode rows: M in {1, 8, 16, 64} at 99.5% sparsity, timed as CUDA-graph
-replays over 4 independent layers' weights (so weights are not L2-resident across repetitions, as in a model).
-Timing: CUDA events, warm-up, median of >= 20 repetitions. Error: ‖out − ref32‖/‖ref32‖ on the first rows,
+replays over 4 independent layers' weights (so weights are not L2-resident across repetitions, as in a model),
+and the same layers as `sparsify pack` lays them out (PackedLayer: dead neurons removed, hot-first). Timing: CUDA events, warm-up, median of >= 20 repetitions. Error: ‖out − ref32‖/‖ref32‖ on the first rows,
 ref32 = the block in fp32 from the same bf16 inputs; torch-bf16's own error is reported beside it.
 """
 
@@ -67,9 +67,9 @@ def packed_layer(gate: torch.Tensor, up: torch.Tensor, down_t: torch.Tensor, cal
                        float(rates.sum()), float(rates[n_hot:].sum()), kept)
 
 
-def calib_tokens(n: int, seed: int, d_model: int = D_MODEL) -> torch.Tensor:
-    """n calibration tokens of the input recipe, drawn apart from any timed tokens."""
-    return recipe_tokens(n, d_model, torch.Generator(device="cuda").manual_seed(seed), device="cuda")
+def calib_tokens(n: int, seed: int) -> torch.Tensor:
+    """n calibration tokens of the input recipe (width D_MODEL), drawn apart from any timed tokens."""
+    return recipe_tokens(n, D_MODEL, torch.Generator(device="cuda").manual_seed(seed), device="cuda")
 
 
 def removed_share(x: torch.Tensor, gate: torch.Tensor, kept: torch.Tensor) -> float:

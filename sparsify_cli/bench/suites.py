@@ -154,7 +154,7 @@ def gpu_prefill_row(s, m: int, nnz: float, energy: Optional[EnergyMeter] = None)
     # layer as pack lays it out, without the neurons that never fired on the calibration tokens.
     from sparsify_cli.kernels.ffn import hot_first_order
 
-    calib = ffn.calib_tokens(ffn.CALIB_TOKENS, m + 1, s.d_model)
+    calib = ffn.calib_tokens(ffn.CALIB_TOKENS, m + 1)
     rates = ((calib @ gate.T) > 0).float().mean(0)  # (H,)
     perm, n_hot = hot_first_order(rates)
     gate_p, up_p, down_t = gate[perm].contiguous(), up[perm].contiguous(), down.T[perm].contiguous()
