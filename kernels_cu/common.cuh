@@ -226,6 +226,25 @@ __device__ __forceinline__ void warp_down_rows(float* acc, const unsigned short*
     }
 }
 
+// acc := chunk widened to fp32 (the lane's NV column vectors of 8, as warp_down_rows lays them out; lanes past
+// nvec_c keep theirs); STREAM: evict-first loads (ld_stream16). The hybrid's init, the mirror of warp_store_bf16.
+template <int NV, bool STREAM = false>
+__device__ __forceinline__ void warp_load_bf16(float* acc, const unsigned short* __restrict__ chunk, int nvec_c,
+                                               int lane) {
+    const uint4* ig = reinterpret_cast<const uint4*>(chunk);
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+        const int vi = k * 32 + lane;
+        if (vi < nvec_c) {
+            const uint4 q = STREAM ? ld_stream16(ig + vi) : __ldg(ig + vi);
+            acc[8 * k + 0] = bf16_lo(q.x); acc[8 * k + 1] = bf16_hi(q.x);
+            acc[8 * k + 2] = bf16_lo(q.y); acc[8 * k + 3] = bf16_hi(q.y);
+            acc[8 * k + 4] = bf16_lo(q.z); acc[8 * k + 5] = bf16_hi(q.z);
+            acc[8 * k + 6] = bf16_lo(q.w); acc[8 * k + 7] = bf16_hi(q.w);
+        }
+    }
+}
+
 // out_chunk := acc rounded to bf16 (the lane's NV column vectors of 8, as warp_down_rows lays them out);
 // STREAM: evict-first stores (st_stream16).
 template <int NV, bool STREAM = false>

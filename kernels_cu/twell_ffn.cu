@@ -74,20 +74,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
     float acc[8 * NV];
 #pragma unroll
     for (int i = 0; i < 8 * NV; ++i) acc[i] = 0.f;
-    if (init != nullptr) {
-        const uint4* ig = reinterpret_cast<const uint4*>(init + m * D + d0);
-#pragma unroll
-        for (int k = 0; k < NV; ++k) {
-            const int vi = k * 32 + lane;
-            if (vi < nvec_c) {
-                const uint4 q = FFN_STREAM_HINTS ? ld_stream16(ig + vi) : __ldg(ig + vi);
-                acc[8 * k + 0] = bf16_lo(q.x); acc[8 * k + 1] = bf16_hi(q.x);
-                acc[8 * k + 2] = bf16_lo(q.y); acc[8 * k + 3] = bf16_hi(q.y);
-                acc[8 * k + 4] = bf16_lo(q.z); acc[8 * k + 5] = bf16_hi(q.z);
-                acc[8 * k + 6] = bf16_lo(q.w); acc[8 * k + 7] = bf16_hi(q.w);
-            }
-        }
-    }
+    if (init != nullptr) warp_load_bf16<NV, FFN_STREAM_HINTS != 0>(acc, init + m * D + d0, nvec_c, lane);
 
     const int* wrow = words + m * (long long)NT * S;
     const float* hrow = hbuf + m * (long long)NT * S;  // only dereferenced when HBUF
