@@ -5,7 +5,8 @@
 Prefill rows: D=2048, H=5632, M in {16384, 65536}, nnz/token in {29, 56, 112} (PERFORMANCE.md's input
 recipe, sparsify_cli.bench.synthetic). Decode rows: M in {1, 8, 16, 64} at 99.5% sparsity, timed as CUDA-graph
 replays over 4 independent layers' weights (so weights are not L2-resident across repetitions, as in a model),
-and the same layers as `sparsify pack` lays them out (PackedLayer: dead neurons removed, hot-first). Timing: CUDA events, warm-up, median of >= 20 repetitions. Error: ‖out − ref32‖/‖ref32‖ on the first rows,
+and the same layers as `sparsify pack` lays them out (PackedLayer: dead neurons removed, hot-first).
+Timing: CUDA events, warm-up, median of >= 20 repetitions. Error: ‖out − ref32‖/‖ref32‖ on the first rows,
 ref32 = the block in fp32 from the same bf16 inputs; torch-bf16's own error is reported beside it.
 """
 
