@@ -17,8 +17,6 @@ UP_WARPS = 4  # warps (= tokens) per block of twell_up_kernel; must match kernel
 # 16 instead of 12 warps per SM (128 registers, a few bytes of spills in the gather) measured faster.
 FFN_DEFAULT_DEFINES: tuple[str, ...] = ("FFN_MIN_BLOCKS=4",)
 FFN_DEFAULT_SPLIT = False  # run phase A (x . U_j) as its own kernel (twell_up_kernel)
-COOP_WARPS = 4  # warps per block of act_ffn_coop_kernel; must match kernels_cu/act_ffn_coop.cu
-COOP_VECTORS = {2: (1, 2, 4), 4: (1, 2)}  # warps per token -> the kernel's instances (16-byte vectors per lane)
 DECODE_MAX_M = 64  # at or below this many tokens the decode kernel runs
 DECODE_THREADS = 512  # must match kernels_cu/decode_down.cuh
 DECODE_CAP = 1024  # must match kernels_cu/decode_down.cuh
@@ -212,40 +210,16 @@ def _prefill_launch(x, words, up, down_t, act, out, tile, from_act: bool, define
     loader.launch(fn, ((m + FFN_WARPS - 1) // FFN_WARPS, chunks), (32 * FFN_WARPS,), ptrs + tail)
 
 
-def coop_instance(d: int, tw: int) -> tuple[str, int, tuple[int, int]]:
-    """(kernel expression without GATED, vectors per lane NV, (tokens per block, D-blocks)) of act_ffn_coop_kernel
-    with tw warps per token for this D: each warp accumulates a 256 * NV-column chunk, NV the smallest instance
-    that lets the tw warps cover D (at most 2048 columns per token group; wider D takes more blocks)."""
-    if tw not in COOP_VECTORS:
-        raise ValueError(f"coop must be 0 (one warp per token) or one of {sorted(COOP_VECTORS)}, got {tw}")
-    need = -(-d // (256 * tw))
-    nv = next((v for v in COOP_VECTORS[tw] if v >= need), COOP_VECTORS[tw][-1])
-    return f"act_ffn_coop_kernel<{nv}, GATED, {tw}>", nv, (COOP_WARPS // tw, -(-d // (256 * nv * tw)))
-
-
-def _coop_launch(x, up, down_t, act, out, m, d, h, c_start, init, tw: int, defines) -> None:
-    from sparsify_cli.kernels import loader
-
-    expr, _, (per_block, d_blocks) = coop_instance(d, tw)
-    fn = loader.get_function("act_ffn_coop.cu", expr.replace("GATED", _b(up is not None)), tuple(defines or ()))
-    ptrs = (x.data_ptr(), up.data_ptr() if up is not None else 0, down_t.data_ptr(), act.data_ptr(), out.data_ptr())
-    tail = (_i64(m), _i32(d), _i32(h), _i32(_vec_ok(act)), _i32(c_start), init.data_ptr() if init is not None else 0)
-    loader.launch(fn, (-(-m // per_block), d_blocks), (32 * COOP_WARPS,), ptrs + tail)
-
-
 def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 256,
                     defines: tuple[str, ...] | None = None, c_start: int = 0,
-                    init: torch.Tensor | None = None, pdl: bool | None = None, pdl_up: bool | None = None,
-                    coop: int = 0) -> None:
+                    init: torch.Tensor | None = None, pdl: bool | None = None, pdl_up: bool | None = None) -> None:
     """The sparse FFN without materializing TwELL: each token's entries come straight from the dense activation
     ``act`` (relu applied; packing fused into the FFN kernel). Reads only the active rows of U and DownT.
     path: auto (decode kernels for M <= DECODE_MAX_M, else prefill) | prefill | decode.
     Hybrid (prefill only): only columns >= ``c_start`` are used (a multiple of 8), and ``init`` (M, D) bf16 is
     added to the result (the hot neurons' dense part).
     Decode runs two kernels (launch_decode_up_act, then launch_decode_down); ``pdl`` launches the second and
-    ``pdl_up`` the first with programmatic dependent launch (None: pdl_default). The results are the same bits.
-    ``coop`` (prefill; experimental, not yet timed on a GPU): 2 or 4 warps share each token
-    (kernels_cu/act_ffn_coop.cu, ``defines`` then apply to it); 0, the default: one warp per token."""
+    ``pdl_up`` the first with programmatic dependent launch (None: pdl_default). The results are the same bits."""
     if act.dim() != 2 or x.dim() != 2:
         raise ValueError("x and act must be 2-D: x (M, D), act (M, H)")
     m, d, h, nt, _ = check_ffn_args(x, None, up, down_t, act, out, tile)
@@ -257,18 +231,14 @@ def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 
         _check_aligned(init=init)
     if m == 0:
         return
-    if coop:
-        coop_instance(d, coop)  # refuses a warp count with no kernel instance
     if path == "auto":
-        path = "prefill" if hybrid or coop or m > DECODE_MAX_M else "decode"
+        path = "prefill" if hybrid or m > DECODE_MAX_M else "decode"
     if path == "decode":
-        if hybrid or coop:
-            raise ValueError("the decode kernels have no hybrid (c_start/init) or coop mode; use path='prefill'")
+        if hybrid:
+            raise ValueError("the decode kernels have no hybrid mode (c_start/init); use path='prefill'")
         default = pdl_default(x.device)
         hbuf = launch_decode_up_act(x, act, up, pdl=default if pdl_up is None else pdl_up)
         launch_decode_down(hbuf, down_t, out, h, pdl=default if pdl is None else pdl)
-    elif path == "prefill" and coop:
-        _coop_launch(x, up, down_t, act, out, m, d, h, c_start, init, coop, defines)
     elif path == "prefill":
         _prefill_launch(x, None, up, down_t, act, out, tile, True, defines, m, d, h, nt, 2, False, c_start, init)
     else:

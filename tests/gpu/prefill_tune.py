@@ -2,20 +2,21 @@
 never fired on calibration tokens removed), with the builds of the prefill kernel (development tool).
 
 Prefill (D=2048, H=5632, PERFORMANCE.md's inputs): dense, the gate GEMM (cuBLAS; cuBLASLt beside it), the hybrid
-path on the full width and on the packed layer with every build of the sparse kernel in HINTS (the one-warp kernel
-with and without its cache hints, the cooperative kernel), in two interleaved rounds; the sparse kernel alone;
+path on the full width and on the packed layer with every build of the sparse kernel in HINTS (cache hints and the
+activation-row prefetch on and off), in interleaved rounds; the sparse kernel alone;
 whether all builds give the same bits; the packed layer's error against the fp32 block and how many activations
 of the timed tokens fell on removed neurons. Decode (99.5% sparsity, CUDA graphs over 8 layers): dense, the path
 ffn_forward takes with a known density on the full width and on the packed layers; `rowgroup`: the fused gate
 kernel's MMA_ROW_GROUP.
 
     python3 tests/gpu/prefill_tune.py OUT.json [prefill] [decode] [rowgroup]
-    ncu --kernel-name regex:'twell_ffn|act_ffn_coop' python3 tests/gpu/prefill_tune.py profile   # a launch per build
+    ncu --kernel-name regex:'twell_ffn_kernel' python3 tests/gpu/prefill_tune.py profile   # a launch per build
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -26,16 +27,16 @@ from sparsify_cli.bench.synthetic import make_ffn_inputs
 from sparsify_cli.kernels import launchers, ops
 from sparsify_cli.kernels.ffn import hot_first_order
 
-HINTS = {  # builds of the sparse kernel (launch_relu_ffn keywords): the one-warp kernel's cache eviction hints and
-    # activation-row prefetch; the cooperative kernel (act_ffn_coop.cu) with 2 / 4 warps per token and its
-    # register budget (blocks per SM)
+HINTS = {  # builds of the sparse kernel (launch_relu_ffn keywords): its cache eviction hints and activation-row
+    # prefetch (session 9 also timed a kernel sharing a token among 2 / 4 warps here: slower, removed; BENCHMARKS.md)
     "hints0": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=0", "FFN_ACT_PREFETCH=0")),
     "hints1": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1", "FFN_ACT_PREFETCH=0")),
     "hints1_prefetch": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1", "FFN_ACT_PREFETCH=1")),
-    "coop2_mb5": dict(defines=("COOP_MIN_BLOCKS=5",), coop=2),
-    "coop4_mb5": dict(defines=("COOP_MIN_BLOCKS=5",), coop=4),
-    "coop4_mb6": dict(defines=("COOP_MIN_BLOCKS=6",), coop=4),
 }
+# PREFILL_TUNE_BUILDS=hints1,hints1_prefetch: time only these builds; PREFILL_TUNE_ROUNDS: interleaved rounds
+if os.environ.get("PREFILL_TUNE_BUILDS"):
+    HINTS = {k: HINTS[k] for k in os.environ["PREFILL_TUNE_BUILDS"].split(",")}
+ROUNDS = int(os.environ.get("PREFILL_TUNE_ROUNDS", "2"))
 
 
 def hybrid(x, gate, up, down_t, n_hot, build):
@@ -67,7 +68,7 @@ def prefill(m: int, nnz: float, reps: int = 20) -> dict:
     def t(name, fn):
         times.setdefault(name, []).append(cuda_time(fn, reps))
 
-    for _ in range(2):  # interleaved rounds
+    for _ in range(ROUNDS):  # interleaved rounds
         t("dense", lambda: dense_block(x, gate, up, down))
         t("gate_cublas", lambda: x @ gate.T)
         torch.backends.cuda.preferred_blas_library("cublaslt")
@@ -86,14 +87,15 @@ def prefill(m: int, nnz: float, reps: int = 20) -> dict:
             t(f"kernel_{lay_name}_{hname}",
               lambda: launchers.launch_relu_ffn(x, act, u, dt, o, c_start=nh, init=hot_out, **defs))
             outs[hname] = o
-        row[f"same_bits_{lay_name}"] = all(bool(torch.equal(outs["hints0"], o)) for o in outs.values())
+        first = next(iter(outs.values()))
+        row[f"same_bits_{lay_name}"] = all(bool(torch.equal(first, o)) for o in outs.values())
         t(f"hot_part_{lay_name}", lambda: (torch.relu(act[:, :nh]) * (x @ u[:nh].T)) @ dt[:nh])
     row["ms"] = {k: min(v) for k, v in times.items()}
     row["ms_rounds"] = times
     r = slice(0, 4096)
     ref32 = dense_block(x[r].float(), gate.float(), up.float(), down.float())
-    row["rel_err_full"] = _rel(hybrid(x[r], *full, HINTS["hints0"]), ref32)
-    row["rel_err_packed"] = _rel(hybrid(x[r], *packed, HINTS["hints0"]), ref32)
+    row["rel_err_full"] = _rel(hybrid(x[r], *full, next(iter(HINTS.values()))), ref32)
+    row["rel_err_packed"] = _rel(hybrid(x[r], *packed, next(iter(HINTS.values()))), ref32)
     row["rel_err_torch_bf16"] = _rel(dense_block(x[r], gate, up, down), ref32)
     ms = row["ms"]
     row["speedup"] = {k: ms["dense"] / v for k, v in ms.items() if k.startswith("hybrid")}

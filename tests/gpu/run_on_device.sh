@@ -2,7 +2,7 @@
 # Run the GPU tests and the FFN benchmark on the device machine; logs and JSON go to $OUT (or ./gpu_out).
 # Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|profile|train|tune|all] [extra args for the bench]
 # train: the training op's GPU tests and its fwd+bwd profile (tests/gpu/profile_train.py) only
-# tune: the prefill kernel's builds (one-warp kernel, cache hints, the cooperative kernel): their GPU tests, then
+# tune: the prefill kernel's builds (cache hints, activation-row prefetch): their GPU tests, then
 #       tests/gpu/prefill_tune.py's prefill rows (every neuron and packed layers, each build) into $OUT/prefill_tune.json
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -18,7 +18,7 @@ if [[ $what == train ]]; then
   python3 tests/gpu/profile_train.py --out "$OUT" "$@" 2>&1 | tee "$OUT/train_profile.log" || rc=1
 fi
 if [[ $what == tune ]]; then
-  python3 -m pytest -q tests/gpu/test_twell_kernels.py -k "coop or cache_hint or hybrid" -p no:cacheprovider 2>&1 \
+  python3 -m pytest -q tests/gpu/test_twell_kernels.py -k "cache_hint or hybrid" -p no:cacheprovider 2>&1 \
     | tee "$OUT/tune_tests.log" | tail -n 5 || rc=1
   python3 tests/gpu/prefill_tune.py "$OUT/prefill_tune.json" prefill 2>&1 | tee "$OUT/prefill_tune.log" || rc=1
 fi

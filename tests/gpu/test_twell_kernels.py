@@ -333,54 +333,6 @@ def test_fused_decode_matches_reference(m, impl, d, h, density, gated):
     assert _rel(hbuf[:, :h], h32) < 1e-2
 
 
-@pytest.mark.parametrize("coop", [2, 4])
-@pytest.mark.parametrize("m,d,h", [(1, 2048, 5632), (37, 512, 1000), (1029, 2048, 5632), (5, 64, 33),
-                                   (300, 4160, 700), (66, 1536, 2056)])
-@pytest.mark.parametrize("density", [0.1, 0.02, 0.002])
-@pytest.mark.parametrize("gated", [True, False])
-def test_coop_kernel_same_bits_as_one_warp_kernel(coop, m, d, h, density, gated):
-    """act_ffn_coop_kernel (a token's scan, up dots and D split over 2 or 4 warps) sums the same products in the same
-    order as the one-warp kernel while every warp lists its part in one pass: the same bits, whole rows and hybrid
-    (c_start/init), odd M (a block's second token group absent), D wider than one group, unaligned rows."""
-    inp = make_ffn_inputs(m, d, h, max(density * h, 0.5), device=DEV, seed=m + d + h + coop)
-    down_t = inp.down.T.contiguous()
-    up = inp.up if gated else None
-    act = inp.x @ inp.gate.T
-    init = torch.randn(m, d, device=DEV).to(torch.bfloat16)
-    c_hot = min(64, h - h % 8)
-    for c_start, extra in ((0, None), (c_hot, init)):
-        want = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
-        launchers.launch_relu_ffn(inp.x, act, up, down_t, want, path="prefill", c_start=c_start, init=extra)
-        got = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
-        launchers.launch_relu_ffn(inp.x, act, up, down_t, got, path="prefill", c_start=c_start, init=extra, coop=coop)
-        torch.cuda.synchronize()
-        assert not torch.isnan(got).any(), "unwritten (poisoned) output elements"
-        assert torch.equal(got, want)
-
-
-@pytest.mark.parametrize("coop", [2, 4])
-@pytest.mark.parametrize("gated", [True, False])
-def test_coop_kernel_dense_rows_take_more_passes_exactly(coop, gated):
-    """Rows with more active columns than a warp's list holds in one pass (30% of 16384) go through several passes:
-    summed in another order than the one-warp kernel, so judged against the fp32 reference."""
-    h = 16384
-    inp = make_ffn_inputs(64, 1024, h, 0.3 * h, device=DEV, seed=coop)
-    down_t = inp.down.T.contiguous()
-    up = inp.up if gated else None
-    act = inp.x @ inp.gate.T
-    out = _poison(torch.empty(64, 1024, dtype=torch.bfloat16, device=DEV))
-    launchers.launch_relu_ffn(inp.x, act, up, down_t, out, path="prefill", coop=coop)
-    torch.cuda.synchronize()
-    a32 = torch.relu(act.float())
-    ref32 = ((a32 * (inp.x.float() @ inp.up.float().T)) if gated else a32) @ down_t.float()
-    a16 = torch.relu(act)
-    t16 = ((a16 * (inp.x @ inp.up.T)) if gated else a16) @ down_t
-    part = h // coop  # the first warp's columns (act_ffn_coop.cu): more active ones than one pass lists
-    assert ((act[:, :part] > 0).sum(1) > 1024).all()
-    assert not torch.isnan(out).any()
-    assert _rel(out, ref32) <= 2 * _rel(t16, ref32) + 1e-4, (_rel(out, ref32), _rel(t16, ref32))
-
-
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
 @pytest.mark.parametrize("d,h", [(2048, 5632), (256, 1001), (64, 33)])
 def test_fused_gate_up_bits_do_not_depend_on_row_order(m, d, h):

@@ -147,30 +147,8 @@ def test_launch_constants_match_the_kernel_sources():
         "decode_fused.cu": (("FUSED_GATE_WARPS", launchers.FUSED_GATE_WARPS), ("FUSED_SEG", launchers.FUSED_SEG),
                             ("DECODE_UP_WARPS", launchers.DECODE_UP_WARPS),
                             ("MMA_ROWS", launchers.FUSED_MMA_ROWS)),
-        "act_ffn_coop.cu": (("COOP_WARPS", launchers.COOP_WARPS),),
     }
     for name, pairs in expected.items():
         text = src(name)
         for macro, value in pairs:
             assert f"#define {macro} {value}" in text, (name, macro, value)
-
-
-def test_coop_instances_exist_and_cover_d():
-    """coop_instance picks only (NV, TW) pairs the source instantiates (gated and plain), and its blocks cover D:
-    tokens per block x warps per token = the block's warps, D-blocks x warps x 256 NV columns >= D."""
-    import re
-
-    from sparsify_cli.kernels import loader
-
-    text = (loader.kernel_dir() / "act_ffn_coop.cu").read_text()
-    inst = set(re.findall(r"^SPARSIFY_COOP_INST\((\d+), (true|false), (\d+)\)", text, re.MULTILINE))
-    for tw, nvs in launchers.COOP_VECTORS.items():
-        assert {(str(nv), g, str(tw)) for nv in nvs for g in ("true", "false")} <= inst
-        for d in (64, 128, 512, 1024, 1536, 2048, 2560, 4096, 4160, 8192):
-            expr, nv, (per_block, d_blocks) = launchers.coop_instance(d, tw)
-            assert nv in nvs and expr == f"act_ffn_coop_kernel<{nv}, GATED, {tw}>"
-            assert per_block * tw == launchers.COOP_WARPS
-            assert d_blocks * tw * 256 * nv >= d and (d_blocks - 1) * tw * 256 * nv < d
-    assert launchers.coop_instance(2048, 2)[1] == 4 and launchers.coop_instance(2048, 4)[1] == 2
-    with pytest.raises(ValueError, match="coop must be 0"):
-        launchers.coop_instance(2048, 3)
