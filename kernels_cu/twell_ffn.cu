@@ -32,9 +32,10 @@
 #endif
 #define FFN_CAP 1024  // entries gathered per warp and batch (>= any tile's count: T <= 1024)
 #ifndef FFN_ACT_PREFETCH
-#define FFN_ACT_PREFETCH 0  // 1 (FROM_ACT): the warp asks L2 for its token's activation row [c_start, H) on entry.
-// Off: on an H200 it took 3-6% off the kernel alone at every shape, but the whole hybrid block moved -2%..+5%
-// (worse at M = 65536, nnz 112 in both rounds): the burst of row prefetches evicts weight rows (BENCHMARKS.md).
+#define FFN_ACT_PREFETCH 1  // 1 (FROM_ACT): the warp asks L2 for its token's activation row [c_start, H) on entry,
+// so the listing's steps wait on L2, not DRAM. H200: 2-8% off the kernel alone at every shape; the whole hybrid
+// block faster in 11 of 12 shapes over four interleaved rounds (up to 6.5%), 0.2-0.8% slower at M = 65536, nnz 112,
+// where the burst of row prefetches evicts weight rows behind the large hot GEMMs (BENCHMARKS.md, sessions 8, 9)
 #endif
 #ifndef FFN_STREAM_HINTS
 #define FFN_STREAM_HINTS 1  // the activation scan, init and out go evict-first (ld/st.global.cs, common.cuh): 5-10% off
