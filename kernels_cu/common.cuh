@@ -126,25 +126,21 @@ __device__ __forceinline__ void load8(const unsigned short* __restrict__ arow, i
     }
 }
 
-// Visit the relu-active entries of act row columns [c, c_end) in ascending column order: f(rank, col, bits) with
-// rank = 0, 1, ... in order. The row is read in steps of LOADS 256-column blocks (LOADS 16-byte loads per lane, in
-// flight together). A block is visited only while rank <= room - 256, so f never sees rank >= room; c advances
-// to the first column not visited (c_end when the row is done), and a later call goes on from there. Blocks loaded
-// but not visited are simply loaded again by that call. Every lane of the warp must call it; c must be a multiple
-// of 8. Returns the number visited. STREAM: the row is read evict-first (ld_stream16).
-template <int LOADS, bool STREAM = false, typename F>
-__device__ __forceinline__ int warp_list_active(const unsigned short* __restrict__ arow, int& c, int c_end, int room,
-                                                bool vec_ok, int lane, F f) {
+// Visit the relu-active entries of act row columns [c_beg, c_end) in ascending column order, 512 columns
+// (two 16-byte loads per lane, both in flight) per step: f(rank, col, bits) with rank = 0, 1, ... in order.
+// Every lane of the warp must call it. c_beg must be a multiple of 8. Returns the number visited.
+// STREAM: the row is read evict-first (ld_stream16).
+template <bool STREAM = false, typename F>
+__device__ __forceinline__ int warp_for_each_active(const unsigned short* __restrict__ arow, int c_beg, int c_end,
+                                                    bool vec_ok, int lane, F f) {
     int r = 0;
-    while (c < c_end && r <= room - 256) {
-        const int cb = c;
-        unsigned short v[LOADS][8];
+    for (int c = c_beg; c < c_end; c += 512) {
+        unsigned short v[2][8];
+        load8<STREAM>(arow, c + lane * 8, c_end, vec_ok, v[0]);
+        load8<STREAM>(arow, c + 256 + lane * 8, c_end, vec_ok, v[1]);
 #pragma unroll
-        for (int h = 0; h < LOADS; ++h) load8<STREAM>(arow, cb + 256 * h + lane * 8, c_end, vec_ok, v[h]);
-#pragma unroll
-        for (int h = 0; h < LOADS; ++h) {
-            if (c >= c_end || r > room - 256) break;  // warp-uniform
-            const int c0 = c + lane * 8;
+        for (int h = 0; h < 2; ++h) {
+            const int c0 = c + 256 * h + lane * 8;
             int n = 0;
 #pragma unroll
             for (int e = 0; e < 8; ++e) n += relu_active(v[h][e]) ? 1 : 0;
@@ -154,19 +150,9 @@ __device__ __forceinline__ int warp_list_active(const unsigned short* __restrict
             for (int e = 0; e < 8; ++e)
                 if (relu_active(v[h][e])) f(rank++, c0 + e, v[h][e]);
             r += __shfl_sync(SPARSIFY_FULL_MASK, incl, 31);
-            c = min(c + 256, c_end);
         }
     }
     return r;
-}
-
-// Every relu-active entry of act row columns [c_beg, c_end), in ascending column order, 512 columns (two loads per
-// lane) per step: f(rank, col, bits). Returns the number visited.
-template <bool STREAM = false, typename F>
-__device__ __forceinline__ int warp_for_each_active(const unsigned short* __restrict__ arow, int c_beg, int c_end,
-                                                    bool vec_ok, int lane, F f) {
-    int c = c_beg;
-    return warp_list_active<2, STREAM>(arow, c, c_end, 0x7fffffff, vec_ok, lane, f);
 }
 
 // Two dots x0.u0 and x1.u1 at once (16 row loads in flight per lane), summed over the warp (every lane gets both);

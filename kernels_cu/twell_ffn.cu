@@ -11,7 +11,6 @@
 //           shared-memory list (slot loads of 4 tiles in flight);
 //   phase A (gated): h_e = a_e * (x_m . U_j) for every listed entry (x_m re-read from L1);
 //   phase B: acc += h_e * DownT_j[chunk], two rows in flight; acc stays in registers across batches.
-// FROM_ACT's first batch runs its gather and phase A before acc exists (FFN_FIRST_BATCH): more loads in flight.
 // Splitting A and B keeps at most one set of row registers live beside the accumulators (128 registers,
 // 16 warps per SM, no spills), so the loads of many warps overlap.
 //
@@ -38,50 +37,10 @@
 // block faster in 11 of 12 shapes over four interleaved rounds (up to 6.5%), 0.2-0.8% slower at M = 65536, nnz 112,
 // where the burst of row prefetches evicts weight rows behind the large hot GEMMs (BENCHMARKS.md, sessions 8, 9)
 #endif
-#ifndef FFN_FIRST_BATCH
-#define FFN_FIRST_BATCH 1  // 1 (FROM_ACT): a row's first batch is listed and its up dots taken before the
-// accumulators are live, so the 64 registers they will hold carry more loads in flight instead: the scan reads
-// FFN_FIRST_LOADS 256-column blocks per step, the up dots go two rows at a time, and x and init are asked of L2
-// on entry. The sums and their order are unchanged (same bits). 0: every batch as the later ones
-#endif
-#ifndef FFN_FIRST_LOADS
-#define FFN_FIRST_LOADS 4
-#endif
 #ifndef FFN_STREAM_HINTS
 #define FFN_STREAM_HINTS 1  // the activation scan, init and out go evict-first (ld/st.global.cs, common.cuh): 5-10% off
 // the hybrid's sparse kernel at 65536 tokens, 0-4% at 16384 (H200, BENCHMARKS.md); 0: plain loads and stores
 #endif
-
-// Phase A over a warp's list: lh[e] := a_e * (x . U_j) (gated) or a_e (plain), (j, a_e) packed in lw[e].
-// PAIRS: two U rows in flight per step (warp_dot2: the same sums, in the same order, as warp_dot), for where the
-// accumulators are not live yet; otherwise one row, so its registers fit beside them.
-template <bool GATED, bool PAIRS>
-__device__ __forceinline__ void ffn_phase_a(const unsigned int* lw, float* lh, int E, const uint4* __restrict__ xg,
-                                            const unsigned short* __restrict__ up, int D, int lane) {
-    const int nvec_d = D >> 3;
-    if (!GATED) {
-        for (int e = lane; e < E; e += 32) lh[e] = bf16_to_f((unsigned short)(lw[e] & 0xffffu));
-    } else if (PAIRS) {
-        for (int e = 0; e < E; e += 2) {
-            const unsigned int w0 = lw[e];
-            const unsigned int w1 = e + 1 < E ? lw[e + 1] : 0u;
-            float s0, s1;
-            warp_dot2(xg, reinterpret_cast<const uint4*>(up + (long long)(w0 >> 16) * D),
-                      e + 1 < E ? reinterpret_cast<const uint4*>(up + (long long)(w1 >> 16) * D) : nullptr, nvec_d,
-                      lane, s0, s1);
-            if (lane == 0) {
-                lh[e] = bf16_to_f((unsigned short)(w0 & 0xffffu)) * s0;
-                if (e + 1 < E) lh[e + 1] = bf16_to_f((unsigned short)(w1 & 0xffffu)) * s1;
-            }
-        }
-    } else {
-        for (int e = 0; e < E; ++e) {
-            const unsigned int w = lw[e];
-            const float u = warp_dot(xg, reinterpret_cast<const uint4*>(up + (long long)(w >> 16) * D), nvec_d, lane);
-            if (lane == 0) lh[e] = bf16_to_f((unsigned short)(w & 0xffffu)) * u;
-        }
-    }
-}
 
 template <int NV, bool GATED, bool FROM_ACT, bool HBUF>
 __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kernel(
@@ -113,38 +72,30 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
     // the listing's scan walks the row 512 columns at a time, each step a dependent DRAM round trip: with the row
     // already on its way to L2, the steps wait for L2 instead (aligned rows only: vec_ok means H % 8 == 0)
     if (FROM_ACT && FFN_ACT_PREFETCH && vec_ok) warp_prefetch_l2(arow + c_start, (H - c_start) * 2, lane);
-    const auto list_store = [&](int r, int col, unsigned short b) { lw[r] = ((unsigned int)col << 16) | b; };
-    int cnext = c_start;  // next column (FROM_ACT)
-    int E1 = 0;           // entries of the first batch (FROM_ACT && FFN_FIRST_BATCH)
-    if (FROM_ACT && FFN_FIRST_BATCH) {
-        if (GATED) warp_prefetch_l2(x + m * D, D * 2, lane);  // phase A's first x reads and the init load hit L2
-        if (init != nullptr) warp_prefetch_l2(init + m * D + d0, nvec_c * 16, lane);
-        E1 = warp_list_active<FFN_FIRST_LOADS, FFN_STREAM_HINTS != 0>(arow, cnext, H, FFN_CAP, vec_ok != 0, lane,
-                                                                      list_store);
-        __syncwarp();
-        ffn_phase_a<GATED, true>(lw, lh, E1, xg, up, D, lane);
-        __syncwarp();
-    }
     float acc[8 * NV];
 #pragma unroll
     for (int i = 0; i < 8 * NV; ++i) acc[i] = 0.f;
     if (init != nullptr) warp_load_bf16<NV, FFN_STREAM_HINTS != 0>(acc, init + m * D + d0, nvec_c, lane);
-    if (FROM_ACT && FFN_FIRST_BATCH) {
-        warp_down_rows<NV>(acc, down_t, D, d0, nvec_c, lane, E1, [&](int e) { return (int)(lw[e] >> 16); },
-                           [&](int e) { return lh[e]; });
-        __syncwarp();
-    }
 
     const int* wrow = words + m * (long long)NT * S;
     const float* hrow = hbuf + m * (long long)NT * S;  // only dereferenced when HBUF
     int t = 0;      // next tile (TwELL)
+    int cnext = c_start;  // next column (FROM_ACT)
     while (FROM_ACT ? cnext < H : t < NT) {
         // ---- gather: the entries of the next tiles (up to FFN_CAP) into this warp's list, 32 tiles at a time.
         // A tile's true count decides where its entries go; overflowed tiles are read from act (exact).
         int E = 0;
         bool full = false;
         if (FROM_ACT) {  // fused pack: list the row's non-zeros straight from act, 512 columns at a time
-            E = warp_list_active<2, FFN_STREAM_HINTS != 0>(arow, cnext, H, FFN_CAP, vec_ok != 0, lane, list_store);
+            while (cnext < H && E <= FFN_CAP - 512) {
+                const int c_end = min(H, cnext + 512);
+                const int base = E;
+                E += warp_for_each_active<FFN_STREAM_HINTS != 0>(arow, cnext, c_end, vec_ok != 0, lane,
+                                          [&](int r, int col, unsigned short b) {
+                                              lw[base + r] = ((unsigned int)col << 16) | (unsigned int)b;
+                                          });
+                cnext = c_end;
+            }
             full = true;
         }
         while (!FROM_ACT && t < NT && !full) {
@@ -211,7 +162,17 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
         }
         __syncwarp();
         // ---- phase A: h_e = a_e * (x . U_j)   (plain: h_e = a_e; HBUF: already gathered)
-        if (!HBUF) ffn_phase_a<GATED, false>(lw, lh, E, xg, up, D, lane);
+        if (HBUF) {
+        } else if (GATED) {
+            for (int e = 0; e < E; ++e) {
+                const unsigned int w = lw[e];
+                const uint4* ug = reinterpret_cast<const uint4*>(up + (long long)(w >> 16) * D);
+                const float u = warp_dot(xg, ug, nvec_d, lane);
+                if (lane == 0) lh[e] = bf16_to_f((unsigned short)(w & 0xffffu)) * u;
+            }
+        } else {
+            for (int e = lane; e < E; e += 32) lh[e] = bf16_to_f((unsigned short)(lw[e] & 0xffffu));
+        }
         __syncwarp();
         // ---- phase B: acc += h_e * DownT_j[chunk], two rows in flight
         warp_down_rows<NV>(acc, down_t, D, d0, nvec_c, lane, E, [&](int e) { return (int)(lw[e] >> 16); },

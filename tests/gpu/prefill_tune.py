@@ -29,15 +29,9 @@ from sparsify_cli.kernels.ffn import hot_first_order
 
 HINTS = {  # builds of the sparse kernel (launch_relu_ffn keywords): its cache eviction hints and activation-row
     # prefetch (session 9 also timed a kernel sharing a token among 2 / 4 warps here: slower, removed; BENCHMARKS.md)
-    "hints0": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=0", "FFN_ACT_PREFETCH=0", "FFN_FIRST_BATCH=0")),
-    "hints1": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1", "FFN_ACT_PREFETCH=0", "FFN_FIRST_BATCH=0")),
-    "hints1_prefetch": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1", "FFN_ACT_PREFETCH=1",
-                                     "FFN_FIRST_BATCH=0")),
-    # the first batch before the accumulators: its scan FFN_FIRST_LOADS blocks per step, its up dots in pairs
-    "first_l4": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1", "FFN_ACT_PREFETCH=1", "FFN_FIRST_BATCH=1",
-                              "FFN_FIRST_LOADS=4")),
-    "first_l8": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1", "FFN_ACT_PREFETCH=1", "FFN_FIRST_BATCH=1",
-                              "FFN_FIRST_LOADS=8")),
+    "hints0": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=0", "FFN_ACT_PREFETCH=0")),
+    "hints1": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1", "FFN_ACT_PREFETCH=0")),
+    "hints1_prefetch": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1", "FFN_ACT_PREFETCH=1")),
 }
 # PREFILL_TUNE_BUILDS=hints1,hints1_prefetch: time only these builds; PREFILL_TUNE_ROUNDS: interleaved rounds
 if os.environ.get("PREFILL_TUNE_BUILDS"):
