@@ -60,37 +60,18 @@ __device__ __forceinline__ bool relu_active(unsigned short b) {
     return !(f <= 0.0f);
 }
 
-// A weight row's 16-byte read (read-only path), KEEP: with an L2 evict-last policy (l2_keep_policy), so rows the
-// gather re-reads outlast the streamed lines in L2. A hint: the same value as __ldg.
-__device__ __forceinline__ unsigned long long l2_keep_policy(float fraction) {
-    unsigned long long pol;
-    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, %1;" : "=l"(pol) : "f"(fraction));
-    return pol;
-}
-
-template <bool KEEP>
-__device__ __forceinline__ uint4 ld_row16(const uint4* p, unsigned long long pol) {
-    if (!KEEP) return __ldg(p);
-    uint4 v;
-    asm("ld.global.nc.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p), "l"(pol));
-    return v;
-}
-
 // x . u over D = 8 * nvec_d bf16 (x, u: rows of 16-byte vectors), summed over the warp (all lanes get it).
 // The 8 row vectors of a 2048-column sweep are loaded before any arithmetic, so they are in flight together;
 // x is expected to be L1-resident (re-read for every entry).
-template <bool KEEP = false>
 __device__ __forceinline__ float warp_dot(const uint4* __restrict__ xg, const uint4* __restrict__ ug, int nvec_d,
-                                          int lane, unsigned long long pol = 0) {
+                                          int lane) {
     float s = 0.f;
     for (int base = 0; base < nvec_d; base += 256) {
         uint4 u[8];
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
             const int vi = base + k * 32 + lane;
-            u[k] = vi < nvec_d ? ld_row16<KEEP>(ug + vi, pol) : make_uint4(0u, 0u, 0u, 0u);
+            u[k] = vi < nvec_d ? __ldg(ug + vi) : make_uint4(0u, 0u, 0u, 0u);
         }
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
@@ -213,10 +194,9 @@ __device__ __forceinline__ void warp_dot2(const uint4* __restrict__ xg, const ui
 // acc[8 * NV] += h(e) * DownT_{col(e)}[d0 .. d0 + 8 * nvec_c) for e = 0 .. n-1, in that order, two rows in flight:
 // lane l owns the column vectors l, l + 32, ... of the chunk (NV per lane). The down half of the fused FFN
 // kernels (twell_ffn.cu, train_ffn.cu), so they sum their entries in the same order.
-template <int NV, bool KEEP = false, typename Col, typename HVal>
+template <int NV, typename Col, typename HVal>
 __device__ __forceinline__ void warp_down_rows(float* acc, const unsigned short* __restrict__ down_t, int D, int d0,
-                                               int nvec_c, int lane, int n, Col col, HVal hval,
-                                               unsigned long long pol = 0) {
+                                               int nvec_c, int lane, int n, Col col, HVal hval) {
     int e = 0;
     for (; e + 2 <= n; e += 2) {
         const uint4* r0 = reinterpret_cast<const uint4*>(down_t + (long long)col(e) * D + d0);
@@ -225,8 +205,8 @@ __device__ __forceinline__ void warp_down_rows(float* acc, const unsigned short*
 #pragma unroll
         for (int k = 0; k < NV; ++k) {
             const int vi = k * 32 + lane;
-            q0[k] = vi < nvec_c ? ld_row16<KEEP>(r0 + vi, pol) : make_uint4(0u, 0u, 0u, 0u);
-            q1[k] = vi < nvec_c ? ld_row16<KEEP>(r1 + vi, pol) : make_uint4(0u, 0u, 0u, 0u);
+            q0[k] = vi < nvec_c ? __ldg(r0 + vi) : make_uint4(0u, 0u, 0u, 0u);
+            q1[k] = vi < nvec_c ? __ldg(r1 + vi) : make_uint4(0u, 0u, 0u, 0u);
         }
         const float h0 = hval(e), h1 = hval(e + 1);
 #pragma unroll
@@ -241,7 +221,7 @@ __device__ __forceinline__ void warp_down_rows(float* acc, const unsigned short*
 #pragma unroll
         for (int k = 0; k < NV; ++k) {
             const int vi = k * 32 + lane;
-            if (vi < nvec_c) axpy8(acc + 8 * k, h0, ld_row16<KEEP>(r0 + vi, pol));
+            if (vi < nvec_c) axpy8(acc + 8 * k, h0, __ldg(r0 + vi));
         }
     }
 }

@@ -37,13 +37,6 @@
 // block faster in 11 of 12 shapes over four interleaved rounds (up to 6.5%), 0.2-0.8% slower at M = 65536, nnz 112,
 // where the burst of row prefetches evicts weight rows behind the large hot GEMMs (BENCHMARKS.md, sessions 8, 9)
 #endif
-#ifndef FFN_ROW_KEEP
-#define FFN_ROW_KEEP 0  // 1: the U and DownT rows are read with an L2 evict-last policy covering FFN_ROW_KEEP_FRACTION of
-// their lines (ld_row16), so the rows re-read across tokens outlast the streams in L2
-#endif
-#ifndef FFN_ROW_KEEP_FRACTION
-#define FFN_ROW_KEEP_FRACTION 1.0f
-#endif
 #ifndef FFN_STREAM_HINTS
 #define FFN_STREAM_HINTS 1  // the activation scan, init and out go evict-first (ld/st.global.cs, common.cuh): 5-10% off
 // the hybrid's sparse kernel at 65536 tokens, 0-4% at 16384 (H200, BENCHMARKS.md); 0: plain loads and stores
@@ -79,7 +72,6 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
     // the listing's scan walks the row 512 columns at a time, each step a dependent DRAM round trip: with the row
     // already on its way to L2, the steps wait for L2 instead (aligned rows only: vec_ok means H % 8 == 0)
     if (FROM_ACT && FFN_ACT_PREFETCH && vec_ok) warp_prefetch_l2(arow + c_start, (H - c_start) * 2, lane);
-    const unsigned long long keep = FFN_ROW_KEEP ? l2_keep_policy(FFN_ROW_KEEP_FRACTION) : 0ull;
     float acc[8 * NV];
 #pragma unroll
     for (int i = 0; i < 8 * NV; ++i) acc[i] = 0.f;
@@ -175,7 +167,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
             for (int e = 0; e < E; ++e) {
                 const unsigned int w = lw[e];
                 const uint4* ug = reinterpret_cast<const uint4*>(up + (long long)(w >> 16) * D);
-                const float u = warp_dot<FFN_ROW_KEEP != 0>(xg, ug, nvec_d, lane, keep);
+                const float u = warp_dot(xg, ug, nvec_d, lane);
                 if (lane == 0) lh[e] = bf16_to_f((unsigned short)(w & 0xffffu)) * u;
             }
         } else {
@@ -183,9 +175,8 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
         }
         __syncwarp();
         // ---- phase B: acc += h_e * DownT_j[chunk], two rows in flight
-        warp_down_rows<NV, FFN_ROW_KEEP != 0>(acc, down_t, D, d0, nvec_c, lane, E,
-                                              [&](int e) { return (int)(lw[e] >> 16); }, [&](int e) { return lh[e]; },
-                                              keep);
+        warp_down_rows<NV>(acc, down_t, D, d0, nvec_c, lane, E, [&](int e) { return (int)(lw[e] >> 16); },
+                           [&](int e) { return lh[e]; });
         __syncwarp();
     }
     warp_store_bf16<NV, FFN_STREAM_HINTS != 0>(out + m * D + d0, acc, nvec_c, lane);

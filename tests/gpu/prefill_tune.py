@@ -32,10 +32,6 @@ HINTS = {  # builds of the sparse kernel (launch_relu_ffn keywords): its cache e
     "hints0": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=0", "FFN_ACT_PREFETCH=0")),
     "hints1": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1", "FFN_ACT_PREFETCH=0")),
     "hints1_prefetch": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1", "FFN_ACT_PREFETCH=1")),
-    # the U and DownT rows read with an L2 evict-last policy over all / half of their lines
-    "keep": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1", "FFN_ACT_PREFETCH=1", "FFN_ROW_KEEP=1")),
-    "keep_half": dict(defines=("FFN_MIN_BLOCKS=4", "FFN_STREAM_HINTS=1", "FFN_ACT_PREFETCH=1", "FFN_ROW_KEEP=1",
-                               "FFN_ROW_KEEP_FRACTION=0.5f")),
 }
 # PREFILL_TUNE_BUILDS=hints1,hints1_prefetch: time only these builds; PREFILL_TUNE_ROUNDS: interleaved rounds
 if os.environ.get("PREFILL_TUNE_BUILDS"):

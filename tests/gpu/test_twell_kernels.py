@@ -223,11 +223,10 @@ def test_relu_ffn_c_start_and_init_semantics():
                                             (129, 1024, 5632, 0.3), (33, 2560, 3001, 0.3)])
 @pytest.mark.parametrize("gated", [True, False])
 def test_cache_hint_builds_same_bits(m, d, h, density, gated):
-    """FFN_STREAM_HINTS (eviction priorities of the activation, init, out), FFN_ACT_PREFETCH (the activation row
-    prefetched to L2) and FFN_ROW_KEEP (the weight rows read evict-last) are hints only: the same bits as the plain
-    build, and the reference's result, whole rows and hybrid (c_start/init), aligned and unaligned (H % 8 != 0)
-    activations, rows of one batch and dense rows that need several (more than the 1024 entries a warp lists at a
-    time)."""
+    """FFN_STREAM_HINTS (eviction priorities of the activation, init, out) and FFN_ACT_PREFETCH (the activation row
+    prefetched to L2) are hints only: the same bits as the plain build, and the reference's result, whole rows and
+    hybrid (c_start/init), aligned and unaligned (H % 8 != 0) activations, rows of one batch and dense rows that
+    need several (more than the 1024 entries a warp lists at a time)."""
     inp = make_ffn_inputs(m, d, h, density * h, device=DEV, seed=m + d)
     down_t = inp.down.T.contiguous()
     up = inp.up if gated else None
@@ -235,11 +234,11 @@ def test_cache_hint_builds_same_bits(m, d, h, density, gated):
     init = torch.randn(m, d, device=DEV).to(torch.bfloat16)
     for c_start, extra in ((0, None), (64, init)):
         outs = []
-        for hints, prefetch, keep in ((0, 0, 0), (1, 0, 0), (1, 1, 0), (1, 1, 1)):
+        for hints, prefetch in ((0, 0), (1, 0), (1, 1)):
             out = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
             launchers.launch_relu_ffn(inp.x, act, up, down_t, out, path="prefill", c_start=c_start, init=extra,
                                       defines=("FFN_MIN_BLOCKS=4", f"FFN_STREAM_HINTS={hints}",
-                                               f"FFN_ACT_PREFETCH={prefetch}", f"FFN_ROW_KEEP={keep}"))
+                                               f"FFN_ACT_PREFETCH={prefetch}"))
             outs.append(out)
         torch.cuda.synchronize()
         a = torch.relu(act.float())
