@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev demo test test-gpu bench lint clean
+.PHONY: install install-dev demo test test-gpu bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
