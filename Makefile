@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev demo test test-gpu bench clean
+.PHONY: install install-dev demo test test-gpu bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ test-gpu: install-dev
 
 bench: install
 	$(BIN)/python -m sparsify_cli.bench.ffn
+
+lint: install-dev
+	$(BIN)/ruff check sparsify_cli tests
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,7 +1,5 @@
 """Dense tail layouts: dense block (Down, NT) vs ffn_forward's dense fallback with DownT (NN) and with Down."""
 
-import torch
-
 from sparsify_cli.bench.ffn import cuda_time, dense_block
 from sparsify_cli.bench.synthetic import make_ffn_inputs
 from sparsify_cli.kernels.ffn import ffn_forward
