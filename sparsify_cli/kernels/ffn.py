@@ -54,6 +54,11 @@ class SparsePolicy:
     # dense at every measured point up to 6% of H (1.72x at M = 1, 1.31x at M = 8, 1.26x at M = 16), where the
     # unfused M = 64 path is 0.75x; beyond 6% was not measured, so it goes dense.
     fused_decode_max_density: float = 0.06
+    # Hybrid prefill: the hot neurons' relu(a) * u in one kernel (ops.relu_mul) instead of torch's two passes,
+    # which write relu(a) out and read it back (134 MB more traffic at M = 65536, n_hot = 512; predicted 1-2.5%
+    # of the block). Off until its GPU test and an interleaved A/B have run (tests/gpu/test_twell_kernels.py,
+    # tests/gpu/prefill_tune.py with PREFILL_TUNE_GLUES=fused,torch; BENCHMARKS.md, session 10).
+    fused_hot_glue: bool = False
 
     def use_dense_decode(self, m: int) -> bool:
         """True for a decode-sized call run eagerly (see eager_decode_dense)."""
@@ -120,18 +125,23 @@ def hot_first_order(rates: torch.Tensor, threshold: float = 0.016, multiple: int
 
 
 def hybrid_ffn(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor,
-               n_hot: int) -> torch.Tensor:
+               n_hot: int, fused_glue: bool = False) -> torch.Tensor:
     """Hybrid FFN tail for hot-first neuron order: neurons [0, n_hot) densely (cuBLAS), the rest sparsely.
 
     act = x·w_actᵀ (M, H) already computed; out = Σ_{j<n_hot} dense + Σ_{j>=n_hot} sparse (one fp32 sum in the
-    sparse kernel, which starts from the dense part's bf16 result).
+    sparse kernel, which starts from the dense part's bf16 result). fused_glue: relu(a) * u by ops.relu_mul (the
+    same values as torch's two passes; SparsePolicy.fused_hot_glue).
     """
     from sparsify_cli.kernels import ops
 
     if n_hot <= 0:
         return ops.relu_ffn(x, act, up, down_t)
-    a_hot = torch.relu(act[:, :n_hot])  # (M, n_hot)
-    h_hot = a_hot * (x @ up[:n_hot].T) if up is not None else a_hot
+    if up is None:
+        h_hot = torch.relu(act[:, :n_hot])
+    elif fused_glue:
+        h_hot = ops.relu_mul(act, n_hot, x @ up[:n_hot].T)  # (M, n_hot)
+    else:
+        h_hot = torch.relu(act[:, :n_hot]) * (x @ up[:n_hot].T)
     hot_out = h_hot @ down_t[:n_hot]  # (M, D)
     return ops.relu_ffn(x, act, up, down_t, n_hot, hot_out)
 
@@ -177,7 +187,7 @@ def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, d
         if not policy.choose_sparse(x.shape[0], nnz, w_act.shape[0]):
             return dense_ffn(x, w_act, up, down_t, act=act, down=down)
     if hybrid:
-        return hybrid_ffn(x, act, up, down_t, n_hot)
+        return hybrid_ffn(x, act, up, down_t, n_hot, policy.fused_hot_glue)
     if not via_twell:
         return ops.relu_ffn(x, act, up, down_t)
     words = ops.twell_pack(act, tile, slots)

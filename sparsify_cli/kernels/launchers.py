@@ -129,6 +129,35 @@ def launch_twell_pack(act: torch.Tensor, words: torch.Tensor, tile: int, slots: 
     loader.launch(fn, grid, (32 * PACK_WARPS,), args)
 
 
+RELU_MUL_THREADS = 256  # must match kernels_cu/relu_mul.cu
+
+
+def launch_relu_mul(a: torch.Tensor, u: torch.Tensor, h: torch.Tensor) -> None:
+    """h = relu(a) * u, bf16, one rounding (the values of torch's relu then multiply): a is the first N columns
+    of the activation, a (M, N) view with unit column stride and any row stride (act[:, :n_hot]); u, h (M, N)."""
+    from sparsify_cli.kernels import loader
+
+    if a.dim() != 2:
+        raise ValueError(f"a must be 2-D (M, N), got shape {tuple(a.shape)}")
+    m, n = a.shape
+    if a.dtype != torch.bfloat16:
+        raise ValueError(f"a must be torch.bfloat16, got {a.dtype}")
+    if m > 1 and n > 0 and (a.stride(1) != 1 or a.stride(0) < n):
+        raise ValueError(f"a must be a row-major view (unit column stride), got strides {a.stride()}")
+    _check(u, "u", torch.bfloat16, (m, n), a.device)
+    _check(h, "h", torch.bfloat16, (m, n), a.device)
+    if a.device.type != "cuda":
+        raise ValueError(f"a must be a CUDA tensor, got {a.device}")
+    if m == 0 or n == 0:
+        return
+    lda = a.stride(0) if m > 1 else n
+    vec = int(n % 8 == 0 and lda % 8 == 0 and all(t.data_ptr() % 16 == 0 for t in (a, u, h)))
+    groups = m * ((n + 7) // 8)
+    fn = loader.get_function("relu_mul.cu", "relu_mul_kernel")
+    loader.launch(fn, ((groups + RELU_MUL_THREADS - 1) // RELU_MUL_THREADS,), (RELU_MUL_THREADS,),
+                  (a.data_ptr(), _i64(lda), u.data_ptr(), h.data_ptr(), _i64(m), _i32(n), _i32(vec)))
+
+
 def _b(v: bool) -> str:
     return "true" if v else "false"
 

@@ -8,6 +8,7 @@
       the same block straight from the dense activation (packing fused into the FFN kernel, no TwELL
       materialized): the fast path while the gate GEMM has no TwELL-writing epilogue. With c_start/init it
       is the sparse half of the hybrid path (ffn.hybrid_ffn): columns < c_start are done densely elsewhere.
+- sparsify::relu_mul(act, n, u) -> relu(act[:, :n]) ⊙ u in one pass (the hybrid's hot neurons; act read in place).
 - sparsify::gemv(x, w) -> x·wᵀ for 1..2 tokens (decode's gate projection; faster than cuBLAS's GEMV here).
 - sparsify::decode_ffn(x, w_act, up, down_t) -> out
       the whole block for 1..16 tokens (decode): gate projection, relu and the active neurons' up dots in one
@@ -63,6 +64,18 @@ def relu_ffn(x: torch.Tensor, act: torch.Tensor, up: Optional[torch.Tensor], dow
 @relu_ffn.register_fake
 def _(x, act, up, down_t, c_start=0, init=None):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("sparsify::relu_mul", mutates_args=())
+def relu_mul(act: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
+    h = torch.empty_like(u)
+    launchers.launch_relu_mul(act[:, :n], u, h)
+    return h
+
+
+@relu_mul.register_fake
+def _(act, n, u):
+    return torch.empty_like(u)
 
 
 @torch.library.custom_op("sparsify::gemv", mutates_args=())

@@ -108,3 +108,8 @@ def relu_ffn_ref(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, do
 def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """What sparsify::gemv computes: x·wᵀ with fp32 sums, rounded to x.dtype once."""
     return (x.float() @ w.float().T).to(x.dtype)
+
+
+def relu_mul_ref(act: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
+    """relu(act[:, :n]) ⊙ u in bf16 (kernels_cu/relu_mul.cu: the hybrid path's hot neurons)."""
+    return torch.relu(act[:, :n]) * u

@@ -39,10 +39,22 @@ if os.environ.get("PREFILL_TUNE_BUILDS"):
 ROUNDS = int(os.environ.get("PREFILL_TUNE_ROUNDS", "2"))
 
 
-def hybrid(x, gate, up, down_t, n_hot, build):
+# PREFILL_TUNE_GLUES=fused,torch: the hot neurons' relu(a) * u as hybrid_ffn does it (one kernel, ops.relu_mul)
+# and/or as two torch passes (timed as ..._torchglue)
+GLUES = os.environ.get("PREFILL_TUNE_GLUES", "fused").split(",")
+
+
+def hot_part(x, act, up, down_t, n_hot, glue="fused"):
+    """The hot neurons' result (M, D): relu(a) * (x · U_hotᵀ), then · DownT_hot, as hybrid_ffn computes it."""
+    u = x @ up[:n_hot].T
+    h = ops.relu_mul(act, n_hot, u) if glue == "fused" else torch.relu(act[:, :n_hot]) * u
+    return h @ down_t[:n_hot]
+
+
+def hybrid(x, gate, up, down_t, n_hot, build, glue="fused"):
     """hybrid_ffn with the sparse kernel of `build` (a HINTS entry; gate GEMM included)."""
     act = x @ gate.T  # (M, H)
-    hot_out = (torch.relu(act[:, :n_hot]) * (x @ up[:n_hot].T)) @ down_t[:n_hot]  # (M, D)
+    hot_out = hot_part(x, act, up, down_t, n_hot, glue)
     out = torch.empty_like(x)
     launchers.launch_relu_ffn(x, act, up, down_t, out, c_start=n_hot, init=hot_out, **build)
     return out
@@ -77,10 +89,12 @@ def prefill(m: int, nnz: float, reps: int = 20) -> dict:
         t("gate_packed", lambda: x @ pk.gate.T)
         for lay_name, lay in (("full", full), ("packed", packed)):
             for hname, defs in HINTS.items():
-                t(f"hybrid_{lay_name}_{hname}", lambda: hybrid(x, *lay, defs))
+                for glue in GLUES:
+                    suffix = "" if glue == "fused" else f"_{glue}glue"
+                    t(f"hybrid_{lay_name}_{hname}{suffix}", lambda: hybrid(x, *lay, defs, glue))
     for lay_name, (g, u, dt, nh) in (("full", full), ("packed", packed)):
         act = x @ g.T
-        hot_out = (torch.relu(act[:, :nh]) * (x @ u[:nh].T)) @ dt[:nh]
+        hot_out = hot_part(x, act, u, dt, nh)
         outs = {}
         for hname, defs in HINTS.items():
             o = torch.full_like(x, float("nan"))
@@ -89,7 +103,9 @@ def prefill(m: int, nnz: float, reps: int = 20) -> dict:
             outs[hname] = o
         first = next(iter(outs.values()))
         row[f"same_bits_{lay_name}"] = all(bool(torch.equal(first, o)) for o in outs.values())
-        t(f"hot_part_{lay_name}", lambda: (torch.relu(act[:, :nh]) * (x @ u[:nh].T)) @ dt[:nh])
+        for glue in GLUES:
+            suffix = "" if glue == "fused" else f"_{glue}glue"
+            t(f"hot_part_{lay_name}{suffix}", lambda: hot_part(x, act, u, dt, nh, glue))
     row["ms"] = {k: min(v) for k, v in times.items()}
     row["ms_rounds"] = times
     r = slice(0, 4096)
@@ -172,7 +188,7 @@ def profile(m: int = 65536, nnz: float = 29) -> None:
     perm, nh = hot_first_order(rates)
     g, u, dt = inp.gate[perm].contiguous(), inp.up[perm].contiguous(), inp.down.T[perm].contiguous()
     act = x @ g.T
-    hot_out = (torch.relu(act[:, :nh]) * (x @ u[:nh].T)) @ dt[:nh]
+    hot_out = hot_part(x, act, u, dt, nh)
     out = torch.empty_like(x)
     for build in list(HINTS.values()) * 2:
         launchers.launch_relu_ffn(x, act, u, dt, out, c_start=nh, init=hot_out, **build)

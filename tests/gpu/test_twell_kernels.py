@@ -195,6 +195,7 @@ def test_hybrid_matches_reference(m, d, h, nnz, gated):
     up = up if gated else None
     act = inp.x @ gate.T
     out = ffn.hybrid_ffn(inp.x, act, up, down_t, n_hot)
+    assert torch.equal(ffn.hybrid_ffn(inp.x, act, up, down_t, n_hot, fused_glue=True), out)  # ops.relu_mul
     a = torch.relu(act.float())
     ref32 = ((a * (inp.x.float() @ up.float().T)) if gated else a) @ down_t.float()
     a16 = torch.relu(act)
@@ -249,6 +250,23 @@ def test_cache_hint_builds_same_bits(m, d, h, density, gated):
         for out in outs[1:]:
             assert not torch.isnan(out).any(), "unwritten (poisoned) output elements"
             assert torch.equal(outs[0], out)
+
+
+@pytest.mark.parametrize("m,h,n", [(1, 64, 8), (333, 5632, 512), (1029, 1001, 136), (77, 704, 13), (5, 72, 72)])
+def test_relu_mul_same_values_as_torch(m, h, n):
+    """The hybrid's hot glue h = relu(act[:, :n]) * u: torch's values (one bf16 rounding of the fp32 product), the
+    16-byte path (H % 8 == 0, n % 8 == 0) and the scalar one (ragged H or n, a misaligned view), NaN kept."""
+    g = torch.Generator(device=DEV).manual_seed(m + h + n)
+    act = torch.randn(m, h, generator=g, device=DEV).to(torch.bfloat16)
+    u = torch.randn(m, n, generator=g, device=DEV).to(torch.bfloat16)
+    act[0, : min(n, 4)] = torch.tensor([-0.0, 0.0, 1e-30, -1e-30], device=DEV)[: min(n, 4)].to(torch.bfloat16)
+    assert torch.equal(ops.relu_mul(act, n, u), reference.relu_mul_ref(act, n, u))
+    if h > n:  # a view that starts one column in: not 16-byte aligned
+        h1 = _poison(torch.empty_like(u))
+        launchers.launch_relu_mul(act[:, 1:n + 1], u, h1)
+        assert torch.equal(h1, torch.relu(act[:, 1:n + 1]) * u)
+    act[-1, n - 1] = float("nan")
+    assert torch.isnan(ops.relu_mul(act, n, u)[-1, n - 1])
 
 
 @pytest.mark.parametrize("m", [1, 2])

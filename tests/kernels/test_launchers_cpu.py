@@ -133,6 +133,25 @@ def test_bench_times_only_gate_kernel_variants_that_exist():
     assert all(impl == "mma" for impl, _, _ in fused_gate_variants(launchers.FUSED_MAX_M))
 
 
+def test_relu_mul_refuses_bad_arguments_before_touching_a_gpu():
+    import torch
+
+    bf = dict(dtype=torch.bfloat16)
+    act, u = torch.zeros(4, 64, **bf), torch.zeros(4, 16, **bf)
+    with pytest.raises(ValueError, match="a must be 2-D"):
+        launchers.launch_relu_mul(torch.zeros(64, **bf), u, torch.empty_like(u))
+    with pytest.raises(ValueError, match="a must be torch.bfloat16"):
+        launchers.launch_relu_mul(act.float()[:, :16], u, torch.empty_like(u))
+    with pytest.raises(ValueError, match="unit column stride"):
+        launchers.launch_relu_mul(act[:, ::4], u, torch.empty_like(u))
+    with pytest.raises(ValueError, match=r"u must have shape \(4, 16\)"):
+        launchers.launch_relu_mul(act[:, :16], torch.zeros(4, 8, **bf), torch.empty_like(u))
+    with pytest.raises(ValueError, match="h must be contiguous"):
+        launchers.launch_relu_mul(act[:, :16], u, torch.zeros(16, 4, **bf).T)
+    with pytest.raises(ValueError, match="a must be a CUDA tensor"):
+        launchers.launch_relu_mul(act[:, :16], u, torch.empty_like(u))
+
+
 def test_launch_constants_match_the_kernel_sources():
     """The block sizes and list capacities the launchers compute grids and shared memory from are the kernels'
     own #defines (a mismatch would launch a wrong grid, not fail to compile)."""
@@ -143,6 +162,7 @@ def test_launch_constants_match_the_kernel_sources():
 
     expected = {
         "twell_ffn.cu": (("FFN_WARPS", launchers.FFN_WARPS), ("UP_WARPS", launchers.UP_WARPS)),
+        "relu_mul.cu": (("RELU_MUL_THREADS", launchers.RELU_MUL_THREADS),),
         "decode_down.cuh": (("DECODE_THREADS", launchers.DECODE_THREADS), ("DECODE_CAP", launchers.DECODE_CAP)),
         "decode_fused.cu": (("FUSED_GATE_WARPS", launchers.FUSED_GATE_WARPS), ("FUSED_SEG", launchers.FUSED_SEG),
                             ("DECODE_UP_WARPS", launchers.DECODE_UP_WARPS),
