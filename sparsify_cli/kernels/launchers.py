@@ -142,7 +142,7 @@ def launch_relu_mul(a: torch.Tensor, u: torch.Tensor, h: torch.Tensor) -> None:
     m, n = a.shape
     if a.dtype != torch.bfloat16:
         raise ValueError(f"a must be torch.bfloat16, got {a.dtype}")
-    if m > 1 and n > 0 and (a.stride(1) != 1 or a.stride(0) < n):
+    if (n > 1 and a.stride(1) != 1) or (m > 1 and a.stride(0) < n):
         raise ValueError(f"a must be a row-major view (unit column stride), got strides {a.stride()}")
     _check(u, "u", torch.bfloat16, (m, n), a.device)
     _check(h, "h", torch.bfloat16, (m, n), a.device)

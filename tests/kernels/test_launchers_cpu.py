@@ -144,6 +144,8 @@ def test_relu_mul_refuses_bad_arguments_before_touching_a_gpu():
         launchers.launch_relu_mul(act.float()[:, :16], u, torch.empty_like(u))
     with pytest.raises(ValueError, match="unit column stride"):
         launchers.launch_relu_mul(act[:, ::4], u, torch.empty_like(u))
+    with pytest.raises(ValueError, match="unit column stride"):  # one row: the column stride still counts
+        launchers.launch_relu_mul(act[:1, ::4], u[:1], torch.empty_like(u[:1]))
     with pytest.raises(ValueError, match=r"u must have shape \(4, 16\)"):
         launchers.launch_relu_mul(act[:, :16], torch.zeros(4, 8, **bf), torch.empty_like(u))
     with pytest.raises(ValueError, match="h must be contiguous"):
