@@ -124,26 +124,35 @@ def hot_first_order(rates: torch.Tensor, threshold: float = 0.016, multiple: int
     return perm, n_hot
 
 
+def hot_part(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor, n_hot: int,
+             fused_glue: bool = False) -> torch.Tensor:
+    """The hot neurons' share (M, D) of the hybrid path, by cuBLAS: (relu(a) ⊙ (x·U_hotᵀ))·DownT_hot, a = act's
+    first n_hot columns. fused_glue: relu(a) ⊙ u by ops.relu_mul in one pass (the same values as torch's two;
+    SparsePolicy.fused_hot_glue)."""
+    if up is None:
+        h_hot = torch.relu(act[:, :n_hot])
+    elif fused_glue:
+        from sparsify_cli.kernels import ops
+
+        h_hot = ops.relu_mul(act, n_hot, x @ up[:n_hot].T)  # (M, n_hot)
+    else:
+        h_hot = torch.relu(act[:, :n_hot]) * (x @ up[:n_hot].T)
+    return h_hot @ down_t[:n_hot]
+
+
 def hybrid_ffn(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor,
                n_hot: int, fused_glue: bool = False) -> torch.Tensor:
-    """Hybrid FFN tail for hot-first neuron order: neurons [0, n_hot) densely (cuBLAS), the rest sparsely.
+    """Hybrid FFN tail for hot-first neuron order: neurons [0, n_hot) densely (cuBLAS, hot_part), the rest
+    sparsely.
 
     act = x·w_actᵀ (M, H) already computed; out = Σ_{j<n_hot} dense + Σ_{j>=n_hot} sparse (one fp32 sum in the
-    sparse kernel, which starts from the dense part's bf16 result). fused_glue: relu(a) * u by ops.relu_mul (the
-    same values as torch's two passes; SparsePolicy.fused_hot_glue).
+    sparse kernel, which starts from the dense part's bf16 result).
     """
     from sparsify_cli.kernels import ops
 
     if n_hot <= 0:
         return ops.relu_ffn(x, act, up, down_t)
-    if up is None:
-        h_hot = torch.relu(act[:, :n_hot])
-    elif fused_glue:
-        h_hot = ops.relu_mul(act, n_hot, x @ up[:n_hot].T)  # (M, n_hot)
-    else:
-        h_hot = torch.relu(act[:, :n_hot]) * (x @ up[:n_hot].T)
-    hot_out = h_hot @ down_t[:n_hot]  # (M, D)
-    return ops.relu_ffn(x, act, up, down_t, n_hot, hot_out)
+    return ops.relu_ffn(x, act, up, down_t, n_hot, hot_part(x, act, up, down_t, n_hot, fused_glue))
 
 
 def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor, *,

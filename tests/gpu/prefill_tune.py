@@ -25,7 +25,7 @@ from sparsify_cli.bench.ffn import (CALIB_TOKENS, D_MODEL, HIDDEN, _rel, calib_t
                                     dense_block, environment, graph_replay, packed_layer)
 from sparsify_cli.bench.synthetic import make_ffn_inputs
 from sparsify_cli.kernels import launchers, ops
-from sparsify_cli.kernels.ffn import hot_first_order
+from sparsify_cli.kernels.ffn import hot_first_order, hot_part
 
 HINTS = {  # builds of the sparse kernel (launch_relu_ffn keywords): its cache eviction hints and activation-row
     # prefetch (session 9 also timed a kernel sharing a token among 2 / 4 warps here: slower, removed; BENCHMARKS.md)
@@ -39,22 +39,19 @@ if os.environ.get("PREFILL_TUNE_BUILDS"):
 ROUNDS = int(os.environ.get("PREFILL_TUNE_ROUNDS", "2"))
 
 
-# PREFILL_TUNE_GLUES=fused,torch: the hot neurons' relu(a) * u as hybrid_ffn does it (one kernel, ops.relu_mul)
-# and/or as two torch passes (timed as ..._torchglue)
-GLUES = os.environ.get("PREFILL_TUNE_GLUES", "fused").split(",")
+# PREFILL_TUNE_GLUES=torch,fused: the hot neurons' relu(a) * u in torch's two passes (ffn_forward's default) and/or
+# in one kernel (ops.relu_mul, SparsePolicy.fused_hot_glue; timed as ..._fusedglue)
+GLUES = os.environ.get("PREFILL_TUNE_GLUES", "torch").split(",")
 
 
-def hot_part(x, act, up, down_t, n_hot, glue="fused"):
-    """The hot neurons' result (M, D): relu(a) * (x · U_hotᵀ), then · DownT_hot, as hybrid_ffn computes it."""
-    u = x @ up[:n_hot].T
-    h = ops.relu_mul(act, n_hot, u) if glue == "fused" else torch.relu(act[:, :n_hot]) * u
-    return h @ down_t[:n_hot]
+def _glue_suffix(glue: str) -> str:
+    return "" if glue == "torch" else f"_{glue}glue"
 
 
-def hybrid(x, gate, up, down_t, n_hot, build, glue="fused"):
+def hybrid(x, gate, up, down_t, n_hot, build, glue="torch"):
     """hybrid_ffn with the sparse kernel of `build` (a HINTS entry; gate GEMM included)."""
     act = x @ gate.T  # (M, H)
-    hot_out = hot_part(x, act, up, down_t, n_hot, glue)
+    hot_out = hot_part(x, act, up, down_t, n_hot, glue == "fused")
     out = torch.empty_like(x)
     launchers.launch_relu_ffn(x, act, up, down_t, out, c_start=n_hot, init=hot_out, **build)
     return out
@@ -90,8 +87,7 @@ def prefill(m: int, nnz: float, reps: int = 20) -> dict:
         for lay_name, lay in (("full", full), ("packed", packed)):
             for hname, defs in HINTS.items():
                 for glue in GLUES:
-                    suffix = "" if glue == "fused" else f"_{glue}glue"
-                    t(f"hybrid_{lay_name}_{hname}{suffix}", lambda: hybrid(x, *lay, defs, glue))
+                    t(f"hybrid_{lay_name}_{hname}{_glue_suffix(glue)}", lambda: hybrid(x, *lay, defs, glue))
     for lay_name, (g, u, dt, nh) in (("full", full), ("packed", packed)):
         act = x @ g.T
         hot_out = hot_part(x, act, u, dt, nh)
@@ -104,8 +100,7 @@ def prefill(m: int, nnz: float, reps: int = 20) -> dict:
         first = next(iter(outs.values()))
         row[f"same_bits_{lay_name}"] = all(bool(torch.equal(first, o)) for o in outs.values())
         for glue in GLUES:
-            suffix = "" if glue == "fused" else f"_{glue}glue"
-            t(f"hot_part_{lay_name}{suffix}", lambda: hot_part(x, act, u, dt, nh, glue))
+            t(f"hot_part_{lay_name}{_glue_suffix(glue)}", lambda: hot_part(x, act, u, dt, nh, glue == "fused"))
     row["ms"] = {k: min(v) for k, v in times.items()}
     row["ms_rounds"] = times
     r = slice(0, 4096)
