@@ -55,10 +55,10 @@ class SparsePolicy:
     # unfused M = 64 path is 0.75x; beyond 6% was not measured, so it goes dense.
     fused_decode_max_density: float = 0.06
     # Hybrid prefill: the hot neurons' relu(a) * u in one kernel (ops.relu_mul) instead of torch's two passes,
-    # which write relu(a) out and read it back (134 MB more traffic at M = 65536, n_hot = 512; predicted 1-2.5%
-    # of the block). Off until its GPU test and an interleaved A/B have run (tests/gpu/test_twell_kernels.py,
-    # tests/gpu/prefill_tune.py with PREFILL_TUNE_GLUES=fused,torch; BENCHMARKS.md, session 10).
-    fused_hot_glue: bool = False
+    # which write relu(a) out and read it back (134 / 235 / 403 MB more traffic at M = 65536, nnz 29 / 56 / 112).
+    # H200, 4 interleaved rounds (BENCHMARKS.md, session 11): the hybrid block 0.5-5.5% faster at all 12 measured
+    # shapes (-0.02 / -0.21 / -0.25 ms at 65536 tokens); the same bits as torch's two passes (GPU test).
+    fused_hot_glue: bool = True
 
     def use_dense_decode(self, m: int) -> bool:
         """True for a decode-sized call run eagerly (see eager_decode_dense)."""
@@ -125,7 +125,7 @@ def hot_first_order(rates: torch.Tensor, threshold: float = 0.016, multiple: int
 
 
 def hot_part(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor, n_hot: int,
-             fused_glue: bool = False) -> torch.Tensor:
+             fused_glue: bool = DEFAULT_POLICY.fused_hot_glue) -> torch.Tensor:
     """The hot neurons' share (M, D) of the hybrid path, by cuBLAS: (relu(a) ⊙ (x·U_hotᵀ))·DownT_hot, a = act's
     first n_hot columns. fused_glue: relu(a) ⊙ u by ops.relu_mul in one pass (the same values as torch's two;
     SparsePolicy.fused_hot_glue)."""
@@ -141,7 +141,7 @@ def hot_part(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down_t
 
 
 def hybrid_ffn(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor,
-               n_hot: int, fused_glue: bool = False) -> torch.Tensor:
+               n_hot: int, fused_glue: bool = DEFAULT_POLICY.fused_hot_glue) -> torch.Tensor:
     """Hybrid FFN tail for hot-first neuron order: neurons [0, n_hot) densely (cuBLAS, hot_part), the rest
     sparsely.
 

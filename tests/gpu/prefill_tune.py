@@ -39,16 +39,17 @@ if os.environ.get("PREFILL_TUNE_BUILDS"):
 ROUNDS = int(os.environ.get("PREFILL_TUNE_ROUNDS", "2"))
 
 
-# PREFILL_TUNE_GLUES=torch,fused: the hot neurons' relu(a) * u in torch's two passes (ffn_forward's default) and/or
-# in one kernel (ops.relu_mul, SparsePolicy.fused_hot_glue; timed as ..._fusedglue)
-GLUES = os.environ.get("PREFILL_TUNE_GLUES", "torch").split(",")
+# PREFILL_TUNE_GLUES=fused,torch: the hot neurons' relu(a) * u in one kernel (ops.relu_mul, ffn_forward's default:
+# SparsePolicy.fused_hot_glue; timed as ..._fusedglue) and/or in torch's two passes (timed without a suffix, the
+# names of the sessions before the kernel)
+GLUES = os.environ.get("PREFILL_TUNE_GLUES", "fused").split(",")
 
 
 def _glue_suffix(glue: str) -> str:
     return "" if glue == "torch" else f"_{glue}glue"
 
 
-def hybrid(x, gate, up, down_t, n_hot, build, glue="torch"):
+def hybrid(x, gate, up, down_t, n_hot, build, glue="fused"):
     """hybrid_ffn with the sparse kernel of `build` (a HINTS entry; gate GEMM included)."""
     act = x @ gate.T  # (M, H)
     hot_out = hot_part(x, act, up, down_t, n_hot, glue == "fused")
