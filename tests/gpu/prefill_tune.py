@@ -102,6 +102,9 @@ def prefill(m: int, nnz: float, reps: int = 20) -> dict:
         row[f"same_bits_{lay_name}"] = all(bool(torch.equal(first, o)) for o in outs.values())
         for glue in GLUES:
             t(f"hot_part_{lay_name}{_glue_suffix(glue)}", lambda: hot_part(x, act, u, dt, nh, glue == "fused"))
+            # the same under a CUDA graph: without the host's launch costs (which a small M can expose)
+            t(f"hot_part_graph_{lay_name}{_glue_suffix(glue)}",
+              graph_replay(lambda: hot_part(x, act, u, dt, nh, glue == "fused")))
     row["ms"] = {k: min(v) for k, v in times.items()}
     row["ms_rounds"] = times
     r = slice(0, 4096)
