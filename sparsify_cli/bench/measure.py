@@ -1,9 +1,9 @@
 """One honest dense-vs-sparse comparison: same inputs, both timed in the same run, output checked in the same run.
 
 compare() is what every suite calls for one row: the two callables close over the same tensors, their outputs
-are compared first (relative Frobenius error of sparse against dense), then both are timed (CUDA events on a
-GPU, interleaved perf_counter medians on the CPU), then peak memory and energy are measured per call. Nothing
-is cached between rows or reused from an earlier run.
+are compared first (relative Frobenius error of sparse against dense), then both are timed, taking turns within
+each repetition (medians of CUDA events on a GPU, of perf_counter on the CPU), then peak memory and energy are
+measured per call. Nothing is cached between rows or reused from an earlier run.
 """
 
 from __future__ import annotations
@@ -33,10 +33,22 @@ def cpu_median_ms(fns: dict[str, Callable[[], object]], reps: int, warmup: int =
 
 
 def cuda_median_ms(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 5) -> dict[str, float]:
-    """Median ms per function from CUDA events (bench.ffn.cuda_time: warm-up, then ``reps`` timed runs)."""
-    from sparsify_cli.bench.ffn import cuda_time
-
-    return {name: cuda_time(fn, reps, warmup) for name, fn in fns.items()}
+    """Median ms per function from CUDA events, the functions taking turns within each repetition (as
+    cpu_median_ms): a host-bound call (eager decode) drifts with the machine's load and clocks over seconds, and
+    timing dense's reps all before sparse's put that drift into the ratio."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times[name].append(a.elapsed_time(b))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def kernel_ms(fn: Callable[[], object], name_len: int = 90) -> dict[str, float]:
