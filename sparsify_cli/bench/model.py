@@ -33,11 +33,9 @@ L1_COEFF = 2e-5  # the paper's λ, for the training step's loss
 def sparse_under_graph(ffn, m: int) -> bool:
     """Whether ffn_forward's policy runs PackedFFN `ffn` on its sparse kernels for m tokens under a CUDA graph
     (where the eager decode rule does not apply): decided from the layer's calibrated nnz_hint, as PackedFFN
-    passes it."""
-    from sparsify_cli.kernels.ffn import DEFAULT_POLICY
-
-    fused = DEFAULT_POLICY.takes_fused_decode(m, ffn.down_t.shape[1], ffn.nnz_hint is not None)
-    return ffn.width > 0 and DEFAULT_POLICY.choose_sparse(m, ffn.nnz_hint, ffn.width, fused=fused)
+    passes it, under the layer's own rule (ffn.policy: this GPU's, packed.use_backend)."""
+    fused = ffn.policy.takes_fused_decode(m, ffn.down_t.shape[1], ffn.nnz_hint is not None)
+    return ffn.width > 0 and ffn.policy.choose_sparse(m, ffn.nnz_hint, ffn.width, fused=fused)
 
 
 class DecodeGraph:
@@ -127,11 +125,13 @@ class ModelSuite:
         return True, ""
 
     def notes(self) -> list[str]:
-        """What the suite left out and why (the report header's notes)."""
+        """Where the sparse model's dense/sparse rule came from, and what the suite left out and why (the report
+        header's notes)."""
+        out = [self.models.policy_note] if self.models is not None and self.models.policy_note else []
         ok, why = self.graphs_status()
         if ok or not self.settings.decode:
-            return []
-        return [f"decode (graphs): not run ({why}); the decode rows ran eagerly"]
+            return out
+        return out + [f"decode (graphs): not run ({why}); the decode rows ran eagerly"]
 
     def _ensure(self) -> Models:
         if self.models is None:

@@ -40,6 +40,7 @@ class Models:
     source: str  # "synthetic", "checkpoint" or "packed"
     description: str
     backend: str  # the packed FFNs' backend: cuda or torch
+    policy_note: Optional[str] = None  # on cuda: where the FFNs' dense/sparse rule came from (packed.use_backend)
 
 
 def _packed_ffn(model: SparseLlama, layer: int, nnz_hint: float):
@@ -181,12 +182,13 @@ def load_models(settings, source: Optional[str], device: torch.device, say=lambd
                                 "model.activation=relu)")
             sparse = to_packed(dense, [float(dense.cfg.d_ffn)] * dense.cfg.n_layers)  # hints set after measuring
             kind, desc = "checkpoint", f"checkpoint {path}; sparse = its weights in PackedFFN layers (not pruned)"
-    for ffn in sparse.ffns:
-        ffn.backend = backend
+    from sparsify_cli.pack.packed import use_backend
+
+    policy_note = use_backend(sparse.ffns, backend, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dense = dense.to(device=device, dtype=dtype).eval()
     sparse = sparse.to(device=device, dtype=dtype).eval()
-    return Models(dense, sparse, kind, desc, backend)
+    return Models(dense, sparse, kind, desc, backend, policy_note)
 
 
 def random_tokens(vocab: int, batch: int, seq_len: int, seed: int,

@@ -4,6 +4,7 @@
     sparsify bench --suite cpu tokens=128 nnz=29,56    # lists are comma-separated
     sparsify bench --suite model sparsity=0.99 layers=4 decode=1,8,64 graphs=false
     sparsify bench --suite train nnz=29 tokens=16384 width=128
+    sparsify bench --suite policy shapes=quick         # this GPU's dense/sparse crossover, saved as its rule
 
 A preset fills every setting; a key given on the command line replaces the preset's value. The presets and the
 keys live here and nowhere else (the CLI only passes the words on). Unknown keys, values of the wrong type and
@@ -19,7 +20,7 @@ from typing import Any
 
 from sparsify_cli.errors import UserError
 
-SUITES = ("cpu", "ffn", "model", "train")
+SUITES = ("cpu", "ffn", "model", "train", "policy")
 DEVICES = ("cpu", "cuda")
 
 # The train suite's λ: its loss is ⟨out, gy⟩ + λ·l1 with gy ~ N(0, 1)/M, the gradient of a token-mean loss such
@@ -68,9 +69,19 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "tiny": dict(d_model=64, d_ffn=256, tokens=(64,), nnz=(4.0, 8.0), reps=3, warmup=1, threads=1,
                      l1_coeff=TRAIN_L1),
     },
+    # This GPU's dense/sparse crossover (bench/policy.py), written as its policy file (kernels/device_policy.py):
+    # prefill densities as nnz= at tokens= (> 64 each), decode at bench/policy.py's DECODE_DENSITIES for decode=
+    # (16: the fused kernels' largest size, 64: the two-kernel path's). paper: the sweep behind SparsePolicy's
+    # defaults (BENCHMARKS.md); quick: fewer, smaller points (about a minute).
+    "policy": {
+        "paper": dict(d_model=2048, d_ffn=5632, tokens=(16384,), decode=(16, 64),
+                      nnz=(16.0, 29.0, 40.0, 48.0, 56.0, 72.0, 96.0), reps=20, warmup=5),
+        "quick": dict(d_model=2048, d_ffn=5632, tokens=(4096,), decode=(16, 64), nnz=(16.0, 29.0, 42.0, 56.0, 96.0),
+                      reps=10, warmup=3),
+    },
 }
-GPU_DEFAULT = {"cpu": "paper", "ffn": "paper", "model": "paper", "train": "paper"}
-CPU_DEFAULT = {"cpu": "paper", "ffn": "paper", "model": "tiny", "train": "small"}
+GPU_DEFAULT = {"cpu": "paper", "ffn": "paper", "model": "paper", "train": "paper", "policy": "paper"}
+CPU_DEFAULT = {"cpu": "paper", "ffn": "paper", "model": "tiny", "train": "small", "policy": "paper"}
 
 
 @dataclass
@@ -122,6 +133,7 @@ SUITE_KEYS = {
               "context", "sparsity", "reps", "warmup", "threads", "seed", "width", "graphs", "compile"},
     "train": {"shapes", "d_model", "d_ffn", "tokens", "nnz", "reps", "warmup", "threads", "seed", "width", "backend",
               "l1_coeff"},
+    "policy": {"shapes", "d_model", "d_ffn", "tokens", "decode", "nnz", "reps", "warmup", "seed"},
 }
 TRAIN_BACKEND_CHOICES = ("cuda", "torch")
 
@@ -214,5 +226,16 @@ def _check(s: BenchSettings) -> None:
             s.backend = "cuda" if s.device == "cuda" else "torch"
         if not s.tokens or not s.nnz:
             raise UserError("the train suite needs tokens= and nnz= (at least one value each)")
+    if s.suite == "policy":
+        from sparsify_cli.kernels.ffn import DEFAULT_POLICY
+
+        limit = DEFAULT_POLICY.decode_max_m
+        if s.d_model % 64:
+            raise UserError(f"d_model={s.d_model} must be a multiple of 64 (the kernels' tile)")
+        if any(m <= limit for m in s.tokens) or any(m > limit for m in s.decode):
+            raise UserError(f"tokens= are prefill sizes (each > {limit}) and decode= decode sizes (each <= {limit}): "
+                            f"got tokens={list(s.tokens)}, decode={list(s.decode)}")
+        if not (s.tokens and s.nnz) and not s.decode:
+            raise UserError("the policy suite needs tokens= with nnz=, or decode= (at least one point)")
     if s.suite == "ffn" and ("d_model" in s.given or "d_ffn" in s.given):  # pragma: no cover - refused above
         raise UserError("the ffn suite's GPU rows use D=2048, H=5632 (bench/ffn.py)")

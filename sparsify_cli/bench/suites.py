@@ -8,6 +8,8 @@
            replays), a training step dense vs the sparse training op (model.py)
     train  FFN forward + backward with the L1 term, dense torch autograd vs kernels.train_reference's
            sparse_ffn_train (the CUDA op on a GPU, the torch reference on the CPU): train_ffn.py
+    policy dense vs the sparse path over a sweep of densities on this GPU; the crossovers become the GPU's
+           dense/sparse rule, written to its policy file (policy.py, kernels/device_policy.py)
 
 plan() checks everything a run needs (device, kernels, a model path) before any work, and returns the rows as
 (label, callable) pairs, so the CLI can show a progress bar and the tests can run any one of them.
@@ -41,13 +43,13 @@ def resolve_device(suite: str, device: Optional[str]) -> str:
     from sparsify_cli.kernels import cuda_kernels_status
 
     if device is None:
-        device = {"cpu": "cpu", "ffn": "cuda"}.get(suite) or ("cuda" if cuda_kernels_status()[0] else "cpu")
+        device = {"cpu": "cpu", "ffn": "cuda", "policy": "cuda"}.get(suite) or ("cuda" if cuda_kernels_status()[0] else "cpu")
     if device not in bench_settings.DEVICES:
         raise UserError(f"unknown device {device!r}; choose one of: {', '.join(bench_settings.DEVICES)}")
     if suite == "cpu" and device != "cpu":
         raise UserError("the cpu suite runs on the CPU (--device cpu); for the GPU use --suite ffn, model or train")
-    if suite == "ffn" and device != "cuda":
-        raise UserError("the ffn suite times the CUDA kernels (--device cuda); on the CPU use --suite cpu")
+    if suite in ("ffn", "policy") and device != "cuda":
+        raise UserError(f"the {suite} suite times the CUDA kernels (--device cuda); on the CPU use --suite cpu")
     if device == "cuda":
         ok, why = cuda_kernels_status()
         if not ok:
@@ -79,6 +81,16 @@ def plan(s: bench_settings.BenchSettings, source: Optional[str] = None,
             m, nnz = s.tokens[0], s.nnz[0]
             cases.append((f"train M={m} (dense)", lambda: ffn_train_row(s, m, nnz, device, energy)))
         return cases, lambda: {"notes": notes}
+    if s.suite == "policy":
+        from sparsify_cli.bench.policy import PolicySuite
+
+        policy = PolicySuite(s)
+
+        def header() -> dict[str, Any]:  # after the rows: the crossovers, written as this GPU's rule
+            fields = policy.finish()
+            return {**fields, "notes": notes + fields["notes"]}
+
+        return policy.cases(), header
     if s.suite == "train":
         from sparsify_cli.bench import train_ffn
 

@@ -27,6 +27,8 @@ HELP = """Dense vs sparse, side by side in one run: speed, memory and energy.
 
   sparsify bench --suite model sparsity=0.99 layers=4   # synthetic weights with a chosen sparsity
 
+  sparsify bench --suite policy                  # this GPU's dense/sparse crossover, kept as its rule
+
   sparsify bench --suite cpu --out bench.json --plot speedup.png   # + bench.csv beside the JSON
 
 Every row: shape, measured active neurons per token (mean/max, max per 256-tile), dense and sparse median time
@@ -36,13 +38,16 @@ GPUs, NVML; needs pynvml). Settings are key=value words after the options: shape
 paper|quick, model: tiny|small|paper, train: paper|quick|small|tiny), tokens, decode, nnz, reps, warmup, threads,
 seed; model: d_model, d_ffn, layers, heads, vocab, seq_len, batch, train_batch, context, sparsity, width, graphs
 (true|false: on a GPU also the "decode (graphs)" rows, each decode step as CUDA-graph replays); train: d_model,
-d_ffn, width (ELL width; 0: the training loop's rule), backend (cuda|torch), l1_coeff.
+d_ffn, width (ELL width; 0: the training loop's rule), backend (cuda|torch), l1_coeff; policy: paper|quick,
+d_model, d_ffn, tokens, decode, nnz. The policy suite writes what it measured as this GPU's policy file
+(<cache>/policy/, cache = $SPARSIFY_CACHE or ~/.cache/sparsify); packed models loaded on this GPU then choose
+dense or sparse per layer by it instead of the defaults measured on an H100.
 """
 
 
 def bench(
     args: Optional[List[str]] = typer.Argument(None, help="key=value settings; for --suite model a checkpoint or packed dir."),
-    suite: Optional[str] = typer.Option(None, "--suite", "-s", help="cpu, ffn, model or train (default: ffn on a GPU, else cpu; model when a path is given)."),
+    suite: Optional[str] = typer.Option(None, "--suite", "-s", help="cpu, ffn, model, train or policy (default: ffn on a GPU, else cpu; model when a path is given)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the suite's)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the report as JSON here, and the rows as CSV beside it."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of speed-up against sparsity (needs matplotlib)."),

@@ -27,6 +27,7 @@ from torch import nn
 
 from sparsify_cli.config.schema import ModelConfig
 from sparsify_cli.errors import UserError
+from sparsify_cli.kernels.ffn import DEFAULT_POLICY
 from sparsify_cli.model.ffn import ActivationObserver
 from sparsify_cli.model.transformer import SparseLlama
 from sparsify_cli.storage import read_versioned_json
@@ -59,6 +60,8 @@ class PackedFFN(nn.Module):
         # dense. bench/model.py's DecodeGraph sets sparse for a warm-up step, so that the decode kernels a CUDA
         # graph records are compiled and loaded before the capture.
         self.mode = "auto"
+        # The dense/sparse rule on the CUDA backend: use_backend sets this GPU's (kernels/device_policy.py).
+        self.policy = DEFAULT_POLICY
         self.observer: Optional[ActivationObserver] = None
 
     @property
@@ -102,10 +105,25 @@ class PackedFFN(nn.Module):
         out = ffn_forward(
             flat.to(self.up_w.dtype), w_act, up, self.down_t, kernels="cuda", mode=self.mode, nnz_hint=self.nnz_hint,
             cold_nnz_hint=self.cold_nnz_hint, tile=self.tile, slots=self.tile // self.compression, n_hot=self.n_hot,
+            policy=self.policy,
         )
         if self.down_b is not None:
             out = out + self.down_b
         return out.to(flat.dtype)
+
+
+def use_backend(ffns, backend: str, device: torch.device | str) -> Optional[str]:
+    """Set each PackedFFN's backend ("cuda" or "torch") and, on the CUDA backend, the dense/sparse rule of the GPU
+    it runs on (kernels/device_policy.py: measured by `sparsify bench --suite policy`, else the H100 defaults).
+    Returns the rule's one-line note (None on the torch backend, which has no rule)."""
+    policy, note = DEFAULT_POLICY, None
+    if backend == "cuda":
+        from sparsify_cli.kernels.device_policy import for_device
+
+        policy, note = for_device(torch.device(device))
+    for ffn in ffns:
+        ffn.backend, ffn.policy = backend, policy
+    return note
 
 
 def is_packed_dir(path: str | Path) -> bool:
@@ -144,7 +162,8 @@ def load_packed(
     """Load PACKED as a SparseLlama whose FFNs are PackedFFNs; return (model, manifest).
 
     kernels: auto | cuda | torch. `auto` takes the CUDA kernels on a GPU where they can run, else torch;
-    the backend chosen is in model.ffn_backend (and the reason in model.ffn_backend_reason).
+    the backend chosen is in model.ffn_backend (and the reason in model.ffn_backend_reason); on the CUDA backend,
+    model.ffn_policy_note says where the dense/sparse rule came from (use_backend).
     """
     from sparsify_cli.kernels import cuda_kernels_status, resolve_backend
     from sparsify_cli.train.checkpoint import load_safetensors
@@ -180,8 +199,7 @@ def load_packed(
     device = torch.device(device)
     if backend == "cuda" and device.type != "cuda":
         backend = "torch"
-    for ffn in model.ffns:
-        ffn.backend = backend
+    model.ffn_policy_note = use_backend(model.ffns, backend, device)
     model.ffn_backend = backend
     model.ffn_backend_reason = cuda_kernels_status()[1]
     model = model.to(device)

@@ -100,3 +100,29 @@ def test_kernel_ms_reports_the_gpu_time_of_each_kernel():
     per = kernel_ms(lambda: a @ a)
     assert per and all(v > 0 for v in per.values())
     assert list(per.values()) == sorted(per.values(), reverse=True)
+
+
+def test_policy_suite_measures_and_writes_this_gpus_rule(tmp_path, monkeypatch):
+    import torch
+
+    from sparsify_cli.kernels import device_policy as dp
+
+    monkeypatch.setenv("SPARSIFY_CACHE", str(tmp_path / "cache"))  # not the machine's cache
+    out = tmp_path / "policy.json"
+    r = CliRunner().invoke(app, ["bench", "--suite", "policy", "shapes=quick", "nnz=16,96", "decode=16,64", "reps=5",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert {x["policy_kind"] for x in rows} == {"prefill", "fused_decode", "decode"}
+    for row in rows:
+        assert row["rel_err"] < 2e-2 and row["dense_ms"] > 0 and row["sparse_ms"] > 0
+        assert row["density"] == pytest.approx(row["nnz_mean"] / row["H"])
+    # the file holds what the rows give, and a packed model on this GPU would now use it
+    path = dp.policy_path(torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+    assert report["policy"]["path"] == str(path) and path.exists()
+    for kind, field in dp.LIMIT_FIELDS.items():
+        pts = [x for x in rows if x["policy_kind"] == kind]
+        assert report["policy"]["limits"][field] == dp.crossover(pts)
+    policy, note = dp.for_device()
+    assert policy.max_density == report["policy"]["limits"]["max_density"] and "measured on this" in note
