@@ -35,6 +35,8 @@ class SparsePolicy:
     ``python -m sparsify_cli.bench.ffn`` (D=2048, H=5632, M=16384 resp. 64): 0.0071 (the next point, 0.0085,
     ran at 1.01-1.04x; bench_results/ffn_h100.json) and, for decode since its two-kernel path from the activation,
     0.030 (1.12-1.13x in three runs; 4% ran at 1.00-1.02x: bench_results/session6/decode_sweep_*.json).
+    Other GPUs: `sparsify bench --suite policy` measures the three limits there (kernels/device_policy.py), and
+    packed models loaded on that GPU use them instead of these defaults.
     """
 
     max_density: float = 0.0075
