@@ -15,10 +15,14 @@ from typing import Callable, Optional
 from sparsify_cli.errors import UserError
 
 
+def cache_location(cache_dir: Optional[str]) -> Path:
+    """data.cache_dir if set, else $SPARSIFY_CACHE, else ~/.cache/sparsify (not created: readers use this)."""
+    return Path(cache_dir or os.environ.get("SPARSIFY_CACHE") or "~/.cache/sparsify").expanduser()
+
+
 def cache_root(cache_dir: Optional[str]) -> Path:
-    """data.cache_dir if set, else $SPARSIFY_CACHE, else ~/.cache/sparsify; created if missing."""
-    where = cache_dir or os.environ.get("SPARSIFY_CACHE") or "~/.cache/sparsify"
-    root = Path(where).expanduser()
+    """cache_location, created if missing (writers use this)."""
+    root = cache_location(cache_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -45,9 +45,10 @@ def gpu_key(name: str, capability: Sequence[int]) -> str:
 
 
 def policy_path(name: str, capability: Sequence[int], cache_dir: Optional[str] = None) -> Path:
-    from sparsify_cli.data.cache import cache_root
+    """Where this GPU's policy file lives (nothing is created: loading a model needs no writable cache)."""
+    from sparsify_cli.data.cache import cache_location
 
-    return cache_root(cache_dir) / "policy" / f"{gpu_key(name, capability)}.json"
+    return cache_location(cache_dir) / "policy" / f"{gpu_key(name, capability)}.json"
 
 
 def crossover(points: Sequence[dict[str, float]], margin: float = MARGIN) -> float:

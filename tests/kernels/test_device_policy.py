@@ -88,8 +88,9 @@ def fake_gpu(monkeypatch):
 
 
 def test_for_device_uses_the_gpus_file_or_says_how_to_measure(tmp_path, fake_gpu):
-    policy, note = dp.for_device(None, str(tmp_path))
+    policy, note = dp.for_device(None, str(tmp_path / "absent"))
     assert policy is DEFAULT_POLICY and "H100 defaults" in note and "bench --suite policy" in note
+    assert not (tmp_path / "absent").exists()  # reading the rule creates nothing (a read-only home still loads)
     path = _write(tmp_path)
     policy, note = dp.for_device(None, str(tmp_path))
     assert policy.max_density == 0.009 and str(path) in note and "0.90%" in note
