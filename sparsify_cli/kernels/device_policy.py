@@ -11,7 +11,8 @@ and writes the three limits here:
 A packed model loaded on that GPU takes them (pack/packed.py: load_packed sets each PackedFFN's policy and says
 where the rule came from); without a file the H100 defaults stand and the note says how to measure. A file that
 is unreadable, of another format or version, for another GPU, or with a limit outside [0, 1] is refused with
-the reason (UserError), never half-used.
+the reason (UserError), never half-used. One measured on other kernel sources (kernels_sha256) is used, and the
+note says to measure again.
 
 Importable without Hydra/OmegaConf (the GPU machine's tools import it).
 """
@@ -36,6 +37,19 @@ MARGIN = 0.97
 # Each measured kind and the SparsePolicy field its crossover sets.
 LIMIT_FIELDS = {"prefill": "max_density", "decode": "decode_max_density", "fused_decode": "fused_decode_max_density"}
 REMEDY = "measure again with `sparsify bench --suite policy` (or delete the file to use the H100 defaults)"
+
+
+def kernels_digest() -> str:
+    """sha256 of the kernel sources (kernels_cu/): a policy measured on other sources may no longer hold."""
+    import hashlib
+
+    from sparsify_cli.kernels.loader import kernel_dir
+
+    h = hashlib.sha256()
+    for f in sorted(kernel_dir().iterdir()):
+        if f.suffix in (".cu", ".cuh"):
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def gpu_key(name: str, capability: Sequence[int]) -> str:
@@ -80,7 +94,8 @@ def build(points: dict[str, list[dict[str, Any]]], name: str, capability: Sequen
             by_m.setdefault(int(p["M"]), []).append(p)
         limits[LIMIT_FIELDS[kind]] = min(crossover(v) for v in by_m.values())
     return {"format": FORMAT, "format_version": VERSION, "gpu": name, "capability": list(capability[:2]),
-            "margin": MARGIN, "limits": limits, "points": points, "environment": environment}
+            "margin": MARGIN, "limits": limits, "kernels_sha256": kernels_digest(), "points": points,
+            "environment": environment}
 
 
 def save(doc: dict[str, Any], path: Path) -> None:
@@ -129,4 +144,7 @@ def for_device(device: Any = None, cache_dir: Optional[str] = None) -> tuple[Spa
                                 f"`sparsify bench --suite policy` measures this {name}'s")
     policy, doc = load(path, name, capability)
     when = doc.get("environment", {}).get("date_utc", "date unknown")
-    return policy, f"dense/sparse rule: measured on this {name} ({when}; {path}): {describe(policy)}"
+    note = f"dense/sparse rule: measured on this {name} ({when}; {path}): {describe(policy)}"
+    if doc.get("kernels_sha256") != kernels_digest():  # still the best measurement there is, but say so
+        note += "; measured with other kernel sources than these: `sparsify bench --suite policy` to measure again"
+    return policy, note

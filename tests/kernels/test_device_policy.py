@@ -36,6 +36,7 @@ def test_build_takes_the_lowest_crossover_over_token_counts():
                    GPU, CC, {"date_utc": "2026-12-04T00:00:00Z"})
     assert doc["limits"] == {"decode_max_density": 0.01}
     assert doc["format"] == dp.FORMAT and doc["gpu"] == GPU and doc["capability"] == [9, 0]
+    assert doc["kernels_sha256"] == dp.kernels_digest() and len(doc["kernels_sha256"]) == 64
     with pytest.raises(ValueError, match="unknown kinds"):
         dp.build({"training": pts((0.01, 1, 0.5))}, GPU, CC, {})
 
@@ -91,9 +92,12 @@ def test_for_device_uses_the_gpus_file_or_says_how_to_measure(tmp_path, fake_gpu
     policy, note = dp.for_device(None, str(tmp_path / "absent"))
     assert policy is DEFAULT_POLICY and "H100 defaults" in note and "bench --suite policy" in note
     assert not (tmp_path / "absent").exists()  # reading the rule creates nothing (a read-only home still loads)
-    path = _write(tmp_path)
+    path = _write(tmp_path, kernels_sha256=dp.kernels_digest())
     policy, note = dp.for_device(None, str(tmp_path))
-    assert policy.max_density == 0.009 and str(path) in note and "0.90%" in note
+    assert policy.max_density == 0.009 and str(path) in note and "0.90%" in note and "other kernel" not in note
+    _write(tmp_path, kernels_sha256="0" * 64)  # measured before the kernels changed: used, and the note says so
+    policy, note = dp.for_device(None, str(tmp_path))
+    assert policy.max_density == 0.009 and "measured with other kernel sources" in note
 
 
 def test_packed_layers_take_the_gpus_rule(tmp_path, fake_gpu, monkeypatch):
