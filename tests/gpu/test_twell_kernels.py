@@ -220,6 +220,36 @@ def test_relu_ffn_c_start_and_init_semantics():
         launchers.launch_relu_ffn(inp.x, act, inp.up, down_t, out, c_start=3)
 
 
+@pytest.mark.parametrize("m,d,h,c_start,density", [(1029, 2048, 5632, 512, 0.01), (300, 512, 1001, 0, 0.02),
+                                                    (77, 2560, 704, 136, 0.02), (5, 256, 33, 8, 0.3),
+                                                    (130, 1024, 3001, 1000, 0.3), (64 + 3, 2048, 2048, 0, 0.6)])
+@pytest.mark.parametrize("gated", [True, False])
+def test_relu_ffn_from_mask_same_bits(m, d, h, c_start, density, gated):
+    """The FFN_ACT_MASK build lists the bitmask's set columns instead of scanning act: the same entries in the same
+    order, so the same bits, hybrid or not, ragged H, c_start off a word boundary, dense rows (more entries than a
+    batch holds); a mask with every bit set lists zeros too and still gives the same bits."""
+    gen = torch.Generator(device=DEV).manual_seed(m + h + c_start)
+    x = torch.randn(m, d, generator=gen, device=DEV).to(torch.bfloat16)
+    act = torch.where(torch.rand(m, h, generator=gen, device=DEV) < density,
+                      torch.randn(m, h, generator=gen, device=DEV).abs() + 0.01,
+                      -torch.rand(m, h, generator=gen, device=DEV)).to(torch.bfloat16)
+    up = (torch.randn(h, d, generator=gen, device=DEV) * 0.05).to(torch.bfloat16) if gated else None
+    down_t = (torch.randn(h, d, generator=gen, device=DEV) * 0.05).to(torch.bfloat16)
+    init = torch.randn(m, d, generator=gen, device=DEV).to(torch.bfloat16) if c_start else None
+    mask = reference.relu_bitmask(act)
+    outs = []
+    for mk in (None, mask, torch.full_like(mask, -1)):
+        out = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
+        launchers.launch_relu_ffn(x, act, up, down_t, out, path="prefill", c_start=c_start, init=init, mask=mk)
+        outs.append(out)
+    assert not torch.isnan(outs[0]).any()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    with pytest.raises(ValueError, match="mask must be int32"):
+        launchers.launch_relu_ffn(x, act, up, down_t, outs[0], mask=mask[:, :1])
+    with pytest.raises(ValueError, match="prefill kernel only"):
+        launchers.launch_relu_ffn(x, act, up, down_t, outs[0], path="decode", mask=mask)
+
+
 @pytest.mark.parametrize("m,d,h,density", [(1029, 2048, 5632, 0.02), (300, 512, 1001, 0.02), (77, 2560, 704, 0.02),
                                             (129, 1024, 5632, 0.3), (33, 2560, 3001, 0.3)])
 @pytest.mark.parametrize("gated", [True, False])

@@ -38,6 +38,23 @@ def test_compiles(src, arch, tmp_path):
         assert max(spills) == 0, res.stderr
 
 
+# Builds that tools select with defines (launchers' `defines=`, the tune scripts): each must compile without spills
+# on Hopper too. FFN_ACT_MASK: the prefill kernel listing from a relu bitmask (launch_relu_ffn(mask=...)).
+VARIANTS = [("twell_ffn.cu", "FFN_ACT_MASK=1"), ("twell_ffn.cu", "FFN_ACT_PREFETCH=0")]
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit to compile-test kernels)")
+@pytest.mark.parametrize("src,define", VARIANTS)
+def test_build_variants_compile(src, define, tmp_path):
+    path = resource_dir("kernels_cu") / src
+    cmd = [NVCC, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", f"-D{define}", "-c", str(path), "-o",
+           str(tmp_path / "k.o"), "-Xptxas", "-v", "-Werror", "all-warnings"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", res.stderr)]
+    assert spills and max(spills) == 0, res.stderr
+
+
 def _nvrtc():
     """libnvrtc from the nvidia-cuda-nvrtc wheel (the dev extra), or None."""
     import ctypes

@@ -1,0 +1,126 @@
+"""Experiment: the gate GEMM hands the sparse kernel a relu bitmask (cuBLASLt's RELU_AUX epilogue) instead of the
+kernel scanning the activation row (development tool; run with `bash tests/gpu/run_on_device.sh mask`).
+
+Why: the hybrid's cold-neuron kernel lists each token's entries by scanning its activation row, 512 columns per
+dependent step (7 steps for a packed layer's ~3,450 cold columns); a full-width layer scans 1,664 more (dead)
+columns and its kernel takes ~0.2 ms more at 65536 tokens (session 11), so the scan looks like ~0.4 ms of the
+packed kernel's 1.33 ms. With the bitmask a token's listing is one word per lane and one value load per entry.
+Predicted, packed layer, 65536 tokens, nnz 29: the kernel 0.2-0.35 ms faster, the gate GEMM through cuBLASLt
+0-0.07 ms slower than cuBLAS (session 8 measured cuBLASLt without an epilogue 2-4% slower), the block net
+0.15-0.3 ms faster (3.19 -> ~2.95 ms, 2.5x dense).
+
+Per prefill shape (D 2048, H 5632, M 16384 / 65536, nnz 29 / 56 / 112; the layer as `sparsify pack` lays it out):
+  checks  cuBLASLt's act against relu(x·Gᵀ) by cuBLAS (max relative difference), its bitmask against
+          relu_bitmask(its act) (exact), the kernel from the bitmask against the kernel scanning act (same bits)
+  times   gate GEMM (cuBLAS) and gate GEMM + bitmask (cuBLASLt), the cold kernel scanning / from the bitmask
+          (hybrid: c_start = n_hot, init = the hot part), the whole block as ffn_forward runs it and with the
+          bitmask, dense; ROUNDS interleaved rounds, best round per cell
+
+    python3 tests/gpu/mask_tune.py OUT.json           # MASK_TUNE_SHAPES=65536x29,16384x29 to pick shapes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+
+from sparsify_cli.bench.ffn import (CALIB_TOKENS, D_MODEL, HIDDEN, PREFILL_M, PREFILL_NNZ, _rel, calib_tokens,
+                                    cuda_time, dense_block, environment, packed_layer)
+from sparsify_cli.bench.synthetic import make_ffn_inputs
+from sparsify_cli.kernels import ffn_forward, launchers
+from sparsify_cli.kernels.ffn import hot_part
+from sparsify_cli.kernels.reference import relu_bitmask
+
+ROUNDS = int(os.environ.get("MASK_TUNE_ROUNDS", "3"))
+
+
+def shapes() -> list[tuple[int, int]]:
+    if os.environ.get("MASK_TUNE_SHAPES"):
+        return [tuple(int(v) for v in s.split("x")) for s in os.environ["MASK_TUNE_SHAPES"].split(",")]
+    return [(m, nnz) for m in PREFILL_M for nnz in PREFILL_NNZ]
+
+
+def row(m: int, nnz: int) -> dict:
+    inp = make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=int(nnz) + m)
+    x = inp.x
+    pk = packed_layer(inp.gate, inp.up, inp.down.T.contiguous(), calib_tokens(CALIB_TOKENS, m + 1))
+    n_hot, gate, up, down_t = pk.n_hot, pk.gate, pk.up, pk.down_t
+    out = {"M": m, "nnz_target": nnz, "packed_width": pk.width, "n_hot": n_hot, "ms": {}}
+    act = x @ gate.T
+    mask = relu_bitmask(act)
+    hot = hot_part(x, act, up, down_t, n_hot)
+
+    def cold(a, mk=None):
+        o = torch.empty_like(x)
+        launchers.launch_relu_ffn(x, a, up, down_t, o, c_start=n_hot, init=hot, mask=mk)
+        return o
+
+    out["mask_kernel_same_bits"] = bool(torch.equal(cold(act), cold(act, mask)))
+    fns = {
+        "dense": lambda: dense_block(x, inp.gate, inp.up, inp.down),
+        "gate_cublas": lambda: x @ gate.T,
+        "cold_scan": lambda: cold(act),
+        "cold_mask": lambda: cold(act, mask),
+        "block": lambda: ffn_forward(x, gate, up, down_t, kernels="cuda", mode="sparse", n_hot=n_hot),
+    }
+    try:
+        from lt_relu_gemm import LtReluGemm
+
+        lt = LtReluGemm(m, D_MODEL, pk.width)
+        out["lt_algorithms"] = lt.algorithms
+        act_lt, mask_lt = lt.buffers()
+        lt(x, gate, act_lt, mask_lt)
+        torch.cuda.synchronize()
+        ref = torch.relu(act).float()
+        out["lt_act_max_rel_diff"] = ((act_lt.float() - ref).abs().max() / ref.abs().max()).item()
+        out["lt_act_equal_cublas"] = bool(torch.equal(act_lt, torch.relu(act)))
+        out["lt_mask_matches_its_act"] = bool(torch.equal(mask_lt, relu_bitmask(act_lt)))
+
+        def block_mask():
+            lt(x, gate, act_lt, mask_lt)
+            o = torch.empty_like(x)
+            launchers.launch_relu_ffn(x, act_lt, up, down_t, o, c_start=n_hot,
+                                      init=hot_part(x, act_lt, up, down_t, n_hot), mask=mask_lt)
+            return o
+
+        fns["gate_lt_mask"] = lambda: lt(x, gate, act_lt, mask_lt)
+        fns["block_mask"] = block_mask
+        ref32 = dense_block(x[:4096].float(), inp.gate.float(), inp.up.float(), inp.down.float())
+        out["rel_err_block_mask"] = _rel(block_mask()[:4096], ref32)
+        out["rel_err_block"] = _rel(fns["block"]()[:4096], ref32)
+    except Exception as exc:  # the bitmask kernel is still timed with the torch-built mask
+        out["lt_error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    rounds: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(ROUNDS):
+        for k, fn in fns.items():
+            rounds[k].append(cuda_time(fn, 20))
+    out["ms"] = {k: min(v) for k, v in rounds.items()}
+    out["ms_rounds"] = rounds
+    ms = out["ms"]
+    out["speedup_block"] = ms["dense"] / ms["block"]
+    if "block_mask" in ms:
+        out["speedup_block_mask"] = ms["dense"] / ms["block_mask"]
+        out["predicted_block_mask"] = ms["block"] + (ms["cold_mask"] - ms["cold_scan"]) + (
+            ms["gate_lt_mask"] - ms["gate_cublas"])
+    return out
+
+
+def main() -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # lt_relu_gemm beside this file
+    result = {"environment": environment(), "rounds": ROUNDS, "prefill": []}
+    for m, nnz in shapes():
+        r = row(m, nnz)
+        result["prefill"].append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "ms_rounds"}), flush=True)
+        torch.cuda.empty_cache()
+    with open(sys.argv[1], "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
