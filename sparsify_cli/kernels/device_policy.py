@@ -143,8 +143,11 @@ def for_device(device: Any = None, cache_dir: Optional[str] = None) -> tuple[Spa
         return DEFAULT_POLICY, (f"dense/sparse rule: the H100 defaults ({describe(DEFAULT_POLICY)}); "
                                 f"`sparsify bench --suite policy` measures this {name}'s")
     policy, doc = load(path, name, capability)
-    when = doc.get("environment", {}).get("date_utc", "date unknown")
-    note = f"dense/sparse rule: measured on this {name} ({when}; {path}): {describe(policy)}"
+    env = doc.get("environment", {})
+    shape = env.get("shape") or {}
+    at = f"D {shape['d_model']} × H {shape['d_ffn']}, " if {"d_model", "d_ffn"} <= set(shape) else ""
+    note = f"dense/sparse rule: measured on this {name} ({at}{env.get('date_utc', 'date unknown')}; {path}): " \
+           f"{describe(policy)}"
     if doc.get("kernels_sha256") != kernels_digest():  # still the best measurement there is, but say so
         note += "; measured with other kernel sources than these: `sparsify bench --suite policy` to measure again"
     return policy, note

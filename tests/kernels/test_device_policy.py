@@ -95,6 +95,8 @@ def test_for_device_uses_the_gpus_file_or_says_how_to_measure(tmp_path, fake_gpu
     path = _write(tmp_path, kernels_sha256=dp.kernels_digest())
     policy, note = dp.for_device(None, str(tmp_path))
     assert policy.max_density == 0.009 and str(path) in note and "0.90%" in note and "other kernel" not in note
+    _write(tmp_path, kernels_sha256=dp.kernels_digest(), environment={"shape": {"d_model": 4096, "d_ffn": 14336}})
+    assert "D 4096 × H 14336" in dp.for_device(None, str(tmp_path))[1]  # the shape it was measured at
     _write(tmp_path, kernels_sha256="0" * 64)  # measured before the kernels changed: used, and the note says so
     policy, note = dp.for_device(None, str(tmp_path))
     assert policy.max_density == 0.009 and "measured with other kernel sources" in note
