@@ -9,7 +9,8 @@ Predicted, packed layer, 65536 tokens, nnz 29: the kernel 0.2-0.35 ms faster, th
 0-0.07 ms slower than cuBLAS (session 8 measured cuBLASLt without an epilogue 2-4% slower), the block net
 0.15-0.3 ms faster (3.19 -> ~2.95 ms, 2.5x dense).
 
-Per prefill shape (D 2048, H 5632, M 16384 / 65536, nnz 29 / 56 / 112; the layer as `sparsify pack` lays it out):
+Per prefill shape (D 2048, H 5632, M 16384 / 65536, nnz 29 / 56 / 112), for the layer as `sparsify pack` lays it
+out and for every neuron in hot-first order:
   checks  cuBLASLt's act against relu(x·Gᵀ) by cuBLAS (max relative difference), its bitmask against
           relu_bitmask(its act) (exact), the kernel from the bitmask against the kernel scanning act (same bits)
   times   gate GEMM (cuBLAS) and gate GEMM + bitmask (cuBLASLt), the cold kernel scanning / from the bitmask
@@ -32,7 +33,7 @@ from sparsify_cli.bench.ffn import (CALIB_TOKENS, D_MODEL, HIDDEN, PREFILL_M, PR
                                     cuda_time, dense_block, environment, packed_layer)
 from sparsify_cli.bench.synthetic import make_ffn_inputs
 from sparsify_cli.kernels import ffn_forward, launchers
-from sparsify_cli.kernels.ffn import hot_part
+from sparsify_cli.kernels.ffn import hot_first_order, hot_part
 from sparsify_cli.kernels.reference import relu_bitmask
 
 ROUNDS = int(os.environ.get("MASK_TUNE_ROUNDS", "3"))
@@ -45,11 +46,31 @@ def shapes() -> list[tuple[int, int]]:
 
 
 def row(m: int, nnz: int) -> dict:
+    """Both layouts of one shape: the layer as `sparsify pack` lays it out, and every neuron in hot-first order."""
     inp = make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=int(nnz) + m)
+    calib = calib_tokens(CALIB_TOKENS, m + 1)
+    pk = packed_layer(inp.gate, inp.up, inp.down.T.contiguous(), calib)
+    perm, n_hot = hot_first_order(((calib @ inp.gate.T) > 0).float().mean(0))
+    del calib
+    out = {"M": m, "nnz_target": nnz, "packed_width": pk.width}
+    layouts = {"packed": (pk.gate, pk.up, pk.down_t, pk.n_hot),
+               "full": (inp.gate[perm].contiguous(), inp.up[perm].contiguous(), inp.down.T[perm].contiguous(), n_hot)}
+    dense_ms = None
+    for name, (gate, up, down_t, hot_n) in layouts.items():
+        r = layout_row(inp, gate, up, down_t, hot_n, time_dense=dense_ms is None)
+        dense_ms = dense_ms or r["ms"]["dense"]
+        r["speedup_block"] = dense_ms / r["ms"]["block"]
+        if "block_mask" in r["ms"]:
+            r["speedup_block_mask"] = dense_ms / r["ms"]["block_mask"]
+        out[name] = r
+    out["dense_ms"] = dense_ms
+    return out
+
+
+def layout_row(inp, gate, up, down_t, n_hot: int, time_dense: bool) -> dict:
     x = inp.x
-    pk = packed_layer(inp.gate, inp.up, inp.down.T.contiguous(), calib_tokens(CALIB_TOKENS, m + 1))
-    n_hot, gate, up, down_t = pk.n_hot, pk.gate, pk.up, pk.down_t
-    out = {"M": m, "nnz_target": nnz, "packed_width": pk.width, "n_hot": n_hot, "ms": {}}
+    m = x.shape[0]
+    out = {"width": gate.shape[0], "n_hot": n_hot}
     act = x @ gate.T
     mask = relu_bitmask(act)
     hot = hot_part(x, act, up, down_t, n_hot)
@@ -61,16 +82,17 @@ def row(m: int, nnz: int) -> dict:
 
     out["mask_kernel_same_bits"] = bool(torch.equal(cold(act), cold(act, mask)))
     fns = {
-        "dense": lambda: dense_block(x, inp.gate, inp.up, inp.down),
         "gate_cublas": lambda: x @ gate.T,
         "cold_scan": lambda: cold(act),
         "cold_mask": lambda: cold(act, mask),
         "block": lambda: ffn_forward(x, gate, up, down_t, kernels="cuda", mode="sparse", n_hot=n_hot),
     }
+    if time_dense:
+        fns["dense"] = lambda: dense_block(x, inp.gate, inp.up, inp.down)
     try:
         from lt_relu_gemm import LtReluGemm
 
-        lt = LtReluGemm(m, D_MODEL, pk.width)
+        lt = LtReluGemm(m, D_MODEL, gate.shape[0])
         out["lt_algorithms"] = lt.algorithms
         act_lt, mask_lt = lt.buffers()
         lt(x, gate, act_lt, mask_lt)
@@ -99,12 +121,9 @@ def row(m: int, nnz: int) -> dict:
     for _ in range(ROUNDS):
         for k, fn in fns.items():
             rounds[k].append(cuda_time(fn, 20))
-    out["ms"] = {k: min(v) for k, v in rounds.items()}
+    out["ms"] = ms = {k: min(v) for k, v in rounds.items()}
     out["ms_rounds"] = rounds
-    ms = out["ms"]
-    out["speedup_block"] = ms["dense"] / ms["block"]
     if "block_mask" in ms:
-        out["speedup_block_mask"] = ms["dense"] / ms["block_mask"]
         out["predicted_block_mask"] = ms["block"] + (ms["cold_mask"] - ms["cold_scan"]) + (
             ms["gate_lt_mask"] - ms["gate_cublas"])
     return out
@@ -116,7 +135,8 @@ def main() -> None:
     for m, nnz in shapes():
         r = row(m, nnz)
         result["prefill"].append(r)
-        print(json.dumps({k: v for k, v in r.items() if k != "ms_rounds"}), flush=True)
+        print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "ms_rounds"} if isinstance(v, dict) else v)
+                          for k, v in r.items()}), flush=True)
         torch.cuda.empty_cache()
     with open(sys.argv[1], "w") as f:
         json.dump(result, f, indent=1)
