@@ -69,7 +69,9 @@ class PackedFFN(nn.Module):
         return self.up_w.shape[0]
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense h (…, H_i): only for observers (statistics); the forward itself never builds it."""
+        """Dense h (…, H_i): only for observers (statistics); the forward itself never builds it. Computed in the
+        weights' dtype, as the forward computes (on the CUDA backend the FFN weights are bf16 in an fp32 model)."""
+        x = x.to(self.up_w.dtype)
         if self.gated:
             return torch.relu(nn.functional.linear(x, self.gate_w, self.gate_b)) * nn.functional.linear(x, self.up_w, self.up_b)
         return torch.relu(nn.functional.linear(x, self.up_w, self.up_b))

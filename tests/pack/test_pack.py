@@ -149,3 +149,22 @@ def test_pack_cli_prints_the_summary(trained, tmp_path):
     assert "agreement with the checkpoint" in r.output and (tmp_path / "cli" / "manifest.json").is_file()
     bad = CliRunner().invoke(app, ["pack", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+def test_an_observed_packed_layer_with_weights_in_another_dtype():
+    """On the CUDA backend load_packed keeps FFN weights in bf16 inside an fp32 model: an observer (eval's
+    statistics) must still see the layer's activations, computed as the forward computes them."""
+    from sparsify_cli.pack.packed import PackedFFN
+
+    h, d = 128, 64
+    gen = torch.Generator().manual_seed(0)
+    w = {k: torch.randn(h, d, generator=gen).to(torch.bfloat16) for k in ("gate_w", "up_w", "down_t")}
+    ffn = PackedFFN(0, True, w, {"tile": 256, "compression": 8, "stats": {"mean_active": 2.0}})
+    seen = []
+    ffn.observer = lambda layer, h_act: seen.append(h_act)
+    x = torch.randn(2, 3, d, generator=gen)
+    y = ffn(x)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    xb = x.to(torch.bfloat16)
+    want = torch.relu(xb @ w["gate_w"].T) * (xb @ w["up_w"].T)
+    assert seen[0].dtype == torch.bfloat16 and torch.equal(seen[0], want)
