@@ -373,30 +373,20 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
 
 
 def calibrate(reps: int = 20) -> dict:
-    """Where the sparse path stops paying, measured: dense vs sparse over a sweep of densities, for prefill
-    (M = 16384) and decode (M = 64). Returns the sweep and the largest measured density at which sparse took
-    at most 0.97 x dense time (a 3% margin for noise), i.e. the value for SparsePolicy."""
-    from sparsify_cli.kernels.ops import relu_ffn
+    """Where the sparse path stops paying, measured: the policy suite's sweep (bench/policy.py, its paper preset:
+    prefill at M = 16384, the fused decode path at 16 tokens, the two-kernel decode path at 64) without writing a
+    policy file. Returns the points per kind and each kind's limit by device_policy.crossover (the largest density
+    at which sparse took at most 0.97 x dense time there and at every lower one), i.e. the values for SparsePolicy."""
+    from sparsify_cli.bench import policy
+    from sparsify_cli.bench import settings as bench_settings
+    from sparsify_cli.kernels.device_policy import crossover
 
-    out: dict = {"prefill": [], "decode": []}
-    m = 16384
-    for nnz in (16, 29, 40, 48, 56, 72, 96):
-        inp = make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=7 + nnz)
-        x, gate, up, down = inp.x, inp.gate, inp.up, inp.down
-        down_t = down.T.contiguous()
-        measured = ((x @ gate.T) > 0).sum(1).float().mean().item()
-        dense = cuda_time(lambda: dense_block(x, gate, up, down), reps)
-        sparse = cuda_time(lambda: relu_ffn(x, x @ gate.T, up, down_t), reps)
-        out["prefill"].append({"M": m, "nnz_mean": measured, "density": measured / HIDDEN, "dense_ms": dense,
-                               "sparse_ms": sparse})
-        del inp, x
-    for nnz in (28, 56, 112, 169, 225):
-        r = decode_row(64, reps, nnz=nnz)
-        out["decode"].append({"M": 64, "nnz_mean": r["nnz_mean"], "density": r["nnz_mean"] / HIDDEN,
-                              "dense_ms": r["dense_ms"], "sparse_ms": r["sparse_ms"]})
-    for kind in ("prefill", "decode"):
-        ok = [p["density"] for p in out[kind] if p["sparse_ms"] <= 0.97 * p["dense_ms"]]
-        out[f"{kind}_max_density"] = max(ok) if ok else 0.0
+    s = bench_settings.resolve("policy", "cuda", [f"reps={reps}"])
+    out: dict = {"prefill": [], "fused_decode": [], "decode": []}
+    for kind, m, nnz in policy.points(s):
+        out[kind].append(policy.point(policy.measure(s, kind, m, nnz)))
+    for kind in ("prefill", "fused_decode", "decode"):
+        out[f"{kind}_max_density"] = crossover(out[kind])
     return out
 
 
@@ -459,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     if "calibration" in result:
         c = result["calibration"]
         print(f"calibration: sparse pays up to density {c['prefill_max_density']:.4f} (prefill, M=16384), "
-              f"{c['decode_max_density']:.4f} (decode, M=64)")
+              f"{c['fused_decode_max_density']:.4f} (fused decode, M=16), {c['decode_max_density']:.4f} (decode, "
+              "M=64)")
     return 0
 
 

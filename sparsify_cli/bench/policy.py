@@ -101,6 +101,16 @@ def decode_point(s, m: int, nnz: float) -> dict[str, Any]:
     return row
 
 
+def measure(s, kind: str, m: int, nnz: float) -> dict[str, Any]:
+    """One row of points(s)."""
+    return prefill_point(s, m, nnz) if kind == "prefill" else decode_point(s, m, nnz)
+
+
+def point(row: dict[str, Any]) -> dict[str, Any]:
+    """What device_policy keeps of a row."""
+    return {k: row[k] for k in ("M", "nnz_mean", "density", "dense_ms", "sparse_ms")}
+
+
 class PolicySuite:
     """The suite's rows and, once they ran, the policy they give (written to the GPU's policy file)."""
 
@@ -110,7 +120,7 @@ class PolicySuite:
 
     def cases(self) -> list[tuple[str, Callable[[], dict]]]:
         def run(kind: str, m: int, nnz: float) -> dict:
-            row = prefill_point(self.s, m, nnz) if kind == "prefill" else decode_point(self.s, m, nnz)
+            row = measure(self.s, kind, m, nnz)
             self.rows.append(row)
             return row
 
@@ -125,8 +135,7 @@ class PolicySuite:
 
         by_kind: dict[str, list[dict[str, Any]]] = {}
         for r in self.rows:
-            by_kind.setdefault(r["policy_kind"], []).append(
-                {k: r[k] for k in ("M", "nnz_mean", "density", "dense_ms", "sparse_ms")})
+            by_kind.setdefault(r["policy_kind"], []).append(point(r))
         name, capability = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
         environment = {**run_environment("cuda"), "shape": {"d_model": self.s.d_model, "d_ffn": self.s.d_ffn},
                        "settings": self.s.as_dict()}
