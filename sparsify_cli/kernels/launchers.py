@@ -158,6 +158,39 @@ def launch_relu_mul(a: torch.Tensor, u: torch.Tensor, h: torch.Tensor) -> None:
                   (a.data_ptr(), _i64(lda), u.data_ptr(), h.data_ptr(), _i64(m), _i32(n), _i32(vec)))
 
 
+RELU_MASK_THREADS = 256  # must match kernels_cu/relu_mask.cu
+
+
+def launch_relu_mask(act: torch.Tensor, mask: torch.Tensor, c_start: int = 0) -> None:
+    """mask = act's relu bitmask (reference.relu_bitmask's layout: int32 (M, W), 32·W >= H) over the words that
+    cover columns [c_start, H): what the prefill kernel's FFN_ACT_MASK build lists entries from. act (M, H) bf16,
+    row-major with any row stride."""
+    from sparsify_cli.kernels import loader
+
+    if act.dim() != 2 or act.dtype != torch.bfloat16 or act.device.type != "cuda":
+        raise ValueError(f"act must be a 2-D CUDA bfloat16 tensor, got {act.dtype} {tuple(act.shape)} on {act.device}")
+    m, h = act.shape
+    if (h > 1 and act.stride(1) != 1) or (m > 1 and act.stride(0) < h):
+        raise ValueError(f"act must be a row-major view (unit column stride), got strides {act.stride()}")
+    if mask.dtype != torch.int32 or mask.dim() != 2 or mask.shape[0] != m or 32 * mask.shape[1] < h:
+        raise ValueError(f"mask must be int32 (M={m}, W) with 32*W >= H={h}, got {mask.dtype} {tuple(mask.shape)}")
+    if mask.device != act.device or not mask.is_contiguous():
+        raise ValueError("mask must be a contiguous tensor on act's device")
+    if not 0 <= c_start <= h:
+        raise ValueError(f"c_start must be in [0, H={h}], got {c_start}")
+    w0 = c_start // 32
+    nw = -(-h // 32) - w0  # words covering [c_start, H); words past H's last are not read either
+    if m == 0 or nw <= 0:
+        return
+    lda = act.stride(0) if m > 1 else h
+    vec = int(lda % 8 == 0 and act.data_ptr() % 16 == 0)
+    threads = m * 4 * nw
+    fn = loader.get_function("relu_mask.cu", "relu_mask_kernel")
+    loader.launch(fn, ((threads + RELU_MASK_THREADS - 1) // RELU_MASK_THREADS,), (RELU_MASK_THREADS,),
+                  (act.data_ptr(), _i64(lda), mask.data_ptr(), _i64(m), _i32(h), _i32(mask.shape[1]), _i32(w0),
+                   _i32(w0 + nw), _i32(vec)))
+
+
 def _b(v: bool) -> str:
     return "true" if v else "false"
 

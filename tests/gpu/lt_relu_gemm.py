@@ -53,10 +53,11 @@ def _check(status: int, what: str) -> None:
 
 
 class LtReluGemm:
-    """relu(x·wᵀ) and its bitmask for one shape (M, D) x (H, D): the descriptors and the heuristic's first
-    algorithm are made once; __call__ writes into given buffers on torch's current stream."""
+    """relu(x·wᵀ) and its bitmask for one shape (M, D) x (H, D): the descriptors and the heuristic's algorithm
+    number ``algo`` (0: its first choice; ``algorithms`` says how many it offered) are made once; __call__ writes
+    into given buffers on torch's current stream."""
 
-    def __init__(self, m: int, d: int, h: int, device: torch.device | str = "cuda"):
+    def __init__(self, m: int, d: int, h: int, device: torch.device | str = "cuda", algo: int = 0):
         self.m, self.d, self.h = m, d, h
         self.words = relu_mask_words(h)
         lib = self.lib = _library()
@@ -86,7 +87,9 @@ class LtReluGemm:
         if count.value == 0:
             raise RuntimeError(f"cuBLASLt has no RELU_AUX algorithm for M={m}, D={d}, H={h}")
         self.algorithms = count.value
-        self.result = results[0]
+        if not 0 <= algo < count.value:
+            raise ValueError(f"algo {algo}: the heuristic offered {count.value} algorithms")
+        self.result = results[algo]
         self.workspace = torch.empty(max(int(self.result.workspace_size), 1), dtype=torch.uint8, device=device)
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
 

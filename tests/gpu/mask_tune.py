@@ -18,6 +18,9 @@ out and for every neuron in hot-first order:
           bitmask, dense; ROUNDS interleaved rounds, best round per cell
 
     python3 tests/gpu/mask_tune.py OUT.json           # MASK_TUNE_SHAPES=65536x29,16384x29 to pick shapes
+    python3 tests/gpu/mask_tune.py OUT.json algos     # every algorithm cuBLASLt's heuristic offers, per shape and
+                                                      # layout: its time beside cuBLAS's, and its bitmask's
+                                                      # extra / missing bits against relu_bitmask(its act)
 """
 
 from __future__ import annotations
@@ -69,7 +72,6 @@ def row(m: int, nnz: int) -> dict:
 
 def layout_row(inp, gate, up, down_t, n_hot: int, time_dense: bool) -> dict:
     x = inp.x
-    m = x.shape[0]
     out = {"width": gate.shape[0], "n_hot": n_hot}
     act = x @ gate.T
     mask = relu_bitmask(act)
@@ -81,14 +83,54 @@ def layout_row(inp, gate, up, down_t, n_hot: int, time_dense: bool) -> dict:
         return o
 
     out["mask_kernel_same_bits"] = bool(torch.equal(cold(act), cold(act, mask)))
+    own = torch.empty_like(mask)  # the bitmask from relu_mask.cu, a pass over act of its own (session 13)
+    launchers.launch_relu_mask(act, own, n_hot)
+    out["own_mask_same_bits"] = bool(torch.equal(cold(act), cold(act, own)))
+
+    def cold_own(a):
+        launchers.launch_relu_mask(a, own, n_hot)
+        return cold(a, own)
+
+    def block_own():  # ffn_forward's hybrid with the bitmask pass before the sparse kernel
+        a = x @ gate.T
+        hot_a = hot_part(x, a, up, down_t, n_hot)
+        launchers.launch_relu_mask(a, own, n_hot)
+        o = torch.empty_like(x)
+        launchers.launch_relu_ffn(x, a, up, down_t, o, c_start=n_hot, init=hot_a, mask=own)
+        return o
+
     fns = {
         "gate_cublas": lambda: x @ gate.T,
         "cold_scan": lambda: cold(act),
         "cold_mask": lambda: cold(act, mask),
+        "mask_pass": lambda: launchers.launch_relu_mask(act, own, n_hot),
+        "cold_own_mask": lambda: cold_own(act),
         "block": lambda: ffn_forward(x, gate, up, down_t, kernels="cuda", mode="sparse", n_hot=n_hot),
+        "block_own_mask": block_own,
     }
     if time_dense:
         fns["dense"] = lambda: dense_block(x, inp.gate, inp.up, inp.down)
+    ref32 = dense_block(x[:4096].float(), inp.gate.float(), inp.up.float(), inp.down.float())
+    out["rel_err_block"] = _rel(fns["block"]()[:4096], ref32)
+    out["block_own_mask_same_bits"] = bool(torch.equal(fns["block"](), block_own()))
+    if os.environ.get("MASK_TUNE_LT", "1") == "1":
+        lt_rows(inp, x, act, gate, up, down_t, n_hot, ref32, out, fns)
+    rounds: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(ROUNDS):
+        for k, fn in fns.items():
+            rounds[k].append(cuda_time(fn, 20))
+    out["ms"] = ms = {k: min(v) for k, v in rounds.items()}
+    out["ms_rounds"] = rounds
+    if "block_mask" in ms:
+        out["predicted_block_mask"] = ms["block"] + (ms["cold_mask"] - ms["cold_scan"]) + (
+            ms["gate_lt_mask"] - ms["gate_cublas"])
+    out["predicted_block_own_mask"] = ms["block"] + ms["cold_own_mask"] - ms["cold_scan"]
+    return out
+
+
+def lt_rows(inp, x, act, gate, up, down_t, n_hot, ref32, out, fns) -> None:
+    """The bitmask from cuBLASLt's RELU_AUX gate GEMM (session 12's plan): its checks into out, its timings into fns."""
+    m = x.shape[0]
     try:
         from lt_relu_gemm import LtReluGemm
 
@@ -111,29 +153,64 @@ def layout_row(inp, gate, up, down_t, n_hot: int, time_dense: bool) -> dict:
 
         fns["gate_lt_mask"] = lambda: lt(x, gate, act_lt, mask_lt)
         fns["block_mask"] = block_mask
-        ref32 = dense_block(x[:4096].float(), inp.gate.float(), inp.up.float(), inp.down.float())
         out["rel_err_block_mask"] = _rel(block_mask()[:4096], ref32)
-        out["rel_err_block"] = _rel(fns["block"]()[:4096], ref32)
     except Exception as exc:  # the bitmask kernel is still timed with the torch-built mask
         out["lt_error"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
-    rounds: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(ROUNDS):
-        for k, fn in fns.items():
-            rounds[k].append(cuda_time(fn, 20))
-    out["ms"] = ms = {k: min(v) for k, v in rounds.items()}
-    out["ms_rounds"] = rounds
-    if "block_mask" in ms:
-        out["predicted_block_mask"] = ms["block"] + (ms["cold_mask"] - ms["cold_scan"]) + (
-            ms["gate_lt_mask"] - ms["gate_cublas"])
+
+
+def _bits(words: torch.Tensor) -> int:
+    """Set bits in an int32 tensor."""
+    shifts = torch.arange(32, device=words.device, dtype=torch.int32)
+    return int(((words.unsqueeze(-1) >> shifts) & 1).sum())
+
+
+def algo_row(m: int, nnz: int) -> dict:
+    """Session 13's follow-up: mask_tune's first run took the heuristic's first algorithm, which was 7-22% slower
+    than cuBLAS's gate GEMM, and its bitmask carried extra bits at some shapes. Each offered algorithm: time
+    (interleaved with cuBLAS), act equal to cuBLAS's relu, and the bitmask's extra / missing bits on 4096 rows."""
+    from lt_relu_gemm import LtReluGemm
+
+    inp = make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=int(nnz) + m)
+    calib = calib_tokens(CALIB_TOKENS, m + 1)
+    pk = packed_layer(inp.gate, inp.up, inp.down.T.contiguous(), calib)
+    del calib
+    x = inp.x
+    out = {"M": m, "nnz_target": nnz}
+    for name, gate in (("packed", pk.gate), ("full", inp.gate)):
+        ref_act = torch.relu(x @ gate.T)
+        n_algos = LtReluGemm(m, D_MODEL, gate.shape[0]).algorithms
+        fns, checks = {"cublas": lambda: x @ gate.T}, {}
+        for i in range(n_algos):
+            lt = LtReluGemm(m, D_MODEL, gate.shape[0], algo=i)
+            act_lt, mask_lt = lt.buffers()
+            mask_lt.fill_(-1)  # poisoned: bits the epilogue does not write show up as extra
+            lt(x, gate, act_lt, mask_lt)
+            torch.cuda.synchronize()
+            want = relu_bitmask(act_lt[:4096])
+            got = mask_lt[:4096]
+            checks[f"lt{i}"] = {"act_equal_cublas": bool(torch.equal(act_lt, ref_act)),
+                                "mask_words_differing": int((mask_lt != relu_bitmask(act_lt)).sum()),
+                                "extra_bits_4096": _bits(got & ~want), "missing_bits_4096": _bits(want & ~got),
+                                "workspace": int(lt.result.workspace_size), "waves": float(lt.result.waves_count)}
+            fns[f"lt{i}"] = (lambda lt=lt, a=act_lt, mk=mask_lt: lt(x, gate, a, mk))
+        rounds: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(ROUNDS):
+            for k, fn in fns.items():
+                rounds[k].append(cuda_time(fn, 20))
+        out[name] = {"width": gate.shape[0], "algorithms": n_algos, "checks": checks,
+                     "ms": {k: min(v) for k, v in rounds.items()}}
+        del fns
+        torch.cuda.empty_cache()
     return out
 
 
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # lt_relu_gemm beside this file
+    algos = len(sys.argv) > 2 and sys.argv[2] == "algos"
     result = {"environment": environment(), "rounds": ROUNDS, "prefill": []}
     for m, nnz in shapes():
-        r = row(m, nnz)
+        r = algo_row(m, nnz) if algos else row(m, nnz)
         result["prefill"].append(r)
         print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "ms_rounds"} if isinstance(v, dict) else v)
                           for k, v in r.items()}), flush=True)

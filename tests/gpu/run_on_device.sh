@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the FFN benchmark on the device machine; logs and JSON go to $OUT (or ./gpu_out).
-# Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|profile|train|tune|glue|mask|all] [extra args for the bench]
+# Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|profile|train|tune|glue|mask|algos|hot|all] [extra args for the bench]
 # train: the training op's GPU tests and its fwd+bwd profile (tests/gpu/profile_train.py) only
 # tune: the prefill kernel's builds (cache hints, activation-row prefetch): their GPU tests, then
 #       tests/gpu/prefill_tune.py's prefill rows (every neuron and packed layers, each build) into $OUT/prefill_tune.json
@@ -9,6 +9,8 @@
 # mask: the sparse kernel listing entries from a relu bitmask (build FFN_ACT_MASK): its GPU tests, then
 #       tests/gpu/mask_tune.py (the bitmask from cuBLASLt's RELU_AUX gate GEMM, against scanning act) into
 #       $OUT/mask_tune.json
+# algos: every algorithm cuBLASLt offers for that gate GEMM + bitmask (time, bitmask checks) into $OUT/lt_algos.json
+# hot: the hybrid's dense/sparse split (n_hot) swept on packed layers (tests/gpu/hot_tune.py) into $OUT/hot_tune.json
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -37,6 +39,12 @@ if [[ $what == mask ]]; then
   python3 -m pytest -q tests/gpu/test_twell_kernels.py -k "mask" -p no:cacheprovider 2>&1 \
     | tee "$OUT/mask_tests.log" | tail -n 5 || rc=1
   python3 tests/gpu/mask_tune.py "$OUT/mask_tune.json" 2>&1 | tee "$OUT/mask_tune.log" || rc=1
+fi
+if [[ $what == algos ]]; then
+  python3 tests/gpu/mask_tune.py "$OUT/lt_algos.json" algos 2>&1 | tee "$OUT/lt_algos.log" || rc=1
+fi
+if [[ $what == hot ]]; then
+  python3 tests/gpu/hot_tune.py "$OUT/hot_tune.json" 2>&1 | tee "$OUT/hot_tune.log" || rc=1
 fi
 if [[ $what == bench || $what == all ]]; then
   python3 -m sparsify_cli.bench.ffn --out "$OUT/ffn_bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{' || rc=1

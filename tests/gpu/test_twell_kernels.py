@@ -250,6 +250,48 @@ def test_relu_ffn_from_mask_same_bits(m, d, h, c_start, density, gated):
         launchers.launch_relu_ffn(x, act, up, down_t, outs[0], path="decode", mask=mask)
 
 
+@pytest.mark.parametrize("m,h,c_start,density", [(1, 5632, 512, 0.01), (1029, 5632, 512, 0.01), (300, 1001, 0, 0.02),
+                                                 (77, 704, 136, 0.3), (5, 33, 8, 0.5), (130, 3001, 1000, 0.3),
+                                                 (67, 3968, 3968, 0.1), (16, 100, 37, 0.9)])
+@pytest.mark.parametrize("view", ["contiguous", "strided", "unaligned"])
+def test_relu_mask_kernel_matches_reference(m, h, c_start, density, view):
+    """relu_mask.cu writes reference.relu_bitmask's words over columns [c_start, H), bits past H zero, words below
+    c_start / 32 untouched (poison kept); NaN counts as active and -0.0 does not, as in the scan; any row stride,
+    16-byte aligned or not; and the FFN_ACT_MASK kernel fed this mask gives the scan's bits."""
+    gen = torch.Generator(device=DEV).manual_seed(m * 7 + h + c_start)
+    wide = torch.where(torch.rand(m, h + 24, generator=gen, device=DEV) < density,
+                       torch.randn(m, h + 24, generator=gen, device=DEV).abs() + 0.01,
+                       -torch.rand(m, h + 24, generator=gen, device=DEV)).to(torch.bfloat16)
+    wide[0, : min(h, 40):7] = float("nan")
+    wide[-1, 1: min(h, 60):5] = -0.0
+    act = {"contiguous": wide[:, :h].contiguous(), "strided": wide[:, :h], "unaligned": wide[:, 3:h + 3]}[view]
+    words = reference.relu_mask_words(h)
+    mask = torch.full((m, words), 0x5A5A5A5A, dtype=torch.int32, device=DEV)
+    launchers.launch_relu_mask(act, mask, c_start)
+    want = reference.relu_bitmask(act.contiguous(), words)
+    w0, w_end = c_start // 32, -(-h // 32)
+    assert torch.equal(mask[:, w0:w_end], want[:, w0:w_end])
+    assert (mask[:, :w0] == 0x5A5A5A5A).all() and (mask[:, w_end:] == 0x5A5A5A5A).all()
+    if c_start % 8 == 0 and h >= 64:
+        d = 256
+        x = torch.randn(m, d, generator=gen, device=DEV).to(torch.bfloat16)
+        up = (torch.randn(h, d, generator=gen, device=DEV) * 0.05).to(torch.bfloat16)
+        down_t = (torch.randn(h, d, generator=gen, device=DEV) * 0.05).to(torch.bfloat16)
+        a = act.contiguous()
+        a[0].nan_to_num_(0.0)
+        launchers.launch_relu_mask(a, mask, c_start)
+        outs = []
+        for mk in (None, mask):
+            out = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
+            launchers.launch_relu_ffn(x, a, up, down_t, out, path="prefill", c_start=c_start, mask=mk)
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="c_start"):
+        launchers.launch_relu_mask(act, mask, h + 1)
+    with pytest.raises(ValueError, match="mask must be int32"):
+        launchers.launch_relu_mask(act, mask[:, :1])
+
+
 @pytest.mark.parametrize("m,d,h,density", [(1029, 2048, 5632, 0.02), (300, 512, 1001, 0.02), (77, 2560, 704, 0.02),
                                             (129, 1024, 5632, 0.3), (33, 2560, 3001, 0.3)])
 @pytest.mark.parametrize("gated", [True, False])

@@ -1,0 +1,86 @@
+"""How many neurons the hybrid should compute densely, measured on the GPU at hand (development tool).
+
+`sparsify pack` puts the neurons firing on more than 1.6% of calibration tokens first (rounded up to 128) and the
+prefill path computes those with cuBLAS, the rest with the sparse kernel (kernels/ffn.py hot_first_order). That
+threshold comes from one H100 sweep in session 1, before the packed layout, the one-kernel hot glue (session 11)
+and the H200. A packed layer is sorted by firing rate, so any n_hot is a valid split of the same weights: this
+tool times the block at several n_hot per prefill shape (packed layer, PERFORMANCE.md's inputs), interleaved over
+ROUNDS rounds (best round per cell), with dense in the same rounds, and the share of entries each split leaves to
+the sparse kernel.
+
+    python3 tests/gpu/hot_tune.py OUT.json      # HOT_TUNE_SHAPES=65536x29,16384x29; HOT_TUNE_N=256,512,768
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from sparsify_cli.bench.ffn import (CALIB_TOKENS, D_MODEL, HIDDEN, PREFILL_M, PREFILL_NNZ, _rel, calib_tokens,
+                                    cuda_time, dense_block, environment, packed_layer)
+from sparsify_cli.bench.synthetic import make_ffn_inputs
+from sparsify_cli.kernels import ffn_forward
+
+ROUNDS = int(os.environ.get("HOT_TUNE_ROUNDS", "3"))
+N_HOT = [int(v) for v in os.environ.get("HOT_TUNE_N", "256,384,512,640,768,1024,1280,1536,2048").split(",")]
+
+
+def shapes() -> list[tuple[int, int]]:
+    if os.environ.get("HOT_TUNE_SHAPES"):
+        return [tuple(int(v) for v in s.split("x")) for s in os.environ["HOT_TUNE_SHAPES"].split(",")]
+    return [(m, nnz) for m in PREFILL_M for nnz in PREFILL_NNZ]
+
+
+def row(m: int, nnz: int) -> dict:
+    inp = make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=int(nnz) + m)
+    calib = calib_tokens(CALIB_TOKENS, m + 1)
+    pk = packed_layer(inp.gate, inp.up, inp.down.T.contiguous(), calib)
+    del calib
+    x = inp.x
+    act = x @ pk.gate.T
+    on = (act > 0).sum(0).double()  # (width,) entries per neuron on the timed tokens
+    total = float(on.sum())
+    del act
+    ref32 = dense_block(x[:4096].float(), inp.gate.float(), inp.up.float(), inp.down.float())
+
+    def block(k: int):
+        return lambda: ffn_forward(x, pk.gate, pk.up, pk.down_t, kernels="cuda", mode="sparse", n_hot=k)
+
+    splits = sorted({k for k in N_HOT + [pk.n_hot] if 0 < k < pk.width})
+    fns = {"dense": lambda: dense_block(x, inp.gate, inp.up, inp.down)}
+    fns.update({f"n_hot={k}": block(k) for k in splits})
+    rounds: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(ROUNDS):
+        for k, fn in fns.items():
+            rounds[k].append(cuda_time(fn, 20))
+    ms = {k: min(v) for k, v in rounds.items()}
+    out = {"M": m, "nnz_target": nnz, "nnz_mean": total / m, "width": pk.width, "pack_n_hot": pk.n_hot,
+           "dense_ms": ms["dense"], "splits": []}
+    for k in splits:
+        t = ms[f"n_hot={k}"]
+        out["splits"].append({"n_hot": k, "ms": t, "speedup": ms["dense"] / t,
+                              "cold_entry_share": float(on[k:].sum()) / total,
+                              "rel_err": _rel(block(k)()[:4096], ref32)})
+    best = min(out["splits"], key=lambda s: s["ms"])
+    out["best_n_hot"], out["best_ms"] = best["n_hot"], best["ms"]
+    out["pack_ms"] = ms[f"n_hot={pk.n_hot}"]
+    out["ms_rounds"] = rounds
+    return out
+
+
+def main() -> None:
+    result = {"environment": environment(), "rounds": ROUNDS, "prefill": []}
+    for m, nnz in shapes():
+        r = row(m, nnz)
+        result["prefill"].append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "ms_rounds"}), flush=True)
+        torch.cuda.empty_cache()
+    with open(sys.argv[1], "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
