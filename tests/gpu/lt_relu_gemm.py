@@ -57,8 +57,10 @@ class LtReluGemm:
     number ``algo`` (0: its first choice; ``algorithms`` says how many it offered) are made once; __call__ writes
     into given buffers on torch's current stream."""
 
-    def __init__(self, m: int, d: int, h: int, device: torch.device | str = "cuda", algo: int = 0):
-        self.m, self.d, self.h = m, d, h
+    def __init__(self, m: int, d: int, h: int, device: torch.device | str = "cuda", algo: int = 0,
+                 relu_aux: bool = True):
+        """relu_aux=False: the plain GEMM x·wᵀ (default epilogue, no bitmask; mask arguments ignored)."""
+        self.m, self.d, self.h, self.relu_aux = m, d, h, relu_aux
         self.words = relu_mask_words(h)
         lib = self.lib = _library()
         vp = ctypes.c_void_p
@@ -69,9 +71,10 @@ class LtReluGemm:
                "cublasLtMatmulDescCreate")
         self._set(DESC_TRANSA, ctypes.c_int32(OP_T))
         self._set(DESC_TRANSB, ctypes.c_int32(OP_N))
-        self._set(DESC_EPILOGUE, ctypes.c_uint32(EPILOGUE_RELU_AUX))
-        self._set(DESC_EPILOGUE_AUX_LD, ctypes.c_int64(32 * self.words))
-        self._set(DESC_EPILOGUE_AUX_POINTER, vp(256))  # the heuristic reads its alignment only; set per call
+        if relu_aux:
+            self._set(DESC_EPILOGUE, ctypes.c_uint32(EPILOGUE_RELU_AUX))
+            self._set(DESC_EPILOGUE_AUX_LD, ctypes.c_int64(32 * self.words))
+            self._set(DESC_EPILOGUE_AUX_POINTER, vp(256))  # the heuristic reads its alignment only; set per call
         self.a = self._layout(d, h, d)  # w: (D x H) column-major, transposed by the op
         self.b = self._layout(d, m, d)  # x: (D x M)
         self.c = self._layout(h, m, h)  # act: (H x M)
@@ -85,7 +88,7 @@ class LtReluGemm:
         _check(lib.cublasLtMatmulAlgoGetHeuristic(self.handle, self.desc, self.a, self.b, self.c, self.c, pref, 8,
                                                   results, ctypes.byref(count)), "cublasLtMatmulAlgoGetHeuristic")
         if count.value == 0:
-            raise RuntimeError(f"cuBLASLt has no RELU_AUX algorithm for M={m}, D={d}, H={h}")
+            raise RuntimeError(f"cuBLASLt has no algorithm for M={m}, D={d}, H={h}")
         self.algorithms = count.value
         if not 0 <= algo < count.value:
             raise ValueError(f"algo {algo}: the heuristic offered {count.value} algorithms")
@@ -111,8 +114,10 @@ class LtReluGemm:
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, act: torch.Tensor, mask: torch.Tensor) -> None:
         assert x.shape == (self.m, self.d) and w.shape == (self.h, self.d) and x.is_contiguous() and w.is_contiguous()
-        assert act.shape == (self.m, self.h) and mask.shape == (self.m, self.words) and mask.dtype == torch.int32
-        self._set(DESC_EPILOGUE_AUX_POINTER, ctypes.c_void_p(mask.data_ptr()))
+        assert act.shape == (self.m, self.h)
+        if self.relu_aux:
+            assert mask.shape == (self.m, self.words) and mask.dtype == torch.int32
+            self._set(DESC_EPILOGUE_AUX_POINTER, ctypes.c_void_p(mask.data_ptr()))
         vp = ctypes.c_void_p
         _check(self.lib.cublasLtMatmul(
             self.handle, self.desc, ctypes.byref(self.alpha), vp(w.data_ptr()), self.a, vp(x.data_ptr()), self.b,
