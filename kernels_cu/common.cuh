@@ -155,39 +155,6 @@ __device__ __forceinline__ int warp_for_each_active(const unsigned short* __rest
     return r;
 }
 
-// Visit the columns of [c_beg, c_end) whose bit is set in the token's relu bitmask `mrow` (bit c % 32 of word
-// c / 32; cuBLASLt's RELU_AUX epilogue writes one per token), in ascending column order: f(rank, col, bits) with
-// the activation's bf16 bits read from arow, and relu applied (a set bit over a non-positive value lists a zero,
-// which adds nothing, so a mask that is a superset of the active columns gives the same result). One 32-bit word
-// per lane: the range may span at most 32 words, (c_end - 1) / 32 - c_beg / 32 < 32. The value loads of a lane
-// go two at a time. Every lane of the warp must call it. Returns the number visited.
-template <typename F>
-__device__ __forceinline__ int warp_for_each_masked(const unsigned int* __restrict__ mrow,
-                                                    const unsigned short* __restrict__ arow, int c_beg, int c_end,
-                                                    int lane, F f) {
-    const int lo = ((c_beg >> 5) + lane) << 5;  // this lane's word covers columns [lo, lo + 32)
-    unsigned int bits = 0u;
-    if (lo < c_end) {
-        bits = __ldg(mrow + (lo >> 5));
-        if (lo < c_beg) bits &= 0xffffffffu << (c_beg - lo);     // c_beg - lo in 1..31
-        if (c_end - lo < 32) bits &= (1u << (c_end - lo)) - 1u;  // c_end - lo in 1..31
-    }
-    const int n = __popc(bits);
-    const int incl = warp_incl_scan(n, lane);
-    int rank = incl - n;
-    while (bits) {
-        const int b0 = __ffs(bits) - 1;
-        bits &= bits - 1u;
-        const int b1 = bits ? __ffs(bits) - 1 : -1;
-        if (b1 >= 0) bits &= bits - 1u;
-        unsigned short v0 = __ldg(arow + lo + b0);
-        unsigned short v1 = b1 >= 0 ? __ldg(arow + lo + b1) : (unsigned short)0;
-        f(rank++, lo + b0, relu_active(v0) ? v0 : (unsigned short)0);
-        if (b1 >= 0) f(rank++, lo + b1, relu_active(v1) ? v1 : (unsigned short)0);
-    }
-    return __shfl_sync(SPARSIFY_FULL_MASK, incl, 31);
-}
-
 // Two dots x0.u0 and x1.u1 at once (16 row loads in flight per lane), summed over the warp (every lane gets both);
 // u1 may be null (then s1 = 0). x0 and x1 may be rows of different tokens; x is expected to be L1-resident.
 __device__ __forceinline__ void warp_dot2x(const uint4* __restrict__ x0, const uint4* __restrict__ u0,

@@ -37,12 +37,6 @@
 // block faster in 11 of 12 shapes over four interleaved rounds (up to 6.5%), 0.2-0.8% slower at M = 65536, nnz 112,
 // where the burst of row prefetches evicts weight rows behind the large hot GEMMs (BENCHMARKS.md, sessions 8, 9)
 #endif
-#ifndef FFN_ACT_MASK
-#define FFN_ACT_MASK 0  // 1 (FROM_ACT, experiment): `words` is the activation's relu bitmask, NT 32-bit words per token
-// (bit c % 32 of word c / 32 set where act[m, c] > 0: the gate GEMM's cuBLASLt RELU_AUX epilogue writes it, ld
-// 32 * NT bits), and the listing reads the set columns' values instead of scanning the row (which costs several
-// dependent steps per token); the same entries in the same order, so the same bits. No act-row prefetch then.
-#endif
 #ifndef FFN_STREAM_HINTS
 #define FFN_STREAM_HINTS 1  // the activation scan, init and out go evict-first (ld/st.global.cs, common.cuh): 5-10% off
 // the hybrid's sparse kernel at 65536 tokens, 0-4% at 16384 (H200, BENCHMARKS.md); 0: plain loads and stores
@@ -77,8 +71,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
     const unsigned short* arow = act + m * (long long)H;
     // the listing's scan walks the row 512 columns at a time, each step a dependent DRAM round trip: with the row
     // already on its way to L2, the steps wait for L2 instead (aligned rows only: vec_ok means H % 8 == 0)
-    if (FROM_ACT && FFN_ACT_PREFETCH && !FFN_ACT_MASK && vec_ok)
-        warp_prefetch_l2(arow + c_start, (H - c_start) * 2, lane);
+    if (FROM_ACT && FFN_ACT_PREFETCH && vec_ok) warp_prefetch_l2(arow + c_start, (H - c_start) * 2, lane);
     float acc[8 * NV];
 #pragma unroll
     for (int i = 0; i < 8 * NV; ++i) acc[i] = 0.f;
@@ -93,19 +86,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
         // A tile's true count decides where its entries go; overflowed tiles are read from act (exact).
         int E = 0;
         bool full = false;
-        if (FROM_ACT && FFN_ACT_MASK) {  // list the row's set mask bits, 32 words (<= 1024 columns) at a time
-            const unsigned int* mrow = reinterpret_cast<const unsigned int*>(words) + m * (long long)NT;
-            while (cnext < H && E <= FFN_CAP - 32) {
-                // a step lists at most its column count: no more columns than the list has room for
-                const int c_end = min(H, min(((cnext >> 5) + 32) << 5, (cnext & ~31) + ((FFN_CAP - E) & ~31)));
-                const int base = E;
-                E += warp_for_each_masked(mrow, arow, cnext, c_end, lane, [&](int r, int col, unsigned short b) {
-                    lw[base + r] = ((unsigned int)col << 16) | (unsigned int)b;
-                });
-                cnext = c_end;
-            }
-            full = true;
-        } else if (FROM_ACT) {  // fused pack: list the row's non-zeros straight from act, 512 columns at a time
+        if (FROM_ACT) {  // fused pack: list the row's non-zeros straight from act, 512 columns at a time
             while (cnext < H && E <= FFN_CAP - 512) {
                 const int c_end = min(H, cnext + 512);
                 const int base = E;

@@ -158,39 +158,6 @@ def launch_relu_mul(a: torch.Tensor, u: torch.Tensor, h: torch.Tensor) -> None:
                   (a.data_ptr(), _i64(lda), u.data_ptr(), h.data_ptr(), _i64(m), _i32(n), _i32(vec)))
 
 
-RELU_MASK_THREADS = 256  # must match kernels_cu/relu_mask.cu
-
-
-def launch_relu_mask(act: torch.Tensor, mask: torch.Tensor, c_start: int = 0) -> None:
-    """mask = act's relu bitmask (reference.relu_bitmask's layout: int32 (M, W), 32·W >= H) over the words that
-    cover columns [c_start, H): what the prefill kernel's FFN_ACT_MASK build lists entries from. act (M, H) bf16,
-    row-major with any row stride."""
-    from sparsify_cli.kernels import loader
-
-    if act.dim() != 2 or act.dtype != torch.bfloat16 or act.device.type != "cuda":
-        raise ValueError(f"act must be a 2-D CUDA bfloat16 tensor, got {act.dtype} {tuple(act.shape)} on {act.device}")
-    m, h = act.shape
-    if (h > 1 and act.stride(1) != 1) or (m > 1 and act.stride(0) < h):
-        raise ValueError(f"act must be a row-major view (unit column stride), got strides {act.stride()}")
-    if mask.dtype != torch.int32 or mask.dim() != 2 or mask.shape[0] != m or 32 * mask.shape[1] < h:
-        raise ValueError(f"mask must be int32 (M={m}, W) with 32*W >= H={h}, got {mask.dtype} {tuple(mask.shape)}")
-    if mask.device != act.device or not mask.is_contiguous():
-        raise ValueError("mask must be a contiguous tensor on act's device")
-    if not 0 <= c_start <= h:
-        raise ValueError(f"c_start must be in [0, H={h}], got {c_start}")
-    w0 = c_start // 32
-    nw = -(-h // 32) - w0  # words covering [c_start, H); words past H's last are not read either
-    if m == 0 or nw <= 0:
-        return
-    lda = act.stride(0) if m > 1 else h
-    vec = int(lda % 8 == 0 and act.data_ptr() % 16 == 0)
-    threads = m * 4 * nw
-    fn = loader.get_function("relu_mask.cu", "relu_mask_kernel")
-    loader.launch(fn, ((threads + RELU_MASK_THREADS - 1) // RELU_MASK_THREADS,), (RELU_MASK_THREADS,),
-                  (act.data_ptr(), _i64(lda), mask.data_ptr(), _i64(m), _i32(h), _i32(mask.shape[1]), _i32(w0),
-                   _i32(w0 + nw), _i32(vec)))
-
-
 def _b(v: bool) -> str:
     return "true" if v else "false"
 
@@ -274,30 +241,17 @@ def _prefill_launch(x, words, up, down_t, act, out, tile, from_act: bool, define
 
 def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 256,
                     defines: tuple[str, ...] | None = None, c_start: int = 0,
-                    init: torch.Tensor | None = None, pdl: bool | None = None, pdl_up: bool | None = None,
-                    mask: torch.Tensor | None = None) -> None:
+                    init: torch.Tensor | None = None, pdl: bool | None = None, pdl_up: bool | None = None) -> None:
     """The sparse FFN without materializing TwELL: each token's entries come straight from the dense activation
     ``act`` (relu applied; packing fused into the FFN kernel). Reads only the active rows of U and DownT.
     path: auto (decode kernels for M <= DECODE_MAX_M, else prefill) | prefill | decode.
     Hybrid (prefill only): only columns >= ``c_start`` are used (a multiple of 8), and ``init`` (M, D) bf16 is
     added to the result (the hot neurons' dense part).
     Decode runs two kernels (launch_decode_up_act, then launch_decode_down); ``pdl`` launches the second and
-    ``pdl_up`` the first with programmatic dependent launch (None: pdl_default). The results are the same bits.
-    ``mask`` (prefill only; an experiment, tests/gpu/mask_tune.py): act's relu bitmask, int32 (M, W) with 32·W >= H
-    (bit c % 32 of word c // 32 set where act[m, c] > 0, as cuBLASLt's RELU_AUX epilogue writes it): the kernel
-    lists the set bits instead of scanning act (build FFN_ACT_MASK=1); the same entries, so the same bits."""
+    ``pdl_up`` the first with programmatic dependent launch (None: pdl_default). The results are the same bits."""
     if act.dim() != 2 or x.dim() != 2:
         raise ValueError("x and act must be 2-D: x (M, D), act (M, H)")
     m, d, h, nt, _ = check_ffn_args(x, None, up, down_t, act, out, tile)
-    if mask is not None:
-        if mask.dtype != torch.int32 or mask.dim() != 2 or mask.shape[0] != m or 32 * mask.shape[1] < h:
-            raise ValueError(f"mask must be int32 (M={m}, W) with 32*W >= H={h}, got {mask.dtype} "
-                             f"{tuple(mask.shape)}")
-        if mask.device != x.device or mask.stride(1) != 1 or mask.stride(0) != mask.shape[1]:
-            raise ValueError("mask must be a contiguous tensor on x's device")
-        if path == "decode":
-            raise ValueError("a relu mask is read by the prefill kernel only; use path='prefill' or 'auto'")
-        path = "prefill"
     hybrid = c_start != 0 or init is not None
     if not (0 <= c_start <= h and c_start % 8 == 0):
         raise ValueError(f"c_start must be a multiple of 8 in [0, H={h}], got {c_start}")
@@ -315,10 +269,7 @@ def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 
         hbuf = launch_decode_up_act(x, act, up, pdl=default if pdl_up is None else pdl_up)
         launch_decode_down(hbuf, down_t, out, h, pdl=default if pdl is None else pdl)
     elif path == "prefill":
-        if mask is not None:  # the bitmask rides in the words argument, its words per token in NT
-            defines = (FFN_DEFAULT_DEFINES if defines is None else defines) + ("FFN_ACT_MASK=1",)
-            nt = mask.shape[1]
-        _prefill_launch(x, mask, up, down_t, act, out, tile, True, defines, m, d, h, nt, 2, False, c_start, init)
+        _prefill_launch(x, None, up, down_t, act, out, tile, True, defines, m, d, h, nt, 2, False, c_start, init)
     else:
         raise ValueError(f"path must be auto, prefill or decode, got {path!r}")
 

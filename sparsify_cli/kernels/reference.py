@@ -113,26 +113,3 @@ def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def relu_mul_ref(act: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
     """relu(act[:, :n]) ⊙ u in bf16 (kernels_cu/relu_mul.cu: the hybrid path's hot neurons)."""
     return torch.relu(act[:, :n]) * u
-
-
-def relu_mask_words(hidden: int) -> int:
-    """32-bit words per token of a relu bitmask: H bits rounded up to 128 (cuBLASLt's RELU_AUX leading dimension
-    must be a multiple of 128 bits)."""
-    return -(-hidden // 128) * 4
-
-
-def relu_bitmask(act: torch.Tensor, words: int | None = None, chunk: int = 4096) -> torch.Tensor:
-    """act (M, H)'s relu mask as the prefill kernel's FFN_ACT_MASK build reads it (and cuBLASLt's RELU_AUX epilogue
-    writes it): int32 (M, W), bit c % 32 of word c // 32 set where relu_active(act[m, c]); W = words, default
-    relu_mask_words(H). Built ``chunk`` rows at a time (each row costs 64 bytes per column while packing)."""
-    m, h = act.shape
-    w = relu_mask_words(h) if words is None else words
-    if 32 * w < h:
-        raise ValueError(f"{w} words of 32 bits cannot hold H={h} columns")
-    shifts = torch.arange(32, device=act.device, dtype=torch.int64)
-    out = torch.empty(m, w, dtype=torch.int32, device=act.device)
-    for r in range(0, m, chunk):
-        on = torch.nn.functional.pad(relu_active(act[r:r + chunk]), (0, 32 * w - h))  # (rows, 32 W) bool
-        packed = (on.view(-1, w, 32).to(torch.int64) << shifts).sum(-1)  # (rows, W) in [0, 2^32)
-        out[r:r + chunk] = (packed - ((packed >> 31) << 32)).to(torch.int32)  # the same 32 bits, as int32
-    return out

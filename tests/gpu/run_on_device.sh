@@ -1,15 +1,11 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the FFN benchmark on the device machine; logs and JSON go to $OUT (or ./gpu_out).
-# Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|profile|train|tune|glue|mask|algos|hot|all] [extra args for the bench]
+# Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|profile|train|tune|glue|hot|all] [extra args for the bench]
 # train: the training op's GPU tests and its fwd+bwd profile (tests/gpu/profile_train.py) only
 # tune: the prefill kernel's builds (cache hints, activation-row prefetch): their GPU tests, then
 #       tests/gpu/prefill_tune.py's prefill rows (every neuron and packed layers, each build) into $OUT/prefill_tune.json
 # glue: the hybrid's hot relu(a) * u in one kernel (ops.relu_mul): its GPU tests, then the prefill rows with it and
 #       with torch's two passes (PREFILL_TUNE_GLUES=fused,torch, 4 rounds) into $OUT/glue_tune.json
-# mask: the sparse kernel listing entries from a relu bitmask (build FFN_ACT_MASK): its GPU tests, then
-#       tests/gpu/mask_tune.py (the bitmask from cuBLASLt's RELU_AUX gate GEMM, against scanning act) into
-#       $OUT/mask_tune.json
-# algos: every algorithm cuBLASLt offers for that gate GEMM + bitmask (time, bitmask checks) into $OUT/lt_algos.json
 # hot: the hybrid's dense/sparse split (n_hot) swept on packed layers (tests/gpu/hot_tune.py) into $OUT/hot_tune.json
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -34,14 +30,6 @@ if [[ $what == glue ]]; then
     | tee "$OUT/glue_tests.log" | tail -n 5 || rc=1
   PREFILL_TUNE_BUILDS=hints1_prefetch PREFILL_TUNE_GLUES=fused,torch PREFILL_TUNE_ROUNDS=4 \
     python3 tests/gpu/prefill_tune.py "$OUT/glue_tune.json" prefill 2>&1 | tee "$OUT/glue_tune.log" || rc=1
-fi
-if [[ $what == mask ]]; then
-  python3 -m pytest -q tests/gpu/test_twell_kernels.py -k "mask" -p no:cacheprovider 2>&1 \
-    | tee "$OUT/mask_tests.log" | tail -n 5 || rc=1
-  python3 tests/gpu/mask_tune.py "$OUT/mask_tune.json" 2>&1 | tee "$OUT/mask_tune.log" || rc=1
-fi
-if [[ $what == algos ]]; then
-  python3 tests/gpu/mask_tune.py "$OUT/lt_algos.json" algos 2>&1 | tee "$OUT/lt_algos.log" || rc=1
 fi
 if [[ $what == hot ]]; then
   python3 tests/gpu/hot_tune.py "$OUT/hot_tune.json" 2>&1 | tee "$OUT/hot_tune.log" || rc=1

@@ -192,24 +192,3 @@ def test_gemv_ref():
     x = torch.randn(2, 64, generator=g).to(torch.bfloat16)
     w = torch.randn(33, 64, generator=g).to(torch.bfloat16)
     assert torch.equal(reference.gemv_ref(x, w), (x.float() @ w.float().T).to(torch.bfloat16))
-
-
-def test_relu_bitmask_layout():
-    """Bit c % 32 of word c // 32 per token, relu_active's notion of active (NaN in, -0.0 and 0 out), H rounded up
-    to 128 bits (cuBLASLt's RELU_AUX leading dimension), built in row chunks."""
-    from sparsify_cli.kernels.reference import relu_bitmask, relu_mask_words
-
-    act = torch.zeros(3, 130)
-    act[0, 0], act[0, 31], act[0, 33], act[0, 129] = 1.0, 2.0, float("nan"), 0.5
-    act[1, 5], act[1, 6], act[1, 7] = -1.0, -0.0, 3.0
-    mask = relu_bitmask(act, chunk=2)
-    assert relu_mask_words(130) == 8 and mask.shape == (3, 8) and mask.dtype == torch.int32
-    words = [[w & 0xFFFFFFFF for w in row] for row in mask.tolist()]
-    assert words[0] == [0x80000001, 0x2, 0, 0, 0x2, 0, 0, 0]
-    assert words[1] == [0x80, 0, 0, 0, 0, 0, 0, 0] and words[2] == [0] * 8
-    dense = torch.randn(5, 300)
-    bits = relu_bitmask(dense, words=10)
-    back = torch.tensor([[(bits[r, c // 32].item() >> (c % 32)) & 1 for c in range(300)] for r in range(5)])
-    assert torch.equal(back.bool(), dense > 0)
-    with pytest.raises(ValueError, match="cannot hold"):
-        relu_bitmask(dense, words=9)
