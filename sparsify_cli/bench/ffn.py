@@ -372,16 +372,17 @@ def decode_row(m: int, reps: int, layers: int = 4, nnz: float | None = None) -> 
     return row
 
 
-def calibrate(reps: int = 20) -> dict:
+def calibrate(reps: int = 20, overrides: tuple[str, ...] = ()) -> dict:
     """Where the sparse path stops paying, measured: the policy suite's sweep (bench/policy.py, its paper preset:
     prefill at M = 16384, the fused decode path at 16 tokens, the two-kernel decode path at 64) without writing a
     policy file. Returns the points per kind and each kind's limit by device_policy.crossover (the largest density
-    at which sparse took at most 0.97 x dense time there and at every lower one), i.e. the values for SparsePolicy."""
+    at which sparse took at most 0.97 x dense time there and at every lower one), i.e. the values for SparsePolicy.
+    ``overrides``: more of the policy suite's settings (e.g. ``shapes=quick``)."""
     from sparsify_cli.bench import policy
     from sparsify_cli.bench import settings as bench_settings
     from sparsify_cli.kernels.device_policy import crossover
 
-    s = bench_settings.resolve("policy", "cuda", [f"reps={reps}"])
+    s = bench_settings.resolve("policy", "cuda", [f"reps={reps}", *overrides])
     out: dict = {"prefill": [], "fused_decode": [], "decode": []}
     for kind, m, nnz in policy.points(s):
         out[kind].append(policy.point(policy.measure(s, kind, m, nnz)))

@@ -126,3 +126,21 @@ def test_policy_suite_measures_and_writes_this_gpus_rule(tmp_path, monkeypatch):
         assert report["policy"]["limits"][field] == dp.crossover(pts)
     policy, note = dp.for_device()
     assert policy.max_density == report["policy"]["limits"]["max_density"] and "measured on this" in note
+
+
+def test_ffn_bench_calibrate_is_the_policy_suites_sweep_and_rule(tmp_path, monkeypatch):
+    """python -m sparsify_cli.bench.ffn's calibration runs the policy suite's points and device_policy.crossover: one
+    sweep and one rule, whichever tool reports the limits; and it writes no policy file."""
+    import torch
+
+    from sparsify_cli.bench import ffn
+    from sparsify_cli.kernels import device_policy as dp
+
+    monkeypatch.setenv("SPARSIFY_CACHE", str(tmp_path / "cache"))
+    c = ffn.calibrate(reps=3, overrides=("shapes=quick", "nnz=16,96", "decode=16,64"))
+    for kind in ("prefill", "fused_decode", "decode"):
+        assert c[kind], kind
+        for row in c[kind]:
+            assert row["dense_ms"] > 0 and row["sparse_ms"] > 0 and 0 < row["density"] < 1
+        assert c[f"{kind}_max_density"] == dp.crossover(c[kind])
+    assert not dp.policy_path(torch.cuda.get_device_name(), torch.cuda.get_device_capability()).exists()
