@@ -15,6 +15,7 @@ lower one) and writes the GPU's policy file, which packed models loaded on this 
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Optional
 
 import torch
@@ -144,10 +145,26 @@ class PolicySuite:
         for kind, field in dp.LIMIT_FIELDS.items():
             doc["limits"].setdefault(field, getattr(DEFAULT_POLICY, field))
         path = dp.policy_path(name, capability, self.cache_dir)
+        replaced = _replaced_shape(path, (self.s.d_model, self.s.d_ffn))
         dp.save(doc, path)
         measured = ", ".join(f"{k}: {100 * doc['limits'][f]:.2f}%" for k, f in dp.LIMIT_FIELDS.items() if k in by_kind)
         defaults = ", ".join(f"{k}: {100 * getattr(DEFAULT_POLICY, f):.2f}%" for k, f in dp.LIMIT_FIELDS.items())
-        return {"policy": {"path": str(path), "limits": doc["limits"], "measured": sorted(by_kind)},
-                "notes": [f"sparse pays on this {name} up to these densities (sparse <= {dp.MARGIN}x dense there and "
-                          f"at every lower density measured): {measured} (H100 defaults: {defaults}); written to "
-                          f"{path}, which packed models loaded on this GPU now use"]}
+        notes = [f"sparse pays on this {name} at D {self.s.d_model} × H {self.s.d_ffn} up to these densities "
+                 f"(sparse <= {dp.MARGIN}x dense there and at every lower density measured): {measured} (H100 "
+                 f"defaults: {defaults}); written to {path}, which packed models loaded on this GPU now use"]
+        if replaced:
+            notes.append(f"this replaced the rule measured at {replaced}: a GPU keeps one rule, so measure at the "
+                         "shape of the models you run")
+        return {"policy": {"path": str(path), "limits": doc["limits"], "measured": sorted(by_kind)}, "notes": notes}
+
+
+def _replaced_shape(path, shape: tuple[int, int]) -> Optional[str]:
+    """The shape of the rule about to be overwritten at ``path``, when it is another than ``shape`` (the file
+    holds one rule per GPU, so measuring at a toy shape replaces the rule models of the real one use)."""
+    from sparsify_cli.kernels import device_policy as dp
+
+    try:
+        old = dp.measured_shape(json.loads(path.read_text()))
+    except (OSError, ValueError, AttributeError):  # no file, or one that cannot be read: nothing to warn about
+        return None
+    return f"D {old[0]} × H {old[1]}" if old and old != shape else None

@@ -131,9 +131,24 @@ def describe(policy: SparsePolicy) -> str:
             f"(decode), {100 * policy.fused_decode_max_density:.1f}% (fused decode)")
 
 
-def for_device(device: Any = None, cache_dir: Optional[str] = None) -> tuple[SparsePolicy, str]:
+def measured_shape(doc: dict[str, Any]) -> Optional[tuple[int, int]]:
+    """(d_model, d_ffn) a policy document was measured at, if it says."""
+    shape = doc.get("environment", {}).get("shape") or {}
+    try:
+        return int(shape["d_model"]), int(shape["d_ffn"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _shapes(shapes) -> str:
+    return ", ".join(f"D {d} × H {h}" for d, h in sorted(shapes))
+
+
+def for_device(device: Any = None, cache_dir: Optional[str] = None,
+               shapes: Optional[set[tuple[int, int]]] = None) -> tuple[SparsePolicy, str]:
     """(policy, one line saying where it came from) for a CUDA device: the measured file if this GPU has one,
-    else DEFAULT_POLICY."""
+    else DEFAULT_POLICY. ``shapes``: the (D, H) of the layers it is for; where the file was measured at another
+    shape the note says so (the crossover moves with the shape) and how to measure at theirs."""
     import torch
 
     name = torch.cuda.get_device_name(device)
@@ -144,10 +159,15 @@ def for_device(device: Any = None, cache_dir: Optional[str] = None) -> tuple[Spa
                                 f"`sparsify bench --suite policy` measures this {name}'s")
     policy, doc = load(path, name, capability)
     env = doc.get("environment", {})
-    shape = env.get("shape") or {}
-    at = f"D {shape['d_model']} × H {shape['d_ffn']}, " if {"d_model", "d_ffn"} <= set(shape) else ""
+    shape = measured_shape(doc)
+    at = f"{_shapes([shape])}, " if shape else ""
     note = f"dense/sparse rule: measured on this {name} ({at}{env.get('date_utc', 'date unknown')}; {path}): " \
            f"{describe(policy)}"
+    other = sorted(set(shapes or ()) - {shape}) if shape else []
+    if other:
+        d, h = other[0]
+        note += (f"; this model's layers are {_shapes(other)}, where the crossover may differ: "
+                 f"`sparsify bench --suite policy d_model={d} d_ffn={h}` measures at theirs")
     if doc.get("kernels_sha256") != kernels_digest():  # still the best measurement there is, but say so
         note += "; measured with other kernel sources than these: `sparsify bench --suite policy` to measure again"
     return policy, note

@@ -48,6 +48,8 @@ class PackedFFN(nn.Module):
             t = weights.get(name)
             self.register_buffer(name, t if t is not None else None)
         self.tile, self.compression = int(layout["tile"]), int(layout["compression"])
+        # The layer's FFN width before pruning: with D, the shape a dense/sparse rule is measured at (use_backend)
+        self.d_ffn_source = int(layout.get("d_ffn_source", self.up_w.shape[0]))
         # Hot-first layers (pack --reorder hot): the first n_hot neurons run densely on the GPU, the rest sparsely;
         # the prefill density rule then looks at the cold neurons only (cold_nnz_hint); the fused decode path runs
         # every neuron sparsely, so its rule looks at all of them (nnz_hint).
@@ -67,6 +69,12 @@ class PackedFFN(nn.Module):
     @property
     def width(self) -> int:
         return self.up_w.shape[0]
+
+    @property
+    def source_shape(self) -> tuple[int, int]:
+        """(D, H) of the dense layer this one was packed from: what `sparsify bench --suite policy` takes as
+        d_model and d_ffn to measure this layer's crossover."""
+        return int(self.up_w.shape[1]), self.d_ffn_source
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         """Dense h (…, H_i): only for observers (statistics); the forward itself never builds it. Computed in the
@@ -122,7 +130,7 @@ def use_backend(ffns, backend: str, device: torch.device | str) -> Optional[str]
     if backend == "cuda":
         from sparsify_cli.kernels.device_policy import for_device
 
-        policy, note = for_device(torch.device(device))
+        policy, note = for_device(torch.device(device), shapes={ffn.source_shape for ffn in ffns})
     for ffn in ffns:
         ffn.backend, ffn.policy = backend, policy
     return note

@@ -97,6 +97,11 @@ def test_for_device_uses_the_gpus_file_or_says_how_to_measure(tmp_path, fake_gpu
     assert policy.max_density == 0.009 and str(path) in note and "0.90%" in note and "other kernel" not in note
     _write(tmp_path, kernels_sha256=dp.kernels_digest(), environment={"shape": {"d_model": 4096, "d_ffn": 14336}})
     assert "D 4096 × H 14336" in dp.for_device(None, str(tmp_path))[1]  # the shape it was measured at
+    note = dp.for_device(None, str(tmp_path), shapes={(4096, 14336)})[1]
+    assert "crossover may differ" not in note  # the model's own shape: nothing to add
+    note = dp.for_device(None, str(tmp_path), shapes={(4096, 14336), (2048, 5632)})[1]
+    assert "this model's layers are D 2048 × H 5632, where the crossover may differ" in note
+    assert "--suite policy d_model=2048 d_ffn=5632" in note
     _write(tmp_path, kernels_sha256="0" * 64)  # measured before the kernels changed: used, and the note says so
     policy, note = dp.for_device(None, str(tmp_path))
     assert policy.max_density == 0.009 and "measured with other kernel sources" in note
@@ -120,6 +125,12 @@ def test_packed_layers_take_the_gpus_rule(tmp_path, fake_gpu, monkeypatch):
     note = use_backend(ffns, "cuda", "cpu")
     assert "measured on this" in note and all(f.policy.decode_max_density == 0.01 for f in ffns)
     assert not sparse_under_graph(ffns[0], 1) and not sparse_under_graph(ffns[0], 64)  # this GPU: dense
+    # a rule measured at another shape than the layers' (D 64, H 128 before pruning) still applies; the note says so
+    assert PackedFFN(0, True, w, {**layout, "d_ffn_source": 160}).source_shape == (64, 160)
+    _write(tmp_path, limits={"max_density": 0.0, "decode_max_density": 0.01, "fused_decode_max_density": 0.0},
+           environment={"shape": {"d_model": 2048, "d_ffn": 5632}})
+    note = use_backend(ffns, "cuda", "cpu")
+    assert "this model's layers are D 64 × H 128" in note and ffns[0].policy.decode_max_density == 0.01
     seen = {}
     monkeypatch.setattr(kernels, "ffn_forward", lambda x, *a, **kw: seen.update(kw) or x)
     ffns[0]._cuda_forward(torch.randn(3, d))
@@ -142,6 +153,16 @@ def test_policy_suite_finish_writes_the_rule_of_what_it_measured(tmp_path, fake_
     assert fields["policy"]["measured"] == ["prefill"] and "prefill: 0.70%" in fields["notes"][0]
     policy, doc = dp.load(dp.policy_path(GPU, CC, str(tmp_path)), GPU, CC)
     assert policy.max_density == 0.007 and doc["environment"]["shape"] == {"d_model": 2048, "d_ffn": 5632}
+    assert len(fields["notes"]) == 1 and "at D 2048 × H 5632" in fields["notes"][0]  # nothing replaced
+    # measuring again at another (toy) shape replaces this rule: the notes say so
+    toy = bp.PolicySuite(bs.resolve("policy", "cuda", ["shapes=quick", "d_model=256", "d_ffn=1024"]),
+                         cache_dir=str(tmp_path))
+    toy.rows = [dict(r, nnz_mean=r["density"] * 1024) for r in suite.rows]
+    notes = toy.finish()["notes"]
+    assert "replaced the rule measured at D 2048 × H 5632" in notes[1]
+    again = bp.PolicySuite(toy.s, cache_dir=str(tmp_path))
+    again.rows = toy.rows
+    assert len(again.finish()["notes"]) == 1  # same shape again: nothing to warn about
 
 
 def test_policy_suite_points_follow_the_routing():
