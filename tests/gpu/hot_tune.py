@@ -9,23 +9,31 @@ ROUNDS rounds (best round per cell), with dense in the same rounds, and the shar
 the sparse kernel.
 
     python3 tests/gpu/hot_tune.py OUT.json      # HOT_TUNE_SHAPES=65536x29,16384x29; HOT_TUNE_N=256,512,768
+
+Each row also breaks the block at pack's n_hot down by kernel, inside the block (torch.profiler over BREAKDOWN_CALLS
+calls, median per kernel) and each part alone (CUDA events): session 13 saw a kernel's gain alone not come off the
+block, so a part that takes longer inside the block than alone is where the parts interfere (L2, the GEMMs' tails).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 
 import torch
 
 from sparsify_cli.bench.ffn import (CALIB_TOKENS, D_MODEL, HIDDEN, PREFILL_M, PREFILL_NNZ, _rel, calib_tokens,
                                     cuda_time, dense_block, environment, packed_layer)
+from sparsify_cli.bench.measure import kernel_ms
 from sparsify_cli.bench.synthetic import make_ffn_inputs
-from sparsify_cli.kernels import ffn_forward
+from sparsify_cli.kernels import ffn_forward, launchers
+from sparsify_cli.kernels.ffn import hot_part
 
 ROUNDS = int(os.environ.get("HOT_TUNE_ROUNDS", "3"))
 N_HOT = [int(v) for v in os.environ.get("HOT_TUNE_N", "256,384,512,640,768,1024,1280,1536,2048").split(",")]
+BREAKDOWN_CALLS = 7
 
 
 def shapes() -> list[tuple[int, int]]:
@@ -68,7 +76,24 @@ def row(m: int, nnz: int) -> dict:
     out["best_n_hot"], out["best_ms"] = best["n_hot"], best["ms"]
     out["pack_ms"] = ms[f"n_hot={pk.n_hot}"]
     out["ms_rounds"] = rounds
+    out["breakdown"] = breakdown(x, pk, block(pk.n_hot))
     return out
+
+
+def breakdown(x, pk, block) -> dict:
+    """The block's kernels inside it (median over BREAKDOWN_CALLS profiled calls) and its parts alone."""
+    calls = [kernel_ms(block) for _ in range(BREAKDOWN_CALLS)]
+    names = sorted({k for c in calls for k in c})
+    inside = {k: statistics.median(c.get(k, 0.0) for c in calls) for k in names}
+    act = x @ pk.gate.T
+    hot = hot_part(x, act, pk.up, pk.down_t, pk.n_hot)
+    out = torch.empty_like(x)
+    alone = {"gate GEMM": cuda_time(lambda: x @ pk.gate.T, 20),
+             "hot part (2 GEMMs + relu_mul)": cuda_time(lambda: hot_part(x, act, pk.up, pk.down_t, pk.n_hot), 20),
+             "cold kernel": cuda_time(lambda: launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out,
+                                                                        c_start=pk.n_hot, init=hot), 20)}
+    return {"inside_block_ms": inside, "inside_block_total_ms": sum(inside.values()), "alone_ms": alone,
+            "alone_total_ms": sum(alone.values())}
 
 
 def main() -> None:
