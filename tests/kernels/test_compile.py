@@ -23,19 +23,25 @@ def test_sources_exist():
     assert {"twell_pack.cu", "twell_ffn.cu", "twell_decode.cu", "gemv.cu"} <= set(SOURCES)
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit to compile-test kernels)")
-@pytest.mark.parametrize("arch", ["compute_90a,code=sm_90a", "compute_80,code=sm_80"])
-@pytest.mark.parametrize("src", SOURCES)
-def test_compiles(src, arch, tmp_path):
+def _nvcc_spills(src: str, arch: str, tmp_path, define: str | None = None) -> list[int]:
+    """Compile kernels_cu/<src> with nvcc (warnings are errors) and return ptxas's spill-store bytes per kernel."""
     path = resource_dir("kernels_cu") / src
-    cmd = [NVCC, "-std=c++17", f"-gencode=arch={arch}", "-c", str(path), "-o", str(tmp_path / "k.o"),
-           "-Xptxas", "-v", "-Werror", "all-warnings"]
+    cmd = [NVCC, "-std=c++17", f"-gencode=arch={arch}", *([f"-D{define}"] if define else []), "-c", str(path),
+           "-o", str(tmp_path / "k.o"), "-Xptxas", "-v", "-Werror", "all-warnings"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", res.stderr)]
     assert spills, res.stderr
+    return spills
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit to compile-test kernels)")
+@pytest.mark.parametrize("arch", ["compute_90a,code=sm_90a", "compute_80,code=sm_80"])
+@pytest.mark.parametrize("src", SOURCES)
+def test_compiles(src, arch, tmp_path):
+    spills = _nvcc_spills(src, arch, tmp_path)
     if "sm_90a" in arch:
-        assert max(spills) == 0, res.stderr
+        assert max(spills) == 0, spills
 
 
 # Builds that tools select with defines (launchers' `defines=`, tests/gpu/prefill_tune.py's builds): each must
@@ -46,13 +52,7 @@ VARIANTS = [("twell_ffn.cu", "FFN_ACT_PREFETCH=0"), ("twell_ffn.cu", "FFN_STREAM
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit to compile-test kernels)")
 @pytest.mark.parametrize("src,define", VARIANTS)
 def test_build_variants_compile(src, define, tmp_path):
-    path = resource_dir("kernels_cu") / src
-    cmd = [NVCC, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", f"-D{define}", "-c", str(path), "-o",
-           str(tmp_path / "k.o"), "-Xptxas", "-v", "-Werror", "all-warnings"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", res.stderr)]
-    assert spills and max(spills) == 0, res.stderr
+    assert max(_nvcc_spills(src, "compute_90a,code=sm_90a", tmp_path, define)) == 0
 
 
 def _nvrtc():
