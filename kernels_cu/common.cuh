@@ -54,6 +54,9 @@ __device__ __forceinline__ int warp_incl_scan(int v, int lane) {
     return v;
 }
 
+// relu that keeps NaN (as torch does), so a NaN in the activation is not hidden
+__device__ __forceinline__ float relu_keep_nan(float v) { return (v > 0.f || v != v) ? v : 0.f; }
+
 // "Non-zero" after relu: v > 0, and NaN counts (it must not disappear silently). -0.0 is zero.
 __device__ __forceinline__ bool relu_active(unsigned short b) {
     float f = bf16_to_f(b);
@@ -126,20 +129,20 @@ __device__ __forceinline__ void load8(const unsigned short* __restrict__ arow, i
     }
 }
 
-// Visit the relu-active entries of act row columns [c_beg, c_end) in ascending column order, 512 columns
-// (two 16-byte loads per lane, both in flight) per step: f(rank, col, bits) with rank = 0, 1, ... in order.
+// Visit the relu-active entries of act row columns [c_beg, c_end) in ascending column order, 256 * STEP columns
+// (STEP 16-byte loads per lane, all in flight) per step: f(rank, col, bits) with rank = 0, 1, ... in order.
 // Every lane of the warp must call it. c_beg must be a multiple of 8. Returns the number visited.
 // STREAM: the row is read evict-first (ld_stream16).
-template <bool STREAM = false, typename F>
+template <bool STREAM = false, int STEP = 2, typename F>
 __device__ __forceinline__ int warp_for_each_active(const unsigned short* __restrict__ arow, int c_beg, int c_end,
                                                     bool vec_ok, int lane, F f) {
     int r = 0;
-    for (int c = c_beg; c < c_end; c += 512) {
-        unsigned short v[2][8];
-        load8<STREAM>(arow, c + lane * 8, c_end, vec_ok, v[0]);
-        load8<STREAM>(arow, c + 256 + lane * 8, c_end, vec_ok, v[1]);
+    for (int c = c_beg; c < c_end; c += 256 * STEP) {
+        unsigned short v[STEP][8];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < STEP; ++h) load8<STREAM>(arow, c + 256 * h + lane * 8, c_end, vec_ok, v[h]);
+#pragma unroll
+        for (int h = 0; h < STEP; ++h) {
             const int c0 = c + 256 * h + lane * 8;
             int n = 0;
 #pragma unroll

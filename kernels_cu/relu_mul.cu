@@ -11,8 +11,6 @@
 
 #define RELU_MUL_THREADS 256  // threads per block (launchers.RELU_MUL_THREADS)
 
-__device__ __forceinline__ float relu_keep_nan(float v) { return (v > 0.f || v != v) ? v : 0.f; }
-
 __global__ void __launch_bounds__(RELU_MUL_THREADS) relu_mul_kernel(
     const unsigned short* __restrict__ a,  // (M, lda): columns [0, N) read
     long long lda,

@@ -18,9 +18,10 @@
 // were packed from (relu applied here): the warp scans that tile's T columns and lists every non-zero.
 //
 // FROM_ACT = true fuses the packing: the list is built straight from the dense activation row (relu applied),
-// `words` is unused. (Without a GEMM epilogue that writes TwELL, this saves the pack kernel's pass.)
+// `words` is null or a list (below). (Without a GEMM epilogue that writes TwELL, this saves the pack kernel's pass.)
 // Hybrid use (neurons permuted hot-first at pack time): FROM_ACT lists only columns >= c_start, and `init`
-// (the hot neurons' part, computed densely by cuBLAS) is added to the accumulators.
+// (the hot neurons' part, computed densely by cuBLAS) is added to the accumulators. FROM_ACT with `words` given:
+// the row's entries come listed by relu_list.cu (words (M, S): count, then up to S - 1 words), not scanned.
 //
 // Template parameters: NV = 16-byte vectors per lane per chunk (chunk width DC = 256 * NV columns), GATED,
 // FROM_ACT.
@@ -45,7 +46,7 @@
 template <int NV, bool GATED, bool FROM_ACT, bool HBUF>
 __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kernel(
     const unsigned short* __restrict__ x,       // (M, D)
-    const int* __restrict__ words,              // (M, NT, S)
+    const int* __restrict__ words,              // (M, NT, S); FROM_ACT: null or a list (M, S)
     const unsigned short* __restrict__ up,      // (H, D)   (unused when !GATED)
     const unsigned short* __restrict__ down_t,  // (H, D)
     const unsigned short* __restrict__ act,     // (M, H)   dense activation, read for overflowed tiles only
@@ -69,9 +70,20 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
 
     const uint4* xg = reinterpret_cast<const uint4*>(x + m * D);
     const unsigned short* arow = act + m * (long long)H;
+    // FROM_ACT with `words`: the token's cold entries were listed by relu_list.cu into words[m] = [count, words...]
+    // (S - 1 at most). The whole row is copied to the warp's list without waiting for the count, so its loads are
+    // in flight together (words past the count are not used). A row whose count exceeds S - 1 is scanned from act.
+    int listed = -1;  // entries in the list, or -1: scan act
+    if (FROM_ACT && words != nullptr) {
+        const int* lrow = words + m * (long long)S;
+        const int n = __ldg(lrow);  // the same word for every lane: one broadcast load
+        for (int i = lane; i < S - 1; i += 32) lw[i] = (unsigned int)__ldg(lrow + 1 + i);
+        if (n <= S - 1) listed = n;
+    }
     // the listing's scan walks the row 512 columns at a time, each step a dependent DRAM round trip: with the row
     // already on its way to L2, the steps wait for L2 instead (aligned rows only: vec_ok means H % 8 == 0)
-    if (FROM_ACT && FFN_ACT_PREFETCH && vec_ok) warp_prefetch_l2(arow + c_start, (H - c_start) * 2, lane);
+    if (FROM_ACT && FFN_ACT_PREFETCH && vec_ok && listed < 0)
+        warp_prefetch_l2(arow + c_start, (H - c_start) * 2, lane);
     float acc[8 * NV];
 #pragma unroll
     for (int i = 0; i < 8 * NV; ++i) acc[i] = 0.f;
@@ -86,7 +98,10 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
         // A tile's true count decides where its entries go; overflowed tiles are read from act (exact).
         int E = 0;
         bool full = false;
-        if (FROM_ACT) {  // fused pack: list the row's non-zeros straight from act, 512 columns at a time
+        if (FROM_ACT && listed >= 0) {  // listed by relu_list.cu (loaded above): one batch
+            E = listed;
+            cnext = H;
+        } else if (FROM_ACT) {  // fused pack: list the row's non-zeros straight from act, 512 columns at a time
             while (cnext < H && E <= FFN_CAP - 512) {
                 const int c_end = min(H, cnext + 512);
                 const int base = E;

@@ -61,6 +61,12 @@ class SparsePolicy:
     # H200, 4 interleaved rounds (BENCHMARKS.md, session 11): the hybrid block 0.5-5.5% faster at all 12 measured
     # shapes (-0.02 / -0.21 / -0.25 ms at 65536 tokens); the same bits as torch's two passes (GPU test).
     fused_hot_glue: bool = True
+    # Hybrid prefill in the cold-first order (hybrid_ffn): one pass over the activation (relu_list.cu) computes
+    # the hot neurons' relu(a) * u and lists each row's cold entries, the sparse kernel reads those lists instead
+    # of scanning the activation with its few, register-heavy warps, and the hot part is added last by cuBLAS
+    # (beta = 1). H200, packed layers (BENCHMARKS.md, session 14): the block 2-7% faster at the measured shapes;
+    # the same bits as the scanning kernel in that order. False: the hot part first, passed to the kernel as init.
+    hybrid_lists: bool = True
 
     def use_dense_decode(self, m: int) -> bool:
         """True for a decode-sized call run eagerly (see eager_decode_dense)."""
@@ -143,18 +149,25 @@ def hot_part(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down_t
 
 
 def hybrid_ffn(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor,
-               n_hot: int, fused_glue: bool = DEFAULT_POLICY.fused_hot_glue) -> torch.Tensor:
-    """Hybrid FFN tail for hot-first neuron order: neurons [0, n_hot) densely (cuBLAS, hot_part), the rest
-    sparsely.
+               n_hot: int, fused_glue: bool = DEFAULT_POLICY.fused_hot_glue,
+               lists: bool = DEFAULT_POLICY.hybrid_lists) -> torch.Tensor:
+    """Hybrid FFN tail for hot-first neuron order: neurons [0, n_hot) densely (cuBLAS), the rest sparsely.
 
-    act = x·w_actᵀ (M, H) already computed; out = Σ_{j<n_hot} dense + Σ_{j>=n_hot} sparse (one fp32 sum in the
-    sparse kernel, which starts from the dense part's bf16 result).
+    act = x·w_actᵀ (M, H) already computed; out = Σ_{j<n_hot} dense + Σ_{j>=n_hot} sparse. lists (the default,
+    SparsePolicy.hybrid_lists): cold first: ops.relu_list gives h_hot = relu(a_hot) ⊙ u_hot and the cold entries'
+    lists in one pass, the sparse kernel sums the cold part from the lists, and cuBLAS adds h_hot·DownT_hot to it
+    (an fp32 sum of the GEMM's products and the cold part's bf16 result). Otherwise hot first: hot_part's bf16
+    result is the sparse kernel's init (fused_glue picks its relu(a) ⊙ u).
     """
     from sparsify_cli.kernels import ops
 
     if n_hot <= 0:
         return ops.relu_ffn(x, act, up, down_t)
-    return ops.relu_ffn(x, act, up, down_t, n_hot, hot_part(x, act, up, down_t, n_hot, fused_glue))
+    if not lists:
+        return ops.relu_ffn(x, act, up, down_t, n_hot, hot_part(x, act, up, down_t, n_hot, fused_glue))
+    h_hot, cold_lists = ops.relu_list(act, n_hot, x @ up[:n_hot].T if up is not None else None)
+    out = ops.relu_ffn(x, act, up, down_t, n_hot, None, cold_lists)
+    return out.addmm_(h_hot, down_t[:n_hot])
 
 
 def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor, *,
@@ -198,7 +211,7 @@ def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, d
         if not policy.choose_sparse(x.shape[0], nnz, w_act.shape[0]):
             return dense_ffn(x, w_act, up, down_t, act=act, down=down)
     if hybrid:
-        return hybrid_ffn(x, act, up, down_t, n_hot, policy.fused_hot_glue)
+        return hybrid_ffn(x, act, up, down_t, n_hot, policy.fused_hot_glue, policy.hybrid_lists)
     if not via_twell:
         return ops.relu_ffn(x, act, up, down_t)
     words = ops.twell_pack(act, tile, slots)

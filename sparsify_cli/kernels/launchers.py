@@ -13,6 +13,7 @@ PACK_WARPS = 8  # warps (= (token, tile) pairs) per block
 FFN_WARPS = 4  # warps (= tokens) per block, prefill kernel; must match kernels_cu/twell_ffn.cu
 FFN_CHUNK = 2048  # widest D-chunk one warp accumulates in registers
 UP_WARPS = 4  # warps (= tokens) per block of twell_up_kernel; must match kernels_cu/twell_ffn.cu
+FFN_CAP = 1024  # entries one warp of the prefill kernel lists per batch; must match kernels_cu/twell_ffn.cu
 # Compile-time variants of the prefill kernel used by default, chosen from bench_results/ (BENCHMARKS.md):
 # 16 instead of 12 warps per SM (128 registers, a few bytes of spills in the gather) measured faster.
 FFN_DEFAULT_DEFINES: tuple[str, ...] = ("FFN_MIN_BLOCKS=4",)
@@ -52,6 +53,13 @@ def _check_aligned(**tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is not None and t.data_ptr() % 16 != 0:
             raise ValueError(f"{name} must be 16-byte aligned (data_ptr % 16 == 0)")
+
+
+def _check_lists(lists: torch.Tensor, m: int, device) -> None:
+    """The hybrid's cold list (M, S) int32: a count and S - 1 words per row; one warp batch holds them all."""
+    if lists.dim() != 2 or not 2 <= lists.shape[1] <= FFN_CAP + 1:
+        raise ValueError(f"lists must be (M, S) with 2 <= S <= {FFN_CAP + 1}, got shape {tuple(lists.shape)}")
+    _check(lists, "lists", torch.int32, (m, lists.shape[1]), device)
 
 
 def check_pack_args(act: torch.Tensor, words: torch.Tensor, tile: int, slots: int) -> None:
@@ -158,6 +166,42 @@ def launch_relu_mul(a: torch.Tensor, u: torch.Tensor, h: torch.Tensor) -> None:
                   (a.data_ptr(), _i64(lda), u.data_ptr(), h.data_ptr(), _i64(m), _i32(n), _i32(vec)))
 
 
+LIST_WARPS = 8  # must match kernels_cu/relu_list.cu
+LIST_SLOTS = 64  # int32 per token in the hybrid's cold list: its count and up to 63 words (256 bytes)
+
+
+def launch_relu_list(act: torch.Tensor, c_start: int, u: torch.Tensor | None, h: torch.Tensor,
+                     lists: torch.Tensor, defines: tuple[str, ...] = ()) -> None:
+    """The hybrid's pass over the activation (kernels_cu/relu_list.cu): h = relu(a) * u over the hot columns
+    [0, c_start) (u None: h = relu(a)), and each row's relu-active cold columns [c_start, H) listed into
+    lists (M, S) int32: the true count, then up to S - 1 words (column << 16 | bf16 bits) in ascending order.
+    A row with more entries keeps its count, and launch_relu_ffn(lists=) scans it from act instead.
+    ``defines``: a tuning build (e.g. ``("LIST_STEP=8",)``), the same results."""
+    from sparsify_cli.kernels import loader
+
+    if act.dim() != 2:
+        raise ValueError(f"act must be 2-D (M, H), got shape {tuple(act.shape)}")
+    m, h_width = act.shape
+    _check(act, "act", torch.bfloat16, (m, h_width), act.device)
+    if h_width > MAX_HIDDEN:
+        raise ValueError(f"H={h_width} exceeds {MAX_HIDDEN}: list column indices are 16-bit")
+    if not (0 <= c_start <= h_width and c_start % 8 == 0):
+        raise ValueError(f"c_start must be a multiple of 8 in [0, H={h_width}], got {c_start}")
+    if u is not None:
+        _check(u, "u", torch.bfloat16, (m, c_start), act.device)
+    _check(h, "h", torch.bfloat16, (m, c_start), act.device)
+    _check_lists(lists, m, act.device)
+    if act.device.type != "cuda":
+        raise ValueError(f"act must be a CUDA tensor, got {act.device}")
+    if m == 0:
+        return
+    vec = int(h_width % 8 == 0 and all(t.data_ptr() % 16 == 0 for t in (act, h) + ((u,) if u is not None else ())))
+    fn = loader.get_function("relu_list.cu", "relu_list_kernel", defines)
+    loader.launch(fn, ((m + LIST_WARPS - 1) // LIST_WARPS,), (32 * LIST_WARPS,),
+                  (act.data_ptr(), u.data_ptr() if u is not None else 0, h.data_ptr() if c_start else 0,
+                   lists.data_ptr(), _i64(m), _i32(h_width), _i32(c_start), _i32(lists.shape[1]), _i32(vec)))
+
+
 def _b(v: bool) -> str:
     return "true" if v else "false"
 
@@ -241,12 +285,15 @@ def _prefill_launch(x, words, up, down_t, act, out, tile, from_act: bool, define
 
 def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 256,
                     defines: tuple[str, ...] | None = None, c_start: int = 0,
-                    init: torch.Tensor | None = None, pdl: bool | None = None, pdl_up: bool | None = None) -> None:
+                    init: torch.Tensor | None = None, pdl: bool | None = None, pdl_up: bool | None = None,
+                    lists: torch.Tensor | None = None) -> None:
     """The sparse FFN without materializing TwELL: each token's entries come straight from the dense activation
     ``act`` (relu applied; packing fused into the FFN kernel). Reads only the active rows of U and DownT.
     path: auto (decode kernels for M <= DECODE_MAX_M, else prefill) | prefill | decode.
     Hybrid (prefill only): only columns >= ``c_start`` are used (a multiple of 8), and ``init`` (M, D) bf16 is
-    added to the result (the hot neurons' dense part).
+    added to the result (the hot neurons' dense part). ``lists`` (prefill only): the rows' entries as
+    launch_relu_list listed them from this act and c_start, read instead of scanning act (rows that overflowed
+    their list are still scanned). The results are the same bits with and without it.
     Decode runs two kernels (launch_decode_up_act, then launch_decode_down); ``pdl`` launches the second and
     ``pdl_up`` the first with programmatic dependent launch (None: pdl_default). The results are the same bits."""
     if act.dim() != 2 or x.dim() != 2:
@@ -258,18 +305,21 @@ def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 
     if init is not None:
         _check(init, "init", torch.bfloat16, (m, d), x.device)
         _check_aligned(init=init)
+    if lists is not None:
+        _check_lists(lists, m, x.device)
     if m == 0:
         return
     if path == "auto":
-        path = "prefill" if hybrid or m > DECODE_MAX_M else "decode"
+        path = "prefill" if hybrid or lists is not None or m > DECODE_MAX_M else "decode"
     if path == "decode":
-        if hybrid:
-            raise ValueError("the decode kernels have no hybrid mode (c_start/init); use path='prefill'")
+        if hybrid or lists is not None:
+            raise ValueError("the decode kernels have no hybrid mode (c_start/init/lists); use path='prefill'")
         default = pdl_default(x.device)
         hbuf = launch_decode_up_act(x, act, up, pdl=default if pdl_up is None else pdl_up)
         launch_decode_down(hbuf, down_t, out, h, pdl=default if pdl is None else pdl)
     elif path == "prefill":
-        _prefill_launch(x, None, up, down_t, act, out, tile, True, defines, m, d, h, nt, 2, False, c_start, init)
+        s = lists.shape[1] if lists is not None else 2
+        _prefill_launch(x, lists, up, down_t, act, out, tile, True, defines, m, d, h, nt, s, False, c_start, init)
     else:
         raise ValueError(f"path must be auto, prefill or decode, got {path!r}")
 

@@ -7,7 +7,11 @@
 - sparsify::relu_ffn(x, act, up, down_t) -> out
       the same block straight from the dense activation (packing fused into the FFN kernel, no TwELL
       materialized): the fast path while the gate GEMM has no TwELL-writing epilogue. With c_start/init it
-      is the sparse half of the hybrid path (ffn.hybrid_ffn): columns < c_start are done densely elsewhere.
+      is the sparse half of the hybrid path (ffn.hybrid_ffn): columns < c_start are done densely elsewhere;
+      with lists (from relu_list) it reads each row's entries from them instead of scanning act.
+- sparsify::relu_list(act, c_start, u) -> (h, lists)
+      the hybrid's pass over the activation: h = relu(act[:, :c_start]) ⊙ u (u None: relu alone) and each row's
+      relu-active columns >= c_start listed (count, then up to launchers.LIST_SLOTS - 1 words; kernels_cu/relu_list.cu).
 - sparsify::relu_mul(act, n, u) -> relu(act[:, :n]) ⊙ u in one pass (the hybrid's hot neurons; act read in place).
 - sparsify::gemv(x, w) -> x·wᵀ for 1..2 tokens (decode's gate projection; faster than cuBLAS's GEMV here).
 - sparsify::decode_ffn(x, w_act, up, down_t) -> out
@@ -55,15 +59,30 @@ def _(x, words, up, down_t, act, tile):
 
 @torch.library.custom_op("sparsify::relu_ffn", mutates_args=())
 def relu_ffn(x: torch.Tensor, act: torch.Tensor, up: Optional[torch.Tensor], down_t: torch.Tensor,
-             c_start: int = 0, init: Optional[torch.Tensor] = None) -> torch.Tensor:
+             c_start: int = 0, init: Optional[torch.Tensor] = None,
+             lists: Optional[torch.Tensor] = None) -> torch.Tensor:
     out = torch.empty_like(x)
-    launchers.launch_relu_ffn(x, act, up, down_t, out, c_start=c_start, init=init)
+    launchers.launch_relu_ffn(x, act, up, down_t, out, c_start=c_start, init=init, lists=lists)
     return out
 
 
 @relu_ffn.register_fake
-def _(x, act, up, down_t, c_start=0, init=None):
+def _(x, act, up, down_t, c_start=0, init=None, lists=None):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("sparsify::relu_list", mutates_args=())
+def relu_list(act: torch.Tensor, c_start: int, u: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    h = act.new_empty((act.shape[0], c_start))
+    lists = torch.empty(act.shape[0], launchers.LIST_SLOTS, dtype=torch.int32, device=act.device)
+    launchers.launch_relu_list(act, c_start, u, h, lists)
+    return h, lists
+
+
+@relu_list.register_fake
+def _(act, c_start, u):
+    return act.new_empty((act.shape[0], c_start)), act.new_empty((act.shape[0], launchers.LIST_SLOTS),
+                                                                 dtype=torch.int32)
 
 
 @torch.library.custom_op("sparsify::relu_mul", mutates_args=())

@@ -113,3 +113,16 @@ def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def relu_mul_ref(act: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
     """relu(act[:, :n]) ⊙ u in bf16 (kernels_cu/relu_mul.cu: the hybrid path's hot neurons)."""
     return torch.relu(act[:, :n]) * u
+
+
+def relu_list_ref(act: torch.Tensor, c_start: int, u: torch.Tensor | None,
+                  slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What kernels_cu/relu_list.cu writes: h = relu(act[:, :c_start]) ⊙ u (u None: relu alone), and the cold
+    list (M, slots) int32: per row the true count of relu-active columns >= c_start, then the first slots - 1 of
+    them as TwELL words (column << 16 | bf16 bits) in ascending order. Slots past the count are zero here; the
+    kernel leaves them unwritten."""
+    hot = torch.relu(act[:, :c_start])
+    h = hot * u if u is not None else hot
+    cold = act.clone()
+    cold[:, :c_start] = 0
+    return h, twell_pack_ref(cold, tile=max(act.shape[1], 1), slots=slots)[:, 0]

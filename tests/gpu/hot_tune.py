@@ -77,6 +77,7 @@ def row(m: int, nnz: int) -> dict:
     out["pack_ms"] = ms[f"n_hot={pk.n_hot}"]
     out["ms_rounds"] = rounds
     out["breakdown"] = breakdown(x, pk, block(pk.n_hot))
+    out["cold_cost"] = cold_cost(x, pk)
     return out
 
 
@@ -94,6 +95,40 @@ def breakdown(x, pk, block) -> dict:
                                                                         c_start=pk.n_hot, init=hot), 20)}
     return {"inside_block_ms": inside, "inside_block_total_ms": sum(inside.values()), "alone_ms": alone,
             "alone_total_ms": sum(alone.values())}
+
+
+def cold_cost(x, pk) -> dict:
+    """The cold kernel's time split into a per-token part and a per-entry part: the kernel alone at pack's n_hot on
+    activations whose cold entries are thinned to a share `keep` (a fixed random subset; 0 = the scan with nothing
+    to gather), with and without `init`, and with nothing listed (c_start = width: init, zeros and the store only).
+    A line through the keep points gives ms per cold entry per token (slope) and the fixed part (intercept)."""
+    act = x @ pk.gate.T
+    hot = hot_part(x, act, pk.up, pk.down_t, pk.n_hot)
+    out = torch.empty_like(x)
+    gen = torch.Generator(device=x.device).manual_seed(7)
+    draw = torch.rand(act.shape, device=x.device, generator=gen)
+    cold_on = (act[:, pk.n_hot:] > 0).sum(1).double().mean().item()
+    res: dict = {"cold_nnz_mean": cold_on, "points": []}
+
+    def time_kernel(a, c_start, init):
+        return cuda_time(lambda: launchers.launch_relu_ffn(x, a, pk.up, pk.down_t, out, c_start=c_start, init=init), 20)
+
+    for keep in (1.0, 0.5, 0.25, 0.0):
+        a = act.clone()
+        a[:, pk.n_hot:] = torch.where(draw[:, pk.n_hot:] < keep, a[:, pk.n_hot:], torch.zeros_like(a[:, pk.n_hot:]))
+        res["points"].append({"keep": keep, "cold_nnz": cold_on * keep, "ms_init": time_kernel(a, pk.n_hot, hot),
+                              "ms_no_init": time_kernel(a, pk.n_hot, None)})
+        del a
+    res["nothing_listed_ms_init"] = time_kernel(act, pk.width, hot)
+    res["nothing_listed_ms_no_init"] = time_kernel(act, pk.width, None)
+    res["copy_x_to_out_ms"] = cuda_time(lambda: out.copy_(x), 20)  # one read and one write of (M, D) bf16
+    pts = res["points"]
+    for key in ("ms_init", "ms_no_init"):
+        xs, ys = [p["cold_nnz"] for p in pts], [p[key] for p in pts]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+        res[f"fit_{key}"] = {"ms_per_entry_per_token": slope, "fixed_ms": my - slope * mx}
+    return res
 
 
 def main() -> None:

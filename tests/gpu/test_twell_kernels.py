@@ -184,7 +184,8 @@ def test_launcher_rejects_bad_shapes_on_gpu():
 @pytest.mark.parametrize("m,d,h,nnz", [(300, 512, 1536, 40), (1029, 2048, 5632, 29), (100, 2560, 700, 20)])
 @pytest.mark.parametrize("gated", [True, False])
 def test_hybrid_matches_reference(m, d, h, nnz, gated):
-    """Hot-first order: hot neurons through cuBLAS, the rest through the sparse kernel (c_start/init)."""
+    """Hot-first order: hot neurons through cuBLAS, the rest through the sparse kernel, in both orders of the sum
+    (cold first from relu_list's lists, the default; hot first as the kernel's init)."""
     from sparsify_cli.kernels import ffn
 
     inp = make_ffn_inputs(m, d, h, nnz, device=DEV, seed=m + h)
@@ -194,14 +195,17 @@ def test_hybrid_matches_reference(m, d, h, nnz, gated):
     gate, up, down_t = inp.gate[perm], inp.up[perm], inp.down.T[perm].contiguous()
     up = up if gated else None
     act = inp.x @ gate.T
-    out = ffn.hybrid_ffn(inp.x, act, up, down_t, n_hot, fused_glue=True)  # ops.relu_mul
-    assert torch.equal(ffn.hybrid_ffn(inp.x, act, up, down_t, n_hot, fused_glue=False), out)  # torch's two passes
+    listed = ffn.hybrid_ffn(inp.x, act, up, down_t, n_hot, lists=True)  # cold first: ops.relu_list, then + hot
+    hot_first = ffn.hybrid_ffn(inp.x, act, up, down_t, n_hot, fused_glue=True, lists=False)  # ops.relu_mul
+    # torch's two passes for the hot glue: the same bits as relu_mul
+    assert torch.equal(ffn.hybrid_ffn(inp.x, act, up, down_t, n_hot, fused_glue=False, lists=False), hot_first)
     a = torch.relu(act.float())
     ref32 = ((a * (inp.x.float() @ up.float().T)) if gated else a) @ down_t.float()
     a16 = torch.relu(act)
     t16 = ((a16 * (inp.x @ up.T)) if gated else a16) @ down_t
-    assert not torch.isnan(out).any()
-    assert _rel(out, ref32) <= 2 * _rel(t16, ref32) + 1e-4, (_rel(out, ref32), _rel(t16, ref32))
+    for out in (listed, hot_first):
+        assert not torch.isnan(out).any()
+        assert _rel(out, ref32) <= 2 * _rel(t16, ref32) + 1e-4, (_rel(out, ref32), _rel(t16, ref32))
 
 
 def test_relu_ffn_c_start_and_init_semantics():
@@ -218,6 +222,76 @@ def test_relu_ffn_c_start_and_init_semantics():
     assert _rel(out, ref) < 5e-3
     with pytest.raises(ValueError, match="multiple of 8"):
         launchers.launch_relu_ffn(inp.x, act, inp.up, down_t, out, c_start=3)
+
+
+def _listed(lists):
+    """The list's valid part: each row's count and its first min(count, S - 1) words (the rest is unwritten)."""
+    s = lists.shape[1]
+    keep = torch.arange(s, device=lists.device)[None, :] <= lists[:, :1].clamp(max=s - 1)
+    return torch.where(keep, lists, torch.zeros_like(lists))
+
+
+@pytest.mark.parametrize("m,h,c_start,slots,density", [
+    (1, 5632, 512, 64, 0.005), (1029, 3968, 512, 64, 0.005),  # the packed layer's shape
+    (300, 1001, 136, 16, 0.05),  # ragged H (scalar loads), rows that overflow 15 words
+    (77, 704, 0, 64, 0.02),  # no hot columns
+    (5, 72, 72, 64, 0.3),  # no cold columns
+    (129, 1536, 64, 2, 0.3)])  # one word per row: nearly every row overflows
+@pytest.mark.parametrize("gated", [True, False])
+def test_relu_list_matches_reference(m, h, c_start, slots, density, gated):
+    """The hybrid's activation pass: the hot glue bit-exact (relu_mul's values), and the cold list bit-exact: true
+    counts, the words in ascending order, overflowed rows keeping their true count; NaN and -0.0 as the scan
+    treats them."""
+    gen = torch.Generator(device=DEV).manual_seed(m + h + c_start + slots)
+    act = _act(m, h, density, gen)
+    act[0, -1] = float("nan")  # a NaN is listed (non-zero)
+    act[-1, h // 2] = -0.0
+    u = torch.randn(m, c_start, generator=gen, device=DEV).to(torch.bfloat16) if gated else None
+    h_ref, lists_ref = reference.relu_list_ref(act, c_start, u, slots)
+    for defines in ((), ("LIST_STEP=2",), ("LIST_STEP=8",)):  # the default build and the scan's other step widths
+        hh = _poison(torch.empty(m, c_start, dtype=torch.bfloat16, device=DEV))
+        lists = _poison(torch.empty(m, slots, dtype=torch.int32, device=DEV))
+        launchers.launch_relu_list(act, c_start, u, hh, lists, defines)
+        torch.testing.assert_close(hh, h_ref, rtol=0, atol=0, equal_nan=True)  # a NaN among the hot columns stays
+        assert torch.equal(_listed(lists), lists_ref)
+    if gated and c_start:
+        torch.testing.assert_close(hh, ops.relu_mul(act, c_start, u), rtol=0, atol=0, equal_nan=True)
+    if density >= 0.3 and slots == 2 and c_start < h:
+        assert (lists[:, 0] > 1).any(), "the overflow case was not exercised"
+
+
+@pytest.mark.parametrize("m,d,h,c_start,slots,density", [
+    (1029, 2048, 5632, 512, 64, 0.005), (300, 512, 1001, 136, 16, 0.05), (100, 2560, 700, 0, 64, 0.02),
+    (129, 1024, 1536, 64, 8, 0.3)])  # many rows overflow their 7 words: scanned from act instead
+@pytest.mark.parametrize("gated", [True, False])
+def test_relu_ffn_from_lists_same_bits(m, d, h, c_start, slots, density, gated):
+    """The gather reading relu_list's lists gives the same bits as the gather scanning act (the same entries in
+    the same order), with and without init, and overflowed rows are exact; the result matches the reference."""
+    inp = make_ffn_inputs(m, d, h, density * h, device=DEV, seed=m + h + slots)
+    down_t = inp.down.T.contiguous()
+    up = inp.up if gated else None
+    act = inp.x @ inp.gate.T
+    lists = _poison(torch.empty(m, slots, dtype=torch.int32, device=DEV))
+    hh = torch.empty(m, c_start, dtype=torch.bfloat16, device=DEV)
+    launchers.launch_relu_list(act, c_start, None, hh, lists)
+    init = torch.randn(m, d, device=DEV).to(torch.bfloat16)
+    for extra in (None, init):
+        scanned = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
+        listed = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
+        launchers.launch_relu_ffn(inp.x, act, up, down_t, scanned, path="prefill", c_start=c_start, init=extra)
+        launchers.launch_relu_ffn(inp.x, act, up, down_t, listed, path="prefill", c_start=c_start, init=extra,
+                                  lists=lists)
+        assert not torch.isnan(listed).any(), "unwritten (poisoned) output elements"
+        assert torch.equal(listed, scanned)
+        a = torch.relu(act.float())
+        a[:, :c_start] = 0
+        uu = inp.x.float() @ inp.up.float().T if gated else 1.0
+        ref = (a * uu) @ down_t.float() + (extra.float() if extra is not None else 0.0)
+        assert _rel(listed, ref) < 5e-3
+    if slots == 8:
+        assert (lists[:, 0] > slots - 1).any(), "the overflow case was not exercised"
+    with pytest.raises(ValueError, match="lists must be"):
+        launchers.launch_relu_ffn(inp.x, act, up, down_t, listed, path="prefill", lists=lists[:, :1].contiguous())
 
 
 @pytest.mark.parametrize("m,d,h,density", [(1029, 2048, 5632, 0.02), (300, 512, 1001, 0.02), (77, 2560, 704, 0.02),

@@ -154,6 +154,29 @@ def test_relu_mul_refuses_bad_arguments_before_touching_a_gpu():
         launchers.launch_relu_mul(act[:, :16], u, torch.empty_like(u))
 
 
+def test_relu_list_and_lists_refuse_bad_arguments_before_touching_a_gpu():
+    import torch
+
+    bf = dict(dtype=torch.bfloat16)
+    act, u, h = torch.zeros(4, 64, **bf), torch.zeros(4, 16, **bf), torch.zeros(4, 16, **bf)
+    lists = torch.zeros(4, launchers.LIST_SLOTS, dtype=torch.int32)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        launchers.launch_relu_list(act, 12, u[:, :12], h[:, :12], lists)
+    with pytest.raises(ValueError, match=r"u must have shape \(4, 16\)"):
+        launchers.launch_relu_list(act, 16, u[:, :8].contiguous(), h, lists)
+    with pytest.raises(ValueError, match="lists must be torch.int32"):
+        launchers.launch_relu_list(act, 16, u, h, lists.long())
+    with pytest.raises(ValueError, match="lists must be"):
+        launchers.launch_relu_list(act, 16, u, h, torch.zeros(4, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="lists must be"):
+        launchers.launch_relu_list(act, 16, u, h, torch.zeros(4, launchers.FFN_CAP + 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="exceeds"):
+        launchers.launch_relu_list(torch.zeros(1, launchers.MAX_HIDDEN + 8, **bf), 0, None,
+                                   torch.zeros(1, 0, **bf), lists[:1])
+    with pytest.raises(ValueError, match="act must be a CUDA tensor"):
+        launchers.launch_relu_list(act, 16, u, h, lists)
+
+
 def test_launch_constants_match_the_kernel_sources():
     """The block sizes and list capacities the launchers compute grids and shared memory from are the kernels'
     own #defines (a mismatch would launch a wrong grid, not fail to compile)."""
@@ -163,8 +186,10 @@ def test_launch_constants_match_the_kernel_sources():
         return (loader.kernel_dir() / name).read_text()
 
     expected = {
-        "twell_ffn.cu": (("FFN_WARPS", launchers.FFN_WARPS), ("UP_WARPS", launchers.UP_WARPS)),
+        "twell_ffn.cu": (("FFN_WARPS", launchers.FFN_WARPS), ("UP_WARPS", launchers.UP_WARPS),
+                         ("FFN_CAP", launchers.FFN_CAP)),
         "relu_mul.cu": (("RELU_MUL_THREADS", launchers.RELU_MUL_THREADS),),
+        "relu_list.cu": (("LIST_WARPS", launchers.LIST_WARPS),),
         "decode_down.cuh": (("DECODE_THREADS", launchers.DECODE_THREADS), ("DECODE_CAP", launchers.DECODE_CAP)),
         "decode_fused.cu": (("FUSED_GATE_WARPS", launchers.FUSED_GATE_WARPS), ("FUSED_SEG", launchers.FUSED_SEG),
                             ("DECODE_UP_WARPS", launchers.DECODE_UP_WARPS),

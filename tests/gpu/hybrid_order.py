@@ -1,0 +1,124 @@
+"""The hybrid block's order of work, measured on the GPU at hand (development tool).
+
+Hot first (SparsePolicy.hybrid_lists=False): gate GEMM, hot up GEMM, relu_mul, hot down GEMM into a bf16 `init`,
+then the cold kernel, which scans the activation and starts from `init`. Cold first (the default): gate GEMM, hot
+up GEMM, relu_list.cu's pass (the hot glue and each row's cold list), the cold kernel reading the lists, then the
+hot down GEMM adding into its result (cuBLAS beta = 1). Also timed: cold first with the kernel scanning (no
+lists), the lists with the hot-first order, the parts alone, and the list pass's scan step widths (LIST_STEP).
+Rows: PERFORMANCE.md's inputs on packed layers, ROUNDS interleaved rounds, best round per cell.
+
+    python3 tests/gpu/hybrid_order.py OUT.json      # HYBRID_ORDER_SHAPES=65536x29,16384x29,65536x112
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from sparsify_cli.bench.ffn import (CALIB_TOKENS, D_MODEL, HIDDEN, _rel, calib_tokens, cuda_time, dense_block,
+                                    environment, packed_layer)
+from sparsify_cli.bench.synthetic import make_ffn_inputs
+from sparsify_cli.kernels import ffn_forward, launchers, ops
+from sparsify_cli.kernels.ffn import SparsePolicy
+
+ROUNDS = int(os.environ.get("HYBRID_ORDER_ROUNDS", "4"))
+HOT_FIRST = SparsePolicy(hybrid_lists=False)
+
+
+def shapes() -> list[tuple[int, int]]:
+    spec = os.environ.get("HYBRID_ORDER_SHAPES", "65536x29,16384x29,65536x112")
+    return [tuple(int(v) for v in s.split("x")) for s in spec.split(",")]
+
+
+def cold_first_scanning(x, pk):
+    """Cold first without lists: relu_mul, the cold kernel scanning act, then out += hot."""
+    act = x @ pk.gate.T
+    h_hot = ops.relu_mul(act, pk.n_hot, x @ pk.up[:pk.n_hot].T)
+    out = torch.empty_like(x)
+    launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out, c_start=pk.n_hot)
+    return out.addmm_(h_hot, pk.down_t[:pk.n_hot])
+
+
+def hot_first_listed(x, pk):
+    """relu_list.cu's pass, then the hot down GEMM into init, then the cold kernel reading the lists from init."""
+    act = x @ pk.gate.T
+    h_hot, lists = ops.relu_list(act, pk.n_hot, x @ pk.up[:pk.n_hot].T)
+    out = torch.empty_like(x)
+    launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out, c_start=pk.n_hot, init=h_hot @ pk.down_t[:pk.n_hot],
+                              lists=lists)
+    return out
+
+
+def parts(x, pk) -> dict:
+    """The cold kernel alone scanning act and reading lists, and the passes in front of it alone."""
+    act = x @ pk.gate.T
+    u = x @ pk.up[:pk.n_hot].T
+    h_hot, lists = ops.relu_list(act, pk.n_hot, u)
+    out = torch.empty_like(x)
+    counts = lists[:, 0].double()
+    res = {"relu_mul (hot glue alone)": cuda_time(lambda: ops.relu_mul(act, pk.n_hot, u), 20)}
+    for step in (2, 4, 8):
+        res[f"relu_list LIST_STEP={step}"] = cuda_time(
+            lambda: launchers.launch_relu_list(act, pk.n_hot, u, h_hot, lists, (f"LIST_STEP={step}",)), 20)
+    res.update({
+        "cold kernel scanning act": cuda_time(
+            lambda: launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out, c_start=pk.n_hot), 20),
+        "cold kernel reading lists": cuda_time(
+            lambda: launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out, c_start=pk.n_hot, lists=lists), 20),
+        "hot down GEMM, beta=0": cuda_time(lambda: h_hot @ pk.down_t[:pk.n_hot], 20),
+        "hot down GEMM into out, beta=1": cuda_time(lambda: out.addmm_(h_hot, pk.down_t[:pk.n_hot]), 20),
+        "cold entries per row (mean, max)": (float(counts.mean()), float(counts.max())),
+        "rows overflowing the list": int((counts > launchers.LIST_SLOTS - 1).sum()),
+    })
+    return res
+
+
+def row(m: int, nnz: int) -> dict:
+    inp = make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=int(nnz) + m)
+    calib = calib_tokens(CALIB_TOKENS, m + 1)
+    pk = packed_layer(inp.gate, inp.up, inp.down.T.contiguous(), calib)
+    del calib
+    x = inp.x
+    ref32 = dense_block(x[:4096].float(), inp.gate.float(), inp.up.float(), inp.down.float())
+
+    def block(policy):
+        return lambda: ffn_forward(x, pk.gate, pk.up, pk.down_t, kernels="cuda", mode="sparse", n_hot=pk.n_hot,
+                                   policy=policy)
+
+    hybrids = {"hot first (init)": block(HOT_FIRST), "cold first, listed (default)": block(SparsePolicy()),
+               "cold first, scanning": lambda: cold_first_scanning(x, pk),
+               "hot first, listed": lambda: hot_first_listed(x, pk)}
+    fns = {"dense": lambda: dense_block(x, inp.gate, inp.up, inp.down), **hybrids,
+           "gate GEMM": lambda: x @ pk.gate.T, "gate + hot up GEMMs": lambda: (x @ pk.gate.T, x @ pk.up[:pk.n_hot].T)}
+    rounds: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(ROUNDS):
+        for k, fn in fns.items():
+            rounds[k].append(cuda_time(fn, 20))
+    ms = {k: min(v) for k, v in rounds.items()}
+    outs = {k: fn()[:4096] for k, fn in hybrids.items()}
+    return {"M": m, "nnz_target": nnz, "width": pk.width, "n_hot": pk.n_hot, "ms": ms,
+            "speedup": {k: ms["dense"] / ms[k] for k in hybrids},
+            "rel_err": {k: _rel(o, ref32) for k, o in outs.items()},
+            "same_bits": {"cold first: listed vs scanning": bool(torch.equal(outs["cold first, listed (default)"],
+                                                                             outs["cold first, scanning"])),
+                          "hot first: listed vs scanning": bool(torch.equal(outs["hot first (init)"],
+                                                                            outs["hot first, listed"]))},
+            "parts_alone_ms": parts(x, pk), "ms_rounds": rounds}
+
+
+def main() -> None:
+    result = {"environment": environment(), "rounds": ROUNDS, "rows": []}
+    for m, nnz in shapes():
+        r = row(m, nnz)
+        result["rows"].append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "ms_rounds"}), flush=True)
+        torch.cuda.empty_cache()
+    with open(sys.argv[1], "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
