@@ -56,16 +56,16 @@ class SparsePolicy:
     # dense at every measured point up to 6% of H (1.72x at M = 1, 1.31x at M = 8, 1.26x at M = 16), where the
     # unfused M = 64 path is 0.75x; beyond 6% was not measured, so it goes dense.
     fused_decode_max_density: float = 0.06
-    # Hybrid prefill: the hot neurons' relu(a) * u in one kernel (ops.relu_mul) instead of torch's two passes,
+    # Hybrid prefill without lists (hybrid_lists False): the hot neurons' relu(a) * u in one kernel (ops.relu_mul)
+    # instead of torch's two passes,
     # which write relu(a) out and read it back (134 / 235 / 403 MB more traffic at M = 65536, nnz 29 / 56 / 112).
     # H200, 4 interleaved rounds (BENCHMARKS.md, session 11): the hybrid block 0.5-5.5% faster at all 12 measured
     # shapes (-0.02 / -0.21 / -0.25 ms at 65536 tokens); the same bits as torch's two passes (GPU test).
     fused_hot_glue: bool = True
-    # Hybrid prefill in the cold-first order (hybrid_ffn): one pass over the activation (relu_list.cu) computes
-    # the hot neurons' relu(a) * u and lists each row's cold entries, the sparse kernel reads those lists instead
-    # of scanning the activation with its few, register-heavy warps, and the hot part is added last by cuBLAS
-    # (beta = 1). H200, packed layers (BENCHMARKS.md, session 14): the block 2-7% faster at the measured shapes;
-    # the same bits as the scanning kernel in that order. False: the hot part first, passed to the kernel as init.
+    # Hybrid prefill: one pass over the activation (relu_list.cu) computes the hot neurons' relu(a) * u and lists
+    # each row's cold entries, and the sparse kernel reads those lists instead of scanning the activation with its
+    # few, register-heavy warps (the scan was 0.24 of its 1.35 ms at M = 65536, nnz 29). H200, packed layers
+    # (BENCHMARKS.md, session 14): the block 1-6% faster at every measured shape; the same bits as the scan.
     hybrid_lists: bool = True
 
     def use_dense_decode(self, m: int) -> bool:
@@ -153,11 +153,10 @@ def hybrid_ffn(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down
                lists: bool = DEFAULT_POLICY.hybrid_lists) -> torch.Tensor:
     """Hybrid FFN tail for hot-first neuron order: neurons [0, n_hot) densely (cuBLAS), the rest sparsely.
 
-    act = x·w_actᵀ (M, H) already computed; out = Σ_{j<n_hot} dense + Σ_{j>=n_hot} sparse. lists (the default,
-    SparsePolicy.hybrid_lists): cold first: ops.relu_list gives h_hot = relu(a_hot) ⊙ u_hot and the cold entries'
-    lists in one pass, the sparse kernel sums the cold part from the lists, and cuBLAS adds h_hot·DownT_hot to it
-    (an fp32 sum of the GEMM's products and the cold part's bf16 result). Otherwise hot first: hot_part's bf16
-    result is the sparse kernel's init (fused_glue picks its relu(a) ⊙ u).
+    act = x·w_actᵀ (M, H) already computed; out = Σ_{j<n_hot} dense + Σ_{j>=n_hot} sparse (one fp32 sum in the
+    sparse kernel, which starts from the dense part's bf16 result). lists (SparsePolicy.hybrid_lists): the hot
+    glue relu(a) ⊙ u and the cold entries' lists come from one pass (ops.relu_list) and the sparse kernel reads
+    the lists; otherwise hot_part (fused_glue picks its relu(a) ⊙ u) and the kernel scans act. The same bits.
     """
     from sparsify_cli.kernels import ops
 
@@ -166,8 +165,7 @@ def hybrid_ffn(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down
     if not lists:
         return ops.relu_ffn(x, act, up, down_t, n_hot, hot_part(x, act, up, down_t, n_hot, fused_glue))
     h_hot, cold_lists = ops.relu_list(act, n_hot, x @ up[:n_hot].T if up is not None else None)
-    out = ops.relu_ffn(x, act, up, down_t, n_hot, None, cold_lists)
-    return out.addmm_(h_hot, down_t[:n_hot])
+    return ops.relu_ffn(x, act, up, down_t, n_hot, h_hot @ down_t[:n_hot], cold_lists)
 
 
 def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor, *,

@@ -1,10 +1,10 @@
 """The hybrid block's order of work, measured on the GPU at hand (development tool).
 
-Hot first (SparsePolicy.hybrid_lists=False): gate GEMM, hot up GEMM, relu_mul, hot down GEMM into a bf16 `init`,
-then the cold kernel, which scans the activation and starts from `init`. Cold first (the default): gate GEMM, hot
-up GEMM, relu_list.cu's pass (the hot glue and each row's cold list), the cold kernel reading the lists, then the
-hot down GEMM adding into its result (cuBLAS beta = 1). Also timed: cold first with the kernel scanning (no
-lists), the lists with the hot-first order, the parts alone, and the list pass's scan step widths (LIST_STEP).
+Hot first, scanning (SparsePolicy.hybrid_lists=False): gate GEMM, hot up GEMM, relu_mul, hot down GEMM into a
+bf16 `init`, then the cold kernel, which scans the activation and starts from `init`. Hot first, listed (the
+default): relu_list.cu's pass (the hot glue and each row's cold list) instead of relu_mul, and the cold kernel
+reads the lists. Cold first: the cold kernel without init, then the hot down GEMM adding into its result (cuBLAS
+beta = 1), scanning or listed. Also timed: the parts alone, and the list pass's scan step widths (LIST_STEP).
 Rows: PERFORMANCE.md's inputs on packed layers, ROUNDS interleaved rounds, best round per cell.
 
     python3 tests/gpu/hybrid_order.py OUT.json      # HYBRID_ORDER_SHAPES=65536x29,16384x29,65536x112
@@ -42,14 +42,13 @@ def cold_first_scanning(x, pk):
     return out.addmm_(h_hot, pk.down_t[:pk.n_hot])
 
 
-def hot_first_listed(x, pk):
-    """relu_list.cu's pass, then the hot down GEMM into init, then the cold kernel reading the lists from init."""
+def cold_first_listed(x, pk):
+    """Cold first from lists: relu_list.cu's pass, the cold kernel reading the lists (no init), then out += hot."""
     act = x @ pk.gate.T
     h_hot, lists = ops.relu_list(act, pk.n_hot, x @ pk.up[:pk.n_hot].T)
     out = torch.empty_like(x)
-    launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out, c_start=pk.n_hot, init=h_hot @ pk.down_t[:pk.n_hot],
-                              lists=lists)
-    return out
+    launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out, c_start=pk.n_hot, lists=lists)
+    return out.addmm_(h_hot, pk.down_t[:pk.n_hot])
 
 
 def parts(x, pk) -> dict:
@@ -88,9 +87,9 @@ def row(m: int, nnz: int) -> dict:
         return lambda: ffn_forward(x, pk.gate, pk.up, pk.down_t, kernels="cuda", mode="sparse", n_hot=pk.n_hot,
                                    policy=policy)
 
-    hybrids = {"hot first (init)": block(HOT_FIRST), "cold first, listed (default)": block(SparsePolicy()),
+    hybrids = {"hot first, scanning": block(HOT_FIRST), "hot first, listed (default)": block(SparsePolicy()),
                "cold first, scanning": lambda: cold_first_scanning(x, pk),
-               "hot first, listed": lambda: hot_first_listed(x, pk)}
+               "cold first, listed": lambda: cold_first_listed(x, pk)}
     fns = {"dense": lambda: dense_block(x, inp.gate, inp.up, inp.down), **hybrids,
            "gate GEMM": lambda: x @ pk.gate.T, "gate + hot up GEMMs": lambda: (x @ pk.gate.T, x @ pk.up[:pk.n_hot].T)}
     rounds: dict[str, list[float]] = {k: [] for k in fns}
@@ -102,10 +101,10 @@ def row(m: int, nnz: int) -> dict:
     return {"M": m, "nnz_target": nnz, "width": pk.width, "n_hot": pk.n_hot, "ms": ms,
             "speedup": {k: ms["dense"] / ms[k] for k in hybrids},
             "rel_err": {k: _rel(o, ref32) for k, o in outs.items()},
-            "same_bits": {"cold first: listed vs scanning": bool(torch.equal(outs["cold first, listed (default)"],
+            "same_bits": {"cold first: listed vs scanning": bool(torch.equal(outs["cold first, listed"],
                                                                              outs["cold first, scanning"])),
-                          "hot first: listed vs scanning": bool(torch.equal(outs["hot first (init)"],
-                                                                            outs["hot first, listed"]))},
+                          "hot first: listed vs scanning": bool(torch.equal(outs["hot first, scanning"],
+                                                                            outs["hot first, listed (default)"]))},
             "parts_alone_ms": parts(x, pk), "ms_rounds": rounds}
 
 
