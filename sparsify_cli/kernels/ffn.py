@@ -57,8 +57,8 @@ class SparsePolicy:
     # unfused M = 64 path is 0.75x; beyond 6% was not measured, so it goes dense.
     fused_decode_max_density: float = 0.06
     # Hybrid prefill without lists (hybrid_lists False): the hot neurons' relu(a) * u in one kernel (ops.relu_mul)
-    # instead of torch's two passes,
-    # which write relu(a) out and read it back (134 / 235 / 403 MB more traffic at M = 65536, nnz 29 / 56 / 112).
+    # instead of torch's two passes, which write relu(a) out and read it back (134 / 235 / 403 MB more traffic at
+    # M = 65536, nnz 29 / 56 / 112).
     # H200, 4 interleaved rounds (BENCHMARKS.md, session 11): the hybrid block 0.5-5.5% faster at all 12 measured
     # shapes (-0.02 / -0.21 / -0.25 ms at 65536 tokens); the same bits as torch's two passes (GPU test).
     fused_hot_glue: bool = True
