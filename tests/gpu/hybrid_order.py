@@ -8,6 +8,7 @@ beta = 1), scanning or listed. Also timed: the parts alone, and the list pass's 
 Rows: PERFORMANCE.md's inputs on packed layers, ROUNDS interleaved rounds, best round per cell.
 
     python3 tests/gpu/hybrid_order.py OUT.json      # HYBRID_ORDER_SHAPES=65536x29,16384x29,65536x112
+    HYBRID_ORDER_LAYER=full: the layer with every neuron, hot first (the ffn suite's "sparse" rows), not packed
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ def row(m: int, nnz: int) -> dict:
     inp = make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=int(nnz) + m)
     calib = calib_tokens(CALIB_TOKENS, m + 1)
     pk = packed_layer(inp.gate, inp.up, inp.down.T.contiguous(), calib)
+    if os.environ.get("HYBRID_ORDER_LAYER") == "full":  # every neuron kept, hot first (the suite's sparse rows)
+        from sparsify_cli.kernels.ffn import hot_first_order
+
+        perm, n_hot = hot_first_order(((calib @ inp.gate.T) > 0).float().mean(0))
+        pk = type(pk)(inp.gate[perm].contiguous(), inp.up[perm].contiguous(), inp.down.T[perm].contiguous(), n_hot,
+                      pk.nnz_hint, pk.cold_nnz_hint, torch.ones_like(pk.kept))
     del calib
     x = inp.x
     ref32 = dense_block(x[:4096].float(), inp.gate.float(), inp.up.float(), inp.down.float())
