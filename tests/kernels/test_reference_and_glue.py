@@ -192,3 +192,26 @@ def test_gemv_ref():
     x = torch.randn(2, 64, generator=g).to(torch.bfloat16)
     w = torch.randn(33, 64, generator=g).to(torch.bfloat16)
     assert torch.equal(reference.gemv_ref(x, w), (x.float() @ w.float().T).to(torch.bfloat16))
+
+
+def test_relu_list_ref_lists_cold_columns_in_order_and_keeps_true_counts():
+    """The cold list's reference (docs/FORMAT.md, "Cold list"): the hot glue, then per row the true count of
+    relu-active columns >= c_start and the first S - 1 of them as TwELL words, absolute columns, ascending."""
+    act = torch.tensor([[1.0, -2.0, 3.0, 0.5, -0.0, 2.0, 0.0, 4.0],
+                        [-1.0, 2.0, -3.0, -1.0, -1.0, -1.0, -1.0, -1.0],
+                        [0.0, 0.0, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5]]).to(torch.bfloat16)
+    u = torch.full((3, 2), 2.0, dtype=torch.bfloat16)
+    h, lists = reference.relu_list_ref(act, 2, u, slots=4)
+    assert torch.equal(h, torch.tensor([[2.0, 0.0], [0.0, 4.0], [0.0, 0.0]], dtype=torch.bfloat16))
+    bits = act.view(torch.int16).to(torch.int64) & 0xFFFF
+
+    def word(r, c):
+        return int((c << 16) | int(bits[r, c]))
+
+    assert lists.dtype == torch.int32 and lists.shape == (3, 4)
+    assert lists[0].tolist() == [4, word(0, 2), word(0, 3), word(0, 5)]  # 4 active, 3 slots: overflow keeps 4
+    assert lists[1].tolist() == [0, 0, 0, 0]  # -0.0 and negatives are not listed; the hot column 1 is not
+    assert lists[2].tolist()[0] == 6 and lists[2].tolist()[1:] == [word(2, 2), word(2, 3), word(2, 4)]
+    h_plain, lists_plain = reference.relu_list_ref(act, 2, None, slots=4)
+    assert torch.equal(h_plain, torch.relu(act[:, :2])) and torch.equal(lists_plain, lists)
+    assert reference.relu_list_ref(act, 8, None, slots=4)[1][:, 0].tolist() == [0, 0, 0]  # no cold columns
