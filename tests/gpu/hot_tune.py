@@ -17,7 +17,6 @@ block, so a part that takes longer inside the block than alone is where the part
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -25,21 +24,16 @@ import sys
 import torch
 
 from sparsify_cli.bench.ffn import (CALIB_TOKENS, D_MODEL, HIDDEN, PREFILL_M, PREFILL_NNZ, _rel, calib_tokens,
-                                    cuda_time, dense_block, environment, packed_layer)
+                                    cuda_time, dense_block, packed_layer)
 from sparsify_cli.bench.measure import kernel_ms
 from sparsify_cli.bench.synthetic import make_ffn_inputs
 from sparsify_cli.kernels import ffn_forward, launchers
 from sparsify_cli.kernels.ffn import hot_part
+from prefill_rows import run_rows, shapes  # tests/gpu, beside this script
 
 ROUNDS = int(os.environ.get("HOT_TUNE_ROUNDS", "3"))
 N_HOT = [int(v) for v in os.environ.get("HOT_TUNE_N", "256,384,512,640,768,1024,1280,1536,2048").split(",")]
 BREAKDOWN_CALLS = 7
-
-
-def shapes() -> list[tuple[int, int]]:
-    if os.environ.get("HOT_TUNE_SHAPES"):
-        return [tuple(int(v) for v in s.split("x")) for s in os.environ["HOT_TUNE_SHAPES"].split(",")]
-    return [(m, nnz) for m in PREFILL_M for nnz in PREFILL_NNZ]
 
 
 def row(m: int, nnz: int) -> dict:
@@ -132,14 +126,8 @@ def cold_cost(x, pk) -> dict:
 
 
 def main() -> None:
-    result = {"environment": environment(), "rounds": ROUNDS, "prefill": []}
-    for m, nnz in shapes():
-        r = row(m, nnz)
-        result["prefill"].append(r)
-        print(json.dumps({k: v for k, v in r.items() if k != "ms_rounds"}), flush=True)
-        torch.cuda.empty_cache()
-    with open(sys.argv[1], "w") as f:
-        json.dump(result, f, indent=1)
+    pairs = shapes("HOT_TUNE_SHAPES", [(m, nnz) for m in PREFILL_M for nnz in PREFILL_NNZ])
+    run_rows(sys.argv[1], "prefill", pairs, row, rounds=ROUNDS)
 
 
 if __name__ == "__main__":

@@ -13,25 +13,20 @@ Rows: PERFORMANCE.md's inputs on packed layers, ROUNDS interleaved rounds, best 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import torch
 
 from sparsify_cli.bench.ffn import (CALIB_TOKENS, D_MODEL, HIDDEN, _rel, calib_tokens, cuda_time, dense_block,
-                                    environment, packed_layer)
+                                    packed_layer)
 from sparsify_cli.bench.synthetic import make_ffn_inputs
 from sparsify_cli.kernels import ffn_forward, launchers, ops
 from sparsify_cli.kernels.ffn import SparsePolicy
+from prefill_rows import run_rows, shapes  # tests/gpu, beside this script
 
 ROUNDS = int(os.environ.get("HYBRID_ORDER_ROUNDS", "4"))
 HOT_FIRST = SparsePolicy(hybrid_lists=False)
-
-
-def shapes() -> list[tuple[int, int]]:
-    spec = os.environ.get("HYBRID_ORDER_SHAPES", "65536x29,16384x29,65536x112")
-    return [tuple(int(v) for v in s.split("x")) for s in spec.split(",")]
 
 
 def cold_first_scanning(x, pk):
@@ -116,14 +111,8 @@ def row(m: int, nnz: int) -> dict:
 
 
 def main() -> None:
-    result = {"environment": environment(), "rounds": ROUNDS, "rows": []}
-    for m, nnz in shapes():
-        r = row(m, nnz)
-        result["rows"].append(r)
-        print(json.dumps({k: v for k, v in r.items() if k != "ms_rounds"}), flush=True)
-        torch.cuda.empty_cache()
-    with open(sys.argv[1], "w") as f:
-        json.dump(result, f, indent=1)
+    pairs = shapes("HYBRID_ORDER_SHAPES", [(65536, 29), (16384, 29), (65536, 112)])
+    run_rows(sys.argv[1], "rows", pairs, row, rounds=ROUNDS)
 
 
 if __name__ == "__main__":
