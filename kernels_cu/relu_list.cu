@@ -22,6 +22,9 @@
 // nnz 29: 0.228 / 0.252 / 0.363 ms at 2 / 4 / 8 (session 14): with 64 warps per SM in flight, wider steps only
 // cost registers
 #endif
+#ifndef LIST_GLUE
+#define LIST_GLUE 2  // 256-column groups of the hot glue per step (their a and u loads in flight together)
+#endif
 
 // relu(a) * u on 8 bf16 at once, one rounding per product (relu_mul.cu's values)
 __device__ __forceinline__ uint4 relu_mul8(uint4 qa, uint4 qu) {
@@ -48,14 +51,18 @@ __global__ void __launch_bounds__(LIST_WARPS * 32) relu_list_kernel(
         const unsigned short* ur = u + m * (long long)c_start;
         unsigned short* hr = h + m * (long long)c_start;
         const uint4 one = make_uint4(0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u);  // bf16 1.0 (u null)
-        if (vec) {  // 512 columns per step, the loads of both halves in flight before the stores
-            for (int c = lane * 8; c < c_start; c += 512) {
-                const bool two = c + 256 < c_start;
-                const uint4 qa0 = ld_stream16(arow + c), qu0 = u != nullptr ? ld_stream16(ur + c) : one;
-                const uint4 qa1 = two ? ld_stream16(arow + c + 256) : one;
-                const uint4 qu1 = two && u != nullptr ? ld_stream16(ur + c + 256) : one;
-                st_stream16(hr + c, relu_mul8(qa0, qu0));
-                if (two) st_stream16(hr + c + 256, relu_mul8(qa1, qu1));
+        if (vec) {  // 256 * LIST_GLUE columns per step, all their loads in flight before the stores
+            for (int c = lane * 8; c < c_start; c += 256 * LIST_GLUE) {
+                uint4 qa[LIST_GLUE], qu[LIST_GLUE];
+#pragma unroll
+                for (int g = 0; g < LIST_GLUE; ++g) {
+                    const bool ok = c + 256 * g < c_start;
+                    qa[g] = ok ? ld_stream16(arow + c + 256 * g) : one;
+                    qu[g] = ok && u != nullptr ? ld_stream16(ur + c + 256 * g) : one;
+                }
+#pragma unroll
+                for (int g = 0; g < LIST_GLUE; ++g)
+                    if (c + 256 * g < c_start) st_stream16(hr + c + 256 * g, relu_mul8(qa[g], qu[g]));
             }
         } else {
             for (int c0 = lane * 8; c0 < c_start; c0 += 256) {

@@ -4,7 +4,7 @@ Hot first, scanning (SparsePolicy.hybrid_lists=False): gate GEMM, hot up GEMM, r
 bf16 `init`, then the cold kernel, which scans the activation and starts from `init`. Hot first, listed (the
 default): relu_list.cu's pass (the hot glue and each row's cold list) instead of relu_mul, and the cold kernel
 reads the lists. Cold first: the cold kernel without init, then the hot down GEMM adding into its result (cuBLAS
-beta = 1), scanning or listed. Also timed: the parts alone, and the list pass's scan step widths (LIST_STEP).
+beta = 1), scanning or listed. Also timed: the parts alone, and the list pass's builds (scan step LIST_STEP, hot glue step LIST_GLUE).
 Rows: PERFORMANCE.md's inputs on packed layers, ROUNDS interleaved rounds, best round per cell.
 
     python3 tests/gpu/hybrid_order.py OUT.json      # HYBRID_ORDER_SHAPES=65536x29,16384x29,65536x112
@@ -55,9 +55,9 @@ def parts(x, pk) -> dict:
     out = torch.empty_like(x)
     counts = lists[:, 0].double()
     res = {"relu_mul (hot glue alone)": cuda_time(lambda: ops.relu_mul(act, pk.n_hot, u), 20)}
-    for step in (2, 4, 8):
-        res[f"relu_list LIST_STEP={step}"] = cuda_time(
-            lambda: launchers.launch_relu_list(act, pk.n_hot, u, h_hot, lists, (f"LIST_STEP={step}",)), 20)
+    for build in ("LIST_STEP=2", "LIST_STEP=4", "LIST_STEP=8", "LIST_GLUE=1", "LIST_GLUE=4", "LIST_GLUE=8"):
+        res[f"relu_list {build}"] = cuda_time(
+            lambda: launchers.launch_relu_list(act, pk.n_hot, u, h_hot, lists, (build,)), 20)
     res.update({
         "cold kernel scanning act": cuda_time(
             lambda: launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out, c_start=pk.n_hot), 20),

@@ -47,7 +47,7 @@ def test_compiles(src, arch, tmp_path):
 # Builds that tools select with defines (launchers' `defines=`, tests/gpu/prefill_tune.py's builds): each must
 # compile without spills on Hopper too.
 VARIANTS = [("twell_ffn.cu", "FFN_ACT_PREFETCH=0"), ("twell_ffn.cu", "FFN_STREAM_HINTS=0"),
-            ("relu_list.cu", "LIST_STEP=8")]
+            ("relu_list.cu", "LIST_STEP=8"), ("relu_list.cu", "LIST_GLUE=8")]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit to compile-test kernels)")
