@@ -215,3 +215,20 @@ def test_relu_list_ref_lists_cold_columns_in_order_and_keeps_true_counts():
     h_plain, lists_plain = reference.relu_list_ref(act, 2, None, slots=4)
     assert torch.equal(h_plain, torch.relu(act[:, :2])) and torch.equal(lists_plain, lists)
     assert reference.relu_list_ref(act, 8, None, slots=4)[1][:, 0].tolist() == [0, 0, 0]  # no cold columns
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("lists", [True, False])
+def test_hybrid_ffn_traces_through_the_ops_fake_implementations(gated, lists):
+    """torch.compile sees the CUDA ops through their fake implementations: the hybrid path, with the cold lists
+    (ops.relu_list's (h, lists) pair, relu_ffn's lists argument) or without, gives (M, D) bf16 on meta tensors,
+    so the ops' schemas and the Python glue around them hold without a GPU."""
+    from sparsify_cli.kernels import ops
+
+    bf = dict(dtype=torch.bfloat16, device="meta")
+    x, act = torch.empty(300, 128, **bf), torch.empty(300, 512, **bf)
+    up, down_t = torch.empty(512, 128, **bf), torch.empty(512, 128, **bf)
+    out = ffn.hybrid_ffn(x, act, up if gated else None, down_t, 64, lists=lists)
+    assert out.shape == (300, 128) and out.dtype == torch.bfloat16 and out.device.type == "meta"
+    h, cold = ops.relu_list(act, 64, None)
+    assert h.shape == (300, 64) and cold.shape == (300, launchers.LIST_SLOTS) and cold.dtype == torch.int32
