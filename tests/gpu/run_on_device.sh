@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the FFN benchmark on the device machine; logs and JSON go to $OUT (or ./gpu_out).
-# Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|profile|train|tune|glue|hot|all] [extra args for the bench]
+# Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|profile|train|tune|glue|hot|order|all] [extra args for the bench]
 # train: the training op's GPU tests and its fwd+bwd profile (tests/gpu/profile_train.py) only
 # tune: the prefill kernel's builds (cache hints, activation-row prefetch): their GPU tests, then
 #       tests/gpu/prefill_tune.py's prefill rows (every neuron and packed layers, each build) into $OUT/prefill_tune.json
 # glue: the hybrid's hot relu(a) * u in one kernel (ops.relu_mul): its GPU tests, then the prefill rows with it and
 #       with torch's two passes (PREFILL_TUNE_GLUES=fused,torch, 4 rounds) into $OUT/glue_tune.json
 # hot: the hybrid's dense/sparse split (n_hot) swept on packed layers (tests/gpu/hot_tune.py) into $OUT/hot_tune.json
+# order: the cold lists' GPU tests, then the hybrid's order of work (tests/gpu/hybrid_order.py) on packed layers and
+#        on every neuron into $OUT/hybrid_order_packed.json and $OUT/hybrid_order_full.json
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -33,6 +35,13 @@ if [[ $what == glue ]]; then
 fi
 if [[ $what == hot ]]; then
   python3 tests/gpu/hot_tune.py "$OUT/hot_tune.json" 2>&1 | tee "$OUT/hot_tune.log" || rc=1
+fi
+if [[ $what == order ]]; then
+  python3 -m pytest -q tests/gpu/test_twell_kernels.py -k "relu_list or from_lists or hybrid" -p no:cacheprovider 2>&1 \
+    | tee "$OUT/order_tests.log" | tail -n 5 || rc=1
+  python3 tests/gpu/hybrid_order.py "$OUT/hybrid_order_packed.json" 2>&1 | tee "$OUT/hybrid_order_packed.log" || rc=1
+  HYBRID_ORDER_LAYER=full python3 tests/gpu/hybrid_order.py "$OUT/hybrid_order_full.json" 2>&1 \
+    | tee "$OUT/hybrid_order_full.log" || rc=1
 fi
 if [[ $what == bench || $what == all ]]; then
   python3 -m sparsify_cli.bench.ffn --out "$OUT/ffn_bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{' || rc=1
