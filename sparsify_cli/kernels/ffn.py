@@ -64,8 +64,9 @@ class SparsePolicy:
     fused_hot_glue: bool = True
     # Hybrid prefill: one pass over the activation (relu_list.cu) computes the hot neurons' relu(a) * u and lists
     # each row's cold entries, and the sparse kernel reads those lists instead of scanning the activation with its
-    # few, register-heavy warps (the scan was 0.24 of its 1.35 ms at M = 65536, nnz 29). H200, packed layers
-    # (BENCHMARKS.md, session 14): the block 1-6% faster at every measured shape; the same bits as the scan.
+    # few, register-heavy warps (the scan was 0.24 of its 1.35 ms at M = 65536, nnz 29). H200 (BENCHMARKS.md,
+    # session 14, same-process A/Bs): the block 0.5-6.5% faster at nnz 29 in 7 of 8 (+1.2% in the eighth), even
+    # at nnz 112 (-6% to +1.5%); the same bits as the scan.
     hybrid_lists: bool = True
 
     def use_dense_decode(self, m: int) -> bool:
