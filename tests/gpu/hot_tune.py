@@ -12,7 +12,8 @@ the sparse kernel.
 
 Each row also breaks the block at pack's n_hot down by kernel, inside the block (torch.profiler over BREAKDOWN_CALLS
 calls, median per kernel) and each part alone (CUDA events): session 13 saw a kernel's gain alone not come off the
-block, so a part that takes longer inside the block than alone is where the parts interfere (L2, the GEMMs' tails).
+block, so a part that takes longer inside the block than alone is where the parts interfere (L2, the GEMMs' tails;
+session 14: none did). And the scanning cold kernel's cost per token and per cold entry (cold_cost).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from sparsify_cli.bench.ffn import (CALIB_TOKENS, D_MODEL, HIDDEN, PREFILL_M, PR
                                     cuda_time, dense_block, packed_layer)
 from sparsify_cli.bench.measure import kernel_ms
 from sparsify_cli.bench.synthetic import make_ffn_inputs
-from sparsify_cli.kernels import ffn_forward, launchers
+from sparsify_cli.kernels import ffn_forward, launchers, ops
 from sparsify_cli.kernels.ffn import hot_part
 from prefill_rows import run_rows, shapes  # tests/gpu, beside this script
 
@@ -76,17 +77,22 @@ def row(m: int, nnz: int) -> dict:
 
 
 def breakdown(x, pk, block) -> dict:
-    """The block's kernels inside it (median over BREAKDOWN_CALLS profiled calls) and its parts alone."""
+    """The block's kernels inside it (median over BREAKDOWN_CALLS profiled calls) and its parts alone, the parts
+    as the default hybrid runs them (ffn.hybrid_ffn with lists)."""
     calls = [kernel_ms(block) for _ in range(BREAKDOWN_CALLS)]
     names = sorted({k for c in calls for k in c})
     inside = {k: statistics.median(c.get(k, 0.0) for c in calls) for k in names}
     act = x @ pk.gate.T
-    hot = hot_part(x, act, pk.up, pk.down_t, pk.n_hot)
+    u = x @ pk.up[:pk.n_hot].T
+    h_hot, lists = ops.relu_list(act, pk.n_hot, u)
+    hot = h_hot @ pk.down_t[:pk.n_hot]
     out = torch.empty_like(x)
     alone = {"gate GEMM": cuda_time(lambda: x @ pk.gate.T, 20),
-             "hot part (2 GEMMs + relu_mul)": cuda_time(lambda: hot_part(x, act, pk.up, pk.down_t, pk.n_hot), 20),
+             "hot up GEMM": cuda_time(lambda: x @ pk.up[:pk.n_hot].T, 20),
+             "list pass (hot glue + cold lists)": cuda_time(lambda: ops.relu_list(act, pk.n_hot, u), 20),
+             "hot down GEMM": cuda_time(lambda: h_hot @ pk.down_t[:pk.n_hot], 20),
              "cold kernel": cuda_time(lambda: launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out,
-                                                                        c_start=pk.n_hot, init=hot), 20)}
+                                                                        c_start=pk.n_hot, init=hot, lists=lists), 20)}
     return {"inside_block_ms": inside, "inside_block_total_ms": sum(inside.values()), "alone_ms": alone,
             "alone_total_ms": sum(alone.values())}
 
@@ -95,7 +101,8 @@ def cold_cost(x, pk) -> dict:
     """The cold kernel's time split into a per-token part and a per-entry part: the kernel alone at pack's n_hot on
     activations whose cold entries are thinned to a share `keep` (a fixed random subset; 0 = the scan with nothing
     to gather), with and without `init`, and with nothing listed (c_start = width: init, zeros and the store only).
-    A line through the keep points gives ms per cold entry per token (slope) and the fixed part (intercept)."""
+    A line through the keep points gives ms per cold entry per token (slope) and the fixed part (intercept).
+    The kernel scans act here (no lists): session 14 measured the scan's share this way before moving it out."""
     act = x @ pk.gate.T
     hot = hot_part(x, act, pk.up, pk.down_t, pk.n_hot)
     out = torch.empty_like(x)
