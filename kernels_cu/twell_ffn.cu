@@ -32,6 +32,11 @@
 #define FFN_MIN_BLOCKS 3  // blocks per SM the register budget is cut for (3 x 4 warps: <= 168 registers)
 #endif
 #define FFN_CAP 1024  // entries gathered per warp and batch (>= any tile's count: T <= 1024)
+#ifndef FFN_ACT_CAP
+// FROM_ACT's per-warp list (>= 512: one scan step per batch). A build option: 512 halves the block's shared memory
+// (32 KB, four blocks per SM: 128 KB of the SM's 256 KB), leaving L1 more room for the tokens' x rows; same bits
+#define FFN_ACT_CAP FFN_CAP
+#endif
 #ifndef FFN_ACT_PREFETCH
 #define FFN_ACT_PREFETCH 1  // 1 (FROM_ACT): the warp asks L2 for its token's activation row [c_start, H) on entry,
 // so the listing's steps wait on L2, not DRAM. H200: 2-8% off the kernel alone at every shape; the whole hybrid
@@ -55,8 +60,9 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
     const float* __restrict__ hbuf,              // (M, NT, S) h per stored slot, from twell_up_kernel (HBUF only)
     int c_start,                                 // FROM_ACT: first column listed (hybrid: hot columns before it)
     const unsigned short* __restrict__ init) {   // (M, D) or null: added to the result (hybrid: the hot part)
-    __shared__ unsigned int s_word[FFN_WARPS][FFN_CAP];
-    __shared__ float s_h[FFN_WARPS][FFN_CAP];
+    constexpr int CAP = FROM_ACT ? FFN_ACT_CAP : FFN_CAP;
+    __shared__ unsigned int s_word[FFN_WARPS][CAP];
+    __shared__ float s_h[FFN_WARPS][CAP];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const long long m = (long long)blockIdx.x * FFN_WARPS + warp;
     if (m >= M) return;
@@ -72,9 +78,10 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
     const unsigned short* arow = act + m * (long long)H;
     // FROM_ACT with `words`: the token's cold entries were listed by relu_list.cu into words[m] = [count, words...]
     // (S - 1 at most). The whole row is copied to the warp's list without waiting for the count, so its loads are
-    // in flight together (words past the count are not used). A row whose count exceeds S - 1 is scanned from act.
+    // in flight together (words past the count are not used). A row whose count exceeds S - 1 is scanned from act,
+    // and so is every row when the list is longer than this build's per-warp list (FFN_ACT_CAP).
     int listed = -1;  // entries in the list, or -1: scan act
-    if (FROM_ACT && words != nullptr) {
+    if (FROM_ACT && words != nullptr && S - 1 <= CAP) {
         const int* lrow = words + m * (long long)S;
         const int n = __ldg(lrow);  // the same word for every lane: one broadcast load
         for (int i = lane; i < S - 1; i += 32) lw[i] = (unsigned int)__ldg(lrow + 1 + i);
@@ -102,7 +109,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
             E = listed;
             cnext = H;
         } else if (FROM_ACT) {  // fused pack: list the row's non-zeros straight from act, 512 columns at a time
-            while (cnext < H && E <= FFN_CAP - 512) {
+            while (cnext < H && E <= CAP - 512) {
                 const int c_end = min(H, cnext + 512);
                 const int base = E;
                 E += warp_for_each_active<FFN_STREAM_HINTS != 0>(arow, cnext, c_end, vec_ok != 0, lane,

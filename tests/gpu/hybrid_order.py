@@ -4,7 +4,9 @@ Hot first, scanning (SparsePolicy.hybrid_lists=False): gate GEMM, hot up GEMM, r
 bf16 `init`, then the cold kernel, which scans the activation and starts from `init`. Hot first, listed (the
 default): relu_list.cu's pass (the hot glue and each row's cold list) instead of relu_mul, and the cold kernel
 reads the lists. Cold first: the cold kernel without init, then the hot down GEMM adding into its result (cuBLAS
-beta = 1), scanning or listed. Also timed: the parts alone, and the list pass's builds (scan step LIST_STEP, hot glue step LIST_GLUE).
+beta = 1), scanning or listed. Also timed: the parts alone, the list pass's builds (scan step LIST_STEP, hot glue
+step LIST_GLUE), and the default block with the cold kernel's builds (weight rows past L1: ROW_LOAD_NO_L1; half
+the per-warp list: FFN_ACT_CAP=512).
 Rows: PERFORMANCE.md's inputs on packed layers, ROUNDS interleaved rounds, best round per cell.
 
     python3 tests/gpu/hybrid_order.py OUT.json      # HYBRID_ORDER_SHAPES=65536x29,16384x29,65536x112
@@ -47,6 +49,20 @@ def cold_first_listed(x, pk):
     return out.addmm_(h_hot, pk.down_t[:pk.n_hot])
 
 
+COLD_BUILDS = {"default": (), "rows past L1": ("ROW_LOAD_NO_L1=1",), "half the warp list": ("FFN_ACT_CAP=512",),
+               "both": ("ROW_LOAD_NO_L1=1", "FFN_ACT_CAP=512")}
+
+
+def listed_build(x, pk, extra: tuple[str, ...]):
+    """The default hybrid (hot first, listed) with the cold kernel built with ``extra`` defines."""
+    act = x @ pk.gate.T
+    h_hot, lists = ops.relu_list(act, pk.n_hot, x @ pk.up[:pk.n_hot].T)
+    out = torch.empty_like(x)
+    launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out, c_start=pk.n_hot, init=h_hot @ pk.down_t[:pk.n_hot],
+                              lists=lists, defines=launchers.FFN_DEFAULT_DEFINES + extra)
+    return out
+
+
 def parts(x, pk) -> dict:
     """The cold kernel alone scanning act and reading lists, and the passes in front of it alone."""
     act = x @ pk.gate.T
@@ -63,6 +79,10 @@ def parts(x, pk) -> dict:
             lambda: launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out, c_start=pk.n_hot), 20),
         "cold kernel reading lists": cuda_time(
             lambda: launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out, c_start=pk.n_hot, lists=lists), 20),
+        **{f"cold kernel reading lists, {name}": cuda_time(
+            lambda: launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out, c_start=pk.n_hot, lists=lists,
+                                              defines=launchers.FFN_DEFAULT_DEFINES + extra), 20)
+           for name, extra in COLD_BUILDS.items() if extra},
         "hot down GEMM, beta=0": cuda_time(lambda: h_hot @ pk.down_t[:pk.n_hot], 20),
         "hot down GEMM into out, beta=1": cuda_time(lambda: out.addmm_(h_hot, pk.down_t[:pk.n_hot]), 20),
         "cold entries per row (mean, max)": (float(counts.mean()), float(counts.max())),
@@ -92,7 +112,9 @@ def row(m: int, nnz: int) -> dict:
     hybrids = {"hot first, scanning": block(HOT_FIRST), "hot first, listed (default)": block(SparsePolicy()),
                "cold first, scanning": lambda: cold_first_scanning(x, pk),
                "cold first, listed": lambda: cold_first_listed(x, pk)}
-    fns = {"dense": lambda: dense_block(x, inp.gate, inp.up, inp.down), **hybrids,
+    builds = {f"hot first, listed, cold kernel {name}": (lambda e: lambda: listed_build(x, pk, e))(extra)
+              for name, extra in COLD_BUILDS.items() if extra}
+    fns = {"dense": lambda: dense_block(x, inp.gate, inp.up, inp.down), **hybrids, **builds,
            "gate GEMM": lambda: x @ pk.gate.T, "gate + hot up GEMMs": lambda: (x @ pk.gate.T, x @ pk.up[:pk.n_hot].T)}
     rounds: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(ROUNDS):
@@ -107,6 +129,8 @@ def row(m: int, nnz: int) -> dict:
                                                                              outs["cold first, scanning"])),
                           "hot first: listed vs scanning": bool(torch.equal(outs["hot first, scanning"],
                                                                             outs["hot first, listed (default)"]))},
+            "builds_same_bits": {k: bool(torch.equal(fn()[:4096], outs["hot first, listed (default)"]))
+                                 for k, fn in builds.items()},
             "parts_alone_ms": parts(x, pk), "ms_rounds": rounds}
 
 

@@ -294,6 +294,37 @@ def test_relu_ffn_from_lists_same_bits(m, d, h, c_start, slots, density, gated):
         launchers.launch_relu_ffn(inp.x, act, up, down_t, listed, path="prefill", lists=lists[:, :1].contiguous())
 
 
+@pytest.mark.parametrize("m,d,h,density", [(1029, 2048, 5632, 0.005), (300, 512, 1001, 0.05), (129, 1024, 5632, 0.3)])
+@pytest.mark.parametrize("gated", [True, False])
+def test_row_load_and_list_cap_builds_same_bits(m, d, h, density, gated):
+    """ROW_LOAD_NO_L1 (weight rows loaded past L1) and FFN_ACT_CAP=512 (half the per-warp list: dense rows take
+    more batches, and a list longer than 512 words is scanned instead) change where bytes live, not the sums:
+    the same bits as the default build, scanning act or reading lists, with init."""
+    inp = make_ffn_inputs(m, d, h, density * h, device=DEV, seed=m + h + 3)
+    down_t = inp.down.T.contiguous()
+    up = inp.up if gated else None
+    act = inp.x @ inp.gate.T
+    init = torch.randn(m, d, device=DEV).to(torch.bfloat16)
+    c_start = 64
+    lists = torch.empty(m, launchers.LIST_SLOTS, dtype=torch.int32, device=DEV)
+    long_lists = torch.empty(m, launchers.FFN_CAP + 1, dtype=torch.int32, device=DEV)
+    hh = torch.empty(m, c_start, dtype=torch.bfloat16, device=DEV)
+    launchers.launch_relu_list(act, c_start, None, hh, lists)
+    launchers.launch_relu_list(act, c_start, None, hh, long_lists)
+    builds = [launchers.FFN_DEFAULT_DEFINES + extra
+              for extra in ((), ("ROW_LOAD_NO_L1=1",), ("FFN_ACT_CAP=512",), ("ROW_LOAD_NO_L1=1", "FFN_ACT_CAP=512"))]
+    outs = []
+    for defines in builds:
+        for lst in (None, lists, long_lists):
+            out = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
+            launchers.launch_relu_ffn(inp.x, act, up, down_t, out, path="prefill", c_start=c_start, init=init,
+                                      lists=lst, defines=defines)
+            outs.append(out)
+    for out in outs[1:]:
+        assert not torch.isnan(out).any(), "unwritten (poisoned) output elements"
+        assert torch.equal(outs[0], out)
+
+
 @pytest.mark.parametrize("m,d,h,density", [(1029, 2048, 5632, 0.02), (300, 512, 1001, 0.02), (77, 2560, 704, 0.02),
                                             (129, 1024, 5632, 0.3), (33, 2560, 3001, 0.3)])
 @pytest.mark.parametrize("gated", [True, False])

@@ -47,7 +47,8 @@ def test_compiles(src, arch, tmp_path):
 # Builds that tools select with defines (launchers' `defines=`, tests/gpu/prefill_tune.py's builds): each must
 # compile without spills on Hopper too.
 VARIANTS = [("twell_ffn.cu", "FFN_ACT_PREFETCH=0"), ("twell_ffn.cu", "FFN_STREAM_HINTS=0"),
-            ("relu_list.cu", "LIST_STEP=8"), ("relu_list.cu", "LIST_GLUE=8")]
+            ("relu_list.cu", "LIST_STEP=8"), ("relu_list.cu", "LIST_GLUE=8"), ("twell_ffn.cu", "ROW_LOAD_NO_L1=1"),
+            ("twell_ffn.cu", "FFN_ACT_CAP=512")]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit to compile-test kernels)")
