@@ -81,7 +81,8 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
     // in flight together (words past the count are not used). A row whose count exceeds S - 1 is scanned from act,
     // and so is every row when the list is longer than this build's per-warp list (FFN_ACT_CAP).
     int listed = -1;  // entries in the list, or -1: scan act
-    if (FROM_ACT && words != nullptr && S - 1 <= CAP) {
+    // (the launcher keeps S - 1 <= FFN_CAP, so the test is only compiled in a build with a shorter FROM_ACT list)
+    if (FROM_ACT && words != nullptr && (FFN_ACT_CAP >= FFN_CAP || S - 1 <= CAP)) {
         const int* lrow = words + m * (long long)S;
         const int n = __ldg(lrow);  // the same word for every lane: one broadcast load
         for (int i = lane; i < S - 1; i += 32) lw[i] = (unsigned int)__ldg(lrow + 1 + i);
