@@ -57,6 +57,16 @@ __device__ __forceinline__ int warp_incl_scan(int v, int lane) {
 // relu that keeps NaN (as torch does), so a NaN in the activation is not hidden
 __device__ __forceinline__ float relu_keep_nan(float v) { return (v > 0.f || v != v) ? v : 0.f; }
 
+// relu(a) * u on 8 bf16 at once (16-byte vectors of a and u), each product in fp32 rounded once to bf16: the
+// hybrid's hot glue (relu_mul.cu, relu_list.cu), the values of torch's relu then multiply
+__device__ __forceinline__ uint4 relu_mul8(uint4 qa, uint4 qu) {
+    return make_uint4(
+        pack_bf16x2(relu_keep_nan(bf16_lo(qa.x)) * bf16_lo(qu.x), relu_keep_nan(bf16_hi(qa.x)) * bf16_hi(qu.x)),
+        pack_bf16x2(relu_keep_nan(bf16_lo(qa.y)) * bf16_lo(qu.y), relu_keep_nan(bf16_hi(qa.y)) * bf16_hi(qu.y)),
+        pack_bf16x2(relu_keep_nan(bf16_lo(qa.z)) * bf16_lo(qu.z), relu_keep_nan(bf16_hi(qa.z)) * bf16_hi(qu.z)),
+        pack_bf16x2(relu_keep_nan(bf16_lo(qa.w)) * bf16_lo(qu.w), relu_keep_nan(bf16_hi(qa.w)) * bf16_hi(qu.w)));
+}
+
 // "Non-zero" after relu: v > 0, and NaN counts (it must not disappear silently). -0.0 is zero.
 __device__ __forceinline__ bool relu_active(unsigned short b) {
     float f = bf16_to_f(b);

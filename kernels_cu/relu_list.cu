@@ -26,15 +26,6 @@
 #define LIST_GLUE 2  // 256-column groups of the hot glue per step (their a and u loads in flight together)
 #endif
 
-// relu(a) * u on 8 bf16 at once, one rounding per product (relu_mul.cu's values)
-__device__ __forceinline__ uint4 relu_mul8(uint4 qa, uint4 qu) {
-    return make_uint4(
-        pack_bf16x2(relu_keep_nan(bf16_lo(qa.x)) * bf16_lo(qu.x), relu_keep_nan(bf16_hi(qa.x)) * bf16_hi(qu.x)),
-        pack_bf16x2(relu_keep_nan(bf16_lo(qa.y)) * bf16_lo(qu.y), relu_keep_nan(bf16_hi(qa.y)) * bf16_hi(qu.y)),
-        pack_bf16x2(relu_keep_nan(bf16_lo(qa.z)) * bf16_lo(qu.z), relu_keep_nan(bf16_hi(qa.z)) * bf16_hi(qu.z)),
-        pack_bf16x2(relu_keep_nan(bf16_lo(qa.w)) * bf16_lo(qu.w), relu_keep_nan(bf16_hi(qa.w)) * bf16_hi(qu.w)));
-}
-
 __global__ void __launch_bounds__(LIST_WARPS * 32) relu_list_kernel(
     const unsigned short* __restrict__ act,  // (M, H)
     const unsigned short* __restrict__ u,    // (M, c_start) or null

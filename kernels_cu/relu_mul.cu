@@ -26,13 +26,7 @@ __global__ void __launch_bounds__(RELU_MUL_THREADS) relu_mul_kernel(
     const unsigned short* ur = u + m * (long long)N + c0;
     unsigned short* hr = h + m * (long long)N + c0;
     if (vec) {
-        const uint4 qa = ld_stream16(ar), qu = ld_stream16(ur);
-        const uint4 q = make_uint4(
-            pack_bf16x2(relu_keep_nan(bf16_lo(qa.x)) * bf16_lo(qu.x), relu_keep_nan(bf16_hi(qa.x)) * bf16_hi(qu.x)),
-            pack_bf16x2(relu_keep_nan(bf16_lo(qa.y)) * bf16_lo(qu.y), relu_keep_nan(bf16_hi(qa.y)) * bf16_hi(qu.y)),
-            pack_bf16x2(relu_keep_nan(bf16_lo(qa.z)) * bf16_lo(qu.z), relu_keep_nan(bf16_hi(qa.z)) * bf16_hi(qu.z)),
-            pack_bf16x2(relu_keep_nan(bf16_lo(qa.w)) * bf16_lo(qu.w), relu_keep_nan(bf16_hi(qa.w)) * bf16_hi(qu.w)));
-        *reinterpret_cast<uint4*>(hr) = q;
+        *reinterpret_cast<uint4*>(hr) = relu_mul8(ld_stream16(ar), ld_stream16(ur));
     } else {
         for (int e = 0; e < 8 && c0 + e < N; ++e)
             hr[e] = f_to_bf16(relu_keep_nan(bf16_to_f(ar[e])) * bf16_to_f(ur[e]));
