@@ -73,29 +73,11 @@ __device__ __forceinline__ bool relu_active(unsigned short b) {
     return !(f <= 0.0f);
 }
 
-#ifndef ROW_LOAD_NO_L1
-// 1: the weight rows the gathers read (U for the up dots, DownT for the down rows) are loaded L1::no_allocate: they
-// pass through L1 without evicting the token's x row, which every entry's up dot re-reads. A build option of the
-// kernels that include this header (0 everywhere by default; the same values either way). Motivation: Nsight
-// Compute on the hybrid's sparse kernel (session 8) shows a 22% L1 hit rate, about 70% of the x re-reads.
-#define ROW_LOAD_NO_L1 0
-#endif
-
-// One 16-byte vector of a weight row (see ROW_LOAD_NO_L1); the value of __ldg either way.
-__device__ __forceinline__ uint4 ld_row16(const uint4* p) {
-#if ROW_LOAD_NO_L1
-    uint4 v;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-#else
-    return __ldg(p);
-#endif
-}
-
 // x . u over D = 8 * nvec_d bf16 (x, u: rows of 16-byte vectors), summed over the warp (all lanes get it).
 // The 8 row vectors of a 2048-column sweep are loaded before any arithmetic, so they are in flight together;
-// x is expected to be L1-resident (re-read for every entry).
+// x is expected to be L1-resident (re-read for every entry), or in shared memory (X_SHARED: plain loads, since
+// __ldg is a global-memory load).
+template <bool X_SHARED = false>
 __device__ __forceinline__ float warp_dot(const uint4* __restrict__ xg, const uint4* __restrict__ ug, int nvec_d,
                                           int lane) {
     float s = 0.f;
@@ -104,12 +86,12 @@ __device__ __forceinline__ float warp_dot(const uint4* __restrict__ xg, const ui
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
             const int vi = base + k * 32 + lane;
-            u[k] = vi < nvec_d ? ld_row16(ug + vi) : make_uint4(0u, 0u, 0u, 0u);
+            u[k] = vi < nvec_d ? __ldg(ug + vi) : make_uint4(0u, 0u, 0u, 0u);
         }
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
             const int vi = base + k * 32 + lane;
-            if (vi < nvec_d) s = dot8(s, __ldg(xg + vi), u[k]);
+            if (vi < nvec_d) s = dot8(s, X_SHARED ? xg[vi] : __ldg(xg + vi), u[k]);
         }
     }
     return warp_sum(s);
@@ -201,8 +183,8 @@ __device__ __forceinline__ void warp_dot2x(const uint4* __restrict__ x0, const u
         for (int k = 0; k < 8; ++k) {
             const int vi = base + k * 32 + lane;
             const bool ok = vi < nvec_d;
-            a[k] = ok ? ld_row16(u0 + vi) : make_uint4(0u, 0u, 0u, 0u);
-            b[k] = (ok && u1 != nullptr) ? ld_row16(u1 + vi) : make_uint4(0u, 0u, 0u, 0u);
+            a[k] = ok ? __ldg(u0 + vi) : make_uint4(0u, 0u, 0u, 0u);
+            b[k] = (ok && u1 != nullptr) ? __ldg(u1 + vi) : make_uint4(0u, 0u, 0u, 0u);
         }
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
@@ -238,8 +220,8 @@ __device__ __forceinline__ void warp_down_rows(float* acc, const unsigned short*
 #pragma unroll
         for (int k = 0; k < NV; ++k) {
             const int vi = k * 32 + lane;
-            q0[k] = vi < nvec_c ? ld_row16(r0 + vi) : make_uint4(0u, 0u, 0u, 0u);
-            q1[k] = vi < nvec_c ? ld_row16(r1 + vi) : make_uint4(0u, 0u, 0u, 0u);
+            q0[k] = vi < nvec_c ? __ldg(r0 + vi) : make_uint4(0u, 0u, 0u, 0u);
+            q1[k] = vi < nvec_c ? __ldg(r1 + vi) : make_uint4(0u, 0u, 0u, 0u);
         }
         const float h0 = hval(e), h1 = hval(e + 1);
 #pragma unroll
@@ -254,7 +236,7 @@ __device__ __forceinline__ void warp_down_rows(float* acc, const unsigned short*
 #pragma unroll
         for (int k = 0; k < NV; ++k) {
             const int vi = k * 32 + lane;
-            if (vi < nvec_c) axpy8(acc + 8 * k, h0, ld_row16(r0 + vi));
+            if (vi < nvec_c) axpy8(acc + 8 * k, h0, __ldg(r0 + vi));
         }
     }
 }

@@ -9,7 +9,7 @@
 // chunk, so every row read is one coalesced 512-byte sweep per 8 vectors. Per batch of up to FFN_CAP entries:
 //   gather: tile counts for 32 tiles in one load, a warp prefix sum places each tile's entries in a per-warp
 //           shared-memory list (slot loads of 4 tiles in flight);
-//   phase A (gated): h_e = a_e * (x_m . U_j) for every listed entry (x_m re-read from L1);
+//   phase A (gated): h_e = a_e * (x_m . U_j) for every listed entry (x_m re-read from a copy in shared memory);
 //   phase B: acc += h_e * DownT_j[chunk], two rows in flight; acc stays in registers across batches.
 // Splitting A and B keeps at most one set of row registers live beside the accumulators (128 registers,
 // 16 warps per SM, no spills), so the loads of many warps overlap.
@@ -33,9 +33,20 @@
 #endif
 #define FFN_CAP 1024  // entries gathered per warp and batch (>= any tile's count: T <= 1024)
 #ifndef FFN_ACT_CAP
-// FROM_ACT's per-warp list (>= 512: one scan step per batch). A build option: 512 halves the block's shared memory
-// (32 KB, four blocks per SM: 128 KB of the SM's 256 KB), leaving L1 more room for the tokens' x rows; same bits
-#define FFN_ACT_CAP FFN_CAP
+#define FFN_ACT_CAP 512  // FROM_ACT's per-warp list (>= 512: one scan step per batch); half of FFN_CAP leaves the
+// block's shared memory room for wider x rows (below). Same speed as 1024 on an H200 (BENCHMARKS.md, session 15)
+#endif
+// The gated up dots read the token's x row from a copy in shared memory, FFN_X_SMEM (TwELL) or FFN_ACT_X_SMEM
+// (FROM_ACT) columns per warp at most; wider rows read it through L1. Every entry's up dot re-reads x, and through
+// L1 the weight rows streaming past evicted it: Nsight Compute on the hybrid's cold kernel (M = 65536, nnz 29)
+// showed a 22% L1 hit rate and 1 GB of the 8.6 GB of L2 traffic going to x re-reads; with the copy the kernel took
+// 20% less time (H200, BENCHMARKS.md, session 15). 0 turns the copy off; the values are the same either way.
+// Static shared memory per block: FFN_WARPS * (CAP * 8 + X * 2) bytes, at most 48 KB.
+#ifndef FFN_X_SMEM
+#define FFN_X_SMEM 2048
+#endif
+#ifndef FFN_ACT_X_SMEM
+#define FFN_ACT_X_SMEM 4096
 #endif
 #ifndef FFN_ACT_PREFETCH
 #define FFN_ACT_PREFETCH 1  // 1 (FROM_ACT): the warp asks L2 for its token's activation row [c_start, H) on entry,
@@ -61,8 +72,11 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
     int c_start,                                 // FROM_ACT: first column listed (hybrid: hot columns before it)
     const unsigned short* __restrict__ init) {   // (M, D) or null: added to the result (hybrid: the hot part)
     constexpr int CAP = FROM_ACT ? FFN_ACT_CAP : FFN_CAP;
+    constexpr int XCAP = (GATED && !HBUF) ? (FROM_ACT ? FFN_ACT_X_SMEM : FFN_X_SMEM) : 0;  // x columns in smem
+    static_assert(XCAP % 8 == 0 && FFN_WARPS * (CAP * 8 + XCAP * 2) <= 48 * 1024, "static shared memory");
     __shared__ unsigned int s_word[FFN_WARPS][CAP];
     __shared__ float s_h[FFN_WARPS][CAP];
+    __shared__ uint4 s_x[FFN_WARPS][XCAP > 0 ? XCAP / 8 : 1];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const long long m = (long long)blockIdx.x * FFN_WARPS + warp;
     if (m >= M) return;
@@ -75,6 +89,11 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
     const int K = S - 1;
 
     const uint4* xg = reinterpret_cast<const uint4*>(x + m * D);
+    const bool x_shared = XCAP > 0 && D <= XCAP;  // the same for every warp of the launch
+    if (x_shared) {
+        for (int i = lane; i < nvec_d; i += 32) s_x[warp][i] = __ldg(xg + i);
+        __syncwarp();
+    }
     const unsigned short* arow = act + m * (long long)H;
     // FROM_ACT with `words`: the token's cold entries were listed by relu_list.cu into words[m] = [count, words...]
     // (S - 1 at most). The whole row is copied to the warp's list without waiting for the count, so its loads are
@@ -190,7 +209,8 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
             for (int e = 0; e < E; ++e) {
                 const unsigned int w = lw[e];
                 const uint4* ug = reinterpret_cast<const uint4*>(up + (long long)(w >> 16) * D);
-                const float u = warp_dot(xg, ug, nvec_d, lane);
+                const float u = x_shared ? warp_dot<true>(s_x[warp], ug, nvec_d, lane)
+                                         : warp_dot(xg, ug, nvec_d, lane);
                 if (lane == 0) lh[e] = bf16_to_f((unsigned short)(w & 0xffffu)) * u;
             }
         } else {

@@ -8,7 +8,8 @@
 #       with torch's two passes (PREFILL_TUNE_GLUES=fused,torch, 4 rounds) into $OUT/glue_tune.json
 # hot: the hybrid's dense/sparse split (n_hot) swept on packed layers (tests/gpu/hot_tune.py) into $OUT/hot_tune.json
 # order: the cold lists' GPU tests, then the hybrid's order of work (tests/gpu/hybrid_order.py) on packed layers and
-#        on every neuron into $OUT/hybrid_order_packed.json and $OUT/hybrid_order_full.json
+#        on every neuron into $OUT/hybrid_order_packed.json and $OUT/hybrid_order_full.json, then Nsight Compute on
+#        the cold kernel's builds (tests/gpu/profile_cold.py) into $OUT/ncu_cold.txt
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -37,11 +38,17 @@ if [[ $what == hot ]]; then
   python3 tests/gpu/hot_tune.py "$OUT/hot_tune.json" 2>&1 | tee "$OUT/hot_tune.log" || rc=1
 fi
 if [[ $what == order ]]; then
-  python3 -m pytest -q tests/gpu/test_twell_kernels.py -k "relu_list or from_lists or hybrid" -p no:cacheprovider 2>&1 \
+  python3 -m pytest -q tests/gpu/test_twell_kernels.py -k "relu_list or from_lists or hybrid or cold_kernel_builds" -p no:cacheprovider 2>&1 \
     | tee "$OUT/order_tests.log" | tail -n 5 || rc=1
   python3 tests/gpu/hybrid_order.py "$OUT/hybrid_order_packed.json" 2>&1 | tee "$OUT/hybrid_order_packed.log" || rc=1
   HYBRID_ORDER_LAYER=full python3 tests/gpu/hybrid_order.py "$OUT/hybrid_order_full.json" 2>&1 \
     | tee "$OUT/hybrid_order_full.log" || rc=1
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [[ -n $NCU ]]; then  # the cold kernel reading lists, one launch per build
+    timeout 240 "$NCU" --kernel-name regex:twell_ffn_kernel \
+      --metrics gpu__time_duration.sum,l1tex__t_sector_hit_rate.pct,lts__t_bytes.sum,lts__t_bytes.sum.per_second,lts__t_sector_hit_rate.pct,dram__bytes.sum.per_second,sm__warps_active.avg.pct_of_peak_sustained_active,lts__throughput.avg.pct_of_peak_sustained_elapsed \
+      python3 tests/gpu/profile_cold.py > "$OUT/ncu_cold.txt" 2>&1; grep -v "^==PROF==" "$OUT/ncu_cold.txt" | tail -n 60
+  fi
 fi
 if [[ $what == bench || $what == all ]]; then
   python3 -m sparsify_cli.bench.ffn --out "$OUT/ffn_bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{' || rc=1

@@ -294,12 +294,21 @@ def test_relu_ffn_from_lists_same_bits(m, d, h, c_start, slots, density, gated):
         launchers.launch_relu_ffn(inp.x, act, up, down_t, listed, path="prefill", lists=lists[:, :1].contiguous())
 
 
-@pytest.mark.parametrize("m,d,h,density", [(1029, 2048, 5632, 0.005), (300, 512, 1001, 0.05), (129, 1024, 5632, 0.3)])
+# The prefill kernel's x copy in shared memory (FFN_X_SMEM / FFN_ACT_X_SMEM) turned off, and FROM_ACT's per-warp
+# list at FFN_CAP (with the copy narrowed so the block's shared memory still fits): builds that must give the same
+# bits as the default.
+X_OFF = ("FFN_X_SMEM=0", "FFN_ACT_X_SMEM=0")
+ACT_LIST_1024 = ("FFN_ACT_CAP=1024", "FFN_ACT_X_SMEM=2048")
+
+
+@pytest.mark.parametrize("m,d,h,density", [(1029, 2048, 5632, 0.005), (300, 512, 1001, 0.05), (129, 1024, 5632, 0.3),
+                                            (77, 2560, 704, 0.02), (65, 4096, 1000, 0.02), (33, 4160, 700, 0.02)])
 @pytest.mark.parametrize("gated", [True, False])
-def test_row_load_and_list_cap_builds_same_bits(m, d, h, density, gated):
-    """ROW_LOAD_NO_L1 (weight rows loaded past L1) and FFN_ACT_CAP=512 (half the per-warp list: dense rows take
-    more batches, and a list longer than 512 words is scanned instead) change where bytes live, not the sums:
-    the same bits as the default build, scanning act or reading lists, with init."""
+def test_cold_kernel_builds_same_bits(m, d, h, density, gated):
+    """Where the prefill kernel keeps x (shared memory up to 4096 columns from act, 2048 from TwELL; D 2560, 4096
+    and 4160 straddle those limits and read it through L1 beyond them) and how long FROM_ACT's per-warp list is
+    (512 by default: dense rows take more batches, a cold list longer than 512 words is scanned instead) change
+    where bytes live, not the sums: the same bits in every build, scanning act, reading lists or TwELL words."""
     inp = make_ffn_inputs(m, d, h, density * h, device=DEV, seed=m + h + 3)
     down_t = inp.down.T.contiguous()
     up = inp.up if gated else None
@@ -311,8 +320,7 @@ def test_row_load_and_list_cap_builds_same_bits(m, d, h, density, gated):
     hh = torch.empty(m, c_start, dtype=torch.bfloat16, device=DEV)
     launchers.launch_relu_list(act, c_start, None, hh, lists)
     launchers.launch_relu_list(act, c_start, None, hh, long_lists)
-    builds = [launchers.FFN_DEFAULT_DEFINES + extra
-              for extra in ((), ("ROW_LOAD_NO_L1=1",), ("FFN_ACT_CAP=512",), ("ROW_LOAD_NO_L1=1", "FFN_ACT_CAP=512"))]
+    builds = [launchers.FFN_DEFAULT_DEFINES + extra for extra in ((), X_OFF, ACT_LIST_1024)]
     outs = []
     for defines in builds:
         for lst in (None, lists, long_lists):
@@ -323,6 +331,14 @@ def test_row_load_and_list_cap_builds_same_bits(m, d, h, density, gated):
     for out in outs[1:]:
         assert not torch.isnan(out).any(), "unwritten (poisoned) output elements"
         assert torch.equal(outs[0], out)
+    words = ops.twell_pack(act, 256, 32)
+    twell_outs = []
+    for defines in builds[:2]:
+        out = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
+        launchers.launch_twell_ffn(inp.x, words, up, down_t, act, out, 256, path="prefill", defines=defines)
+        twell_outs.append(out)
+    assert not torch.isnan(twell_outs[0]).any(), "unwritten (poisoned) output elements"
+    assert torch.equal(twell_outs[0], twell_outs[1])
 
 
 @pytest.mark.parametrize("m,d,h,density", [(1029, 2048, 5632, 0.02), (300, 512, 1001, 0.02), (77, 2560, 704, 0.02),

@@ -23,10 +23,10 @@ def test_sources_exist():
     assert {"twell_pack.cu", "twell_ffn.cu", "twell_decode.cu", "gemv.cu"} <= set(SOURCES)
 
 
-def _nvcc_spills(src: str, arch: str, tmp_path, define: str | None = None) -> list[int]:
+def _nvcc_spills(src: str, arch: str, tmp_path, defines: tuple[str, ...] = ()) -> list[int]:
     """Compile kernels_cu/<src> with nvcc (warnings are errors) and return ptxas's spill-store bytes per kernel."""
     path = resource_dir("kernels_cu") / src
-    cmd = [NVCC, "-std=c++17", f"-gencode=arch={arch}", *([f"-D{define}"] if define else []), "-c", str(path),
+    cmd = [NVCC, "-std=c++17", f"-gencode=arch={arch}", *(f"-D{d}" for d in defines), "-c", str(path),
            "-o", str(tmp_path / "k.o"), "-Xptxas", "-v", "-Werror", "all-warnings"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
@@ -46,15 +46,16 @@ def test_compiles(src, arch, tmp_path):
 
 # Builds that tools select with defines (launchers' `defines=`, tests/gpu/prefill_tune.py's builds): each must
 # compile without spills on Hopper too.
-VARIANTS = [("twell_ffn.cu", "FFN_ACT_PREFETCH=0"), ("twell_ffn.cu", "FFN_STREAM_HINTS=0"),
-            ("relu_list.cu", "LIST_STEP=8"), ("relu_list.cu", "LIST_GLUE=8"), ("twell_ffn.cu", "ROW_LOAD_NO_L1=1"),
-            ("twell_ffn.cu", "FFN_ACT_CAP=512")]
+VARIANTS = [("twell_ffn.cu", ("FFN_ACT_PREFETCH=0",)), ("twell_ffn.cu", ("FFN_STREAM_HINTS=0",)),
+            ("relu_list.cu", ("LIST_STEP=8",)), ("relu_list.cu", ("LIST_GLUE=8",)),
+            ("twell_ffn.cu", ("FFN_X_SMEM=0", "FFN_ACT_X_SMEM=0")),
+            ("twell_ffn.cu", ("FFN_ACT_CAP=1024", "FFN_ACT_X_SMEM=2048"))]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit to compile-test kernels)")
-@pytest.mark.parametrize("src,define", VARIANTS)
-def test_build_variants_compile(src, define, tmp_path):
-    assert max(_nvcc_spills(src, "compute_90a,code=sm_90a", tmp_path, define)) == 0
+@pytest.mark.parametrize("src,defines", VARIANTS)
+def test_build_variants_compile(src, defines, tmp_path):
+    assert max(_nvcc_spills(src, "compute_90a,code=sm_90a", tmp_path, defines)) == 0
 
 
 def _nvrtc():
