@@ -38,8 +38,8 @@ if [[ $what == hot ]]; then
   python3 tests/gpu/hot_tune.py "$OUT/hot_tune.json" 2>&1 | tee "$OUT/hot_tune.log" || rc=1
 fi
 if [[ $what == order ]]; then
-  python3 -m pytest -q tests/gpu/test_twell_kernels.py -k "relu_list or from_lists or hybrid or cold_kernel_builds" -p no:cacheprovider 2>&1 \
-    | tee "$OUT/order_tests.log" | tail -n 5 || rc=1
+  python3 -m pytest -q tests/gpu/test_twell_kernels.py -p no:cacheprovider \
+    -k "relu_list or from_lists or hybrid or cold_kernel_builds" 2>&1 | tee "$OUT/order_tests.log" | tail -n 5 || rc=1
   python3 tests/gpu/hybrid_order.py "$OUT/hybrid_order_packed.json" 2>&1 | tee "$OUT/hybrid_order_packed.log" || rc=1
   HYBRID_ORDER_LAYER=full python3 tests/gpu/hybrid_order.py "$OUT/hybrid_order_full.json" 2>&1 \
     | tee "$OUT/hybrid_order_full.log" || rc=1
