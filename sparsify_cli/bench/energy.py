@@ -32,7 +32,7 @@ class EnergyMeter:
         try:
             pynvml.nvmlInit()
             index = device.index if device.index is not None else torch.cuda.current_device()
-            handle = _handle(pynvml, index)
+            handle = nvml_handle(pynvml, index)
             pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)  # raises where the GPU lacks the counter
             self._nvml, self.handle = pynvml, handle
             self.note = "energy: NVML total-energy counter (whole GPU, idle power included)"
@@ -68,7 +68,7 @@ class EnergyMeter:
         return (e1 - e0) / (reps * tokens)
 
 
-def _handle(pynvml, index: int):
+def nvml_handle(pynvml, index: int):
     """The NVML handle of torch's device ``index`` (by UUID: CUDA_VISIBLE_DEVICES may renumber devices)."""
     uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
     if uuid is not None:

@@ -3,7 +3,8 @@
     {"format": "sparsify-bench", "format_version": 1,
      "environment": {...},          # GPU name, driver, torch, CUDA, CuPy (or CPU model, threads, load), date
      "settings": {...},             # suite, device, preset and every setting
-     "notes": [...],                # what was not measured and why (energy, memory)
+     "notes": [...],                # what was not measured and why (energy, memory), the GPU's clocks
+     "clocks": {...},               # GPU runs: SM clock median / lowest while busy, power-capped share (clocks.py)
      "rows": [{kind, M, D, H, nnz_mean, nnz_max, max_per_tile, sparsity, dense_ms, sparse_ms, speedup,
                rel_err, dense/sparse_tok_s, dense/sparse_peak_mb, dense/sparse_mj_tok, ...}, ...]}
 
@@ -33,12 +34,13 @@ CSV_COLUMNS = (
     "dense_ms", "sparse_ms", "speedup", "rel_err", "dense_tok_s", "sparse_tok_s", "dense_peak_mb", "sparse_peak_mb",
     "dense_mj_tok", "sparse_mj_tok", "sparse_path", "notes",
 )
-# Columns of some suites only (the train suite's, the model suite's training step): written when a row has them.
+# Columns of some suites or devices only (the train suite's, the model suite's training step, the GPU's clocks):
+# written when a row has them.
 CSV_EXTRA_COLUMNS = (
     "nnz_p99", "tail_rows", "tail_share", "width", "backend", "dtype", "l1_coeff", "err_out", "err_l1", "err_dx",
     "err_dgate", "err_dup", "err_ddown", "ref_err_sparse", "ref_err_dense", "ref_err_ratio", "op_nnz_mean",
     "loss_dense", "loss_sparse", "dense_nnz_mean", "sparse_nnz_mean", "gpu", "packed_width", "packed_ms",
-    "packed_speedup", "packed_removed_share",
+    "packed_speedup", "packed_removed_share", "sm_mhz_median", "sm_mhz_min", "power_capped_share",
 )
 
 

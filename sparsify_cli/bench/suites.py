@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from sparsify_cli.bench import settings as bench_settings
+from sparsify_cli.bench.clocks import ClockWatch
 from sparsify_cli.bench.energy import EnergyMeter
 from sparsify_cli.bench.measure import compare, cuda_median_ms, nnz_stats, rel_err
 from sparsify_cli.errors import UserError
@@ -59,7 +60,22 @@ def resolve_device(suite: str, device: Optional[str]) -> str:
 
 def plan(s: bench_settings.BenchSettings, source: Optional[str] = None,
          say: Callable[[str], None] = lambda text: None) -> tuple[list[Case], Callable[[], dict[str, Any]]]:
-    """The rows of a run as (label, callable) pairs, and a callable giving the run's extra header fields."""
+    """The rows of a run as (label, callable) pairs, and a callable giving the run's extra header fields (to call
+    after the rows). On a GPU each row also records the SM clock it ran at, and the header the run's (clocks.py)."""
+    cases, header = _suite_plan(s, source, say)
+    watch = ClockWatch(s.device)
+
+    def header_with_clocks() -> dict[str, Any]:
+        fields = header()
+        clocks, notes = watch.finish()
+        return {**fields, **clocks, "notes": fields["notes"] + notes}
+
+    return [(label, watch.wrap(run)) for label, run in cases], header_with_clocks
+
+
+def _suite_plan(s: bench_settings.BenchSettings, source: Optional[str],
+                say: Callable[[str], None]) -> tuple[list[Case], Callable[[], dict[str, Any]]]:
+    """plan() without the clocks: the suite's rows and its header fields."""
     if source is not None and s.suite != "model":
         raise UserError(f"a model path ({source}) only applies to --suite model")
     device = torch.device(s.device)

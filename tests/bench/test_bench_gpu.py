@@ -35,6 +35,13 @@ def test_ffn_suite_quick(tmp_path):
     assert pre["packed_rel_err"] < 2e-2 and dec["packed_rel_err_fp32_ref"] < 2e-2
     energy_measured = pre["dense_mj_tok"] is not None
     assert energy_measured or any("energy: not measured" in n for n in report["notes"])
+    if "clocks" in report:  # each row's SM clock while busy, within the GPU's range
+        for row in (pre, dec):
+            assert 0 < row["sm_mhz_min"] <= row["sm_mhz_median"] <= report["clocks"]["sm_mhz_max"]
+            assert 0 <= row["power_capped_share"] <= 1
+        assert any(n.startswith("clocks: SM") for n in report["notes"])
+    else:
+        assert any(n.startswith("clocks: not recorded") for n in report["notes"])
 
 
 def test_model_suite_tiny_on_the_gpu(tmp_path):
