@@ -111,6 +111,34 @@ __device__ __forceinline__ void st_stream16(void* p, uint4 v) {
                  : "memory");
 }
 
+// Copies into shared memory that do not wait for their data (cp.async, sm_80 and newer): a warp issues all of
+// them, then one cp_async_wait_all() (and a __syncwarp before other lanes read), so they are in flight together.
+// cp_async16: 16 bytes, both addresses 16-byte aligned, past L1 (.cg); cp_async4: 4 bytes. The same bytes land as
+// with a load and a store (older GPUs take that path).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
+                 ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))), "l"(gmem) : "memory");
+#else
+    *static_cast<uint4*>(smem) = __ldg(static_cast<const uint4*>(gmem));
+#endif
+}
+
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;"
+                 ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))), "l"(gmem) : "memory");
+#else
+    *static_cast<unsigned int*>(smem) = __ldg(static_cast<const unsigned int*>(gmem));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
 // Ask L2 for the bytes [p, p + n) ahead of the loads that will read them (p 16-byte aligned, n a multiple of 16):
 // one bulk prefetch from lane 0 on Hopper, 128-byte line prefetches over the lanes before it. A hint: no register
 // and no value changes, so the loads that follow return the same data, sooner.
@@ -171,7 +199,9 @@ __device__ __forceinline__ int warp_for_each_active(const unsigned short* __rest
 }
 
 // Two dots x0.u0 and x1.u1 at once (16 row loads in flight per lane), summed over the warp (every lane gets both);
-// u1 may be null (then s1 = 0). x0 and x1 may be rows of different tokens; x is expected to be L1-resident.
+// u1 may be null (then s1 = 0). x0 and x1 may be rows of different tokens; x is expected to be L1-resident, or in
+// shared memory (X_SHARED). Each sum is taken in warp_dot's order, so s0 and s1 are warp_dot's bits.
+template <bool X_SHARED = false>
 __device__ __forceinline__ void warp_dot2x(const uint4* __restrict__ x0, const uint4* __restrict__ u0,
                                            const uint4* __restrict__ x1, const uint4* __restrict__ u1, int nvec_d,
                                            int lane, float& s0, float& s1) {
@@ -190,9 +220,9 @@ __device__ __forceinline__ void warp_dot2x(const uint4* __restrict__ x0, const u
         for (int k = 0; k < 8; ++k) {
             const int vi = base + k * 32 + lane;
             if (vi < nvec_d) {
-                const uint4 xv0 = __ldg(x0 + vi);
+                const uint4 xv0 = X_SHARED ? x0[vi] : __ldg(x0 + vi);
                 s0 = dot8(s0, xv0, a[k]);
-                if (u1 != nullptr) s1 = dot8(s1, x1 == x0 ? xv0 : __ldg(x1 + vi), b[k]);
+                if (u1 != nullptr) s1 = dot8(s1, x1 == x0 ? xv0 : (X_SHARED ? x1[vi] : __ldg(x1 + vi)), b[k]);
             }
         }
     }
@@ -201,9 +231,10 @@ __device__ __forceinline__ void warp_dot2x(const uint4* __restrict__ x0, const u
 }
 
 // Two dots x.u0 and x.u1 with the same x (u1 may be null: then s1 = 0).
+template <bool X_SHARED = false>
 __device__ __forceinline__ void warp_dot2(const uint4* __restrict__ xg, const uint4* __restrict__ u0,
                                           const uint4* __restrict__ u1, int nvec_d, int lane, float& s0, float& s1) {
-    warp_dot2x(xg, u0, xg, u1, nvec_d, lane, s0, s1);
+    warp_dot2x<X_SHARED>(xg, u0, xg, u1, nvec_d, lane, s0, s1);
 }
 
 // acc[8 * NV] += h(e) * DownT_{col(e)}[d0 .. d0 + 8 * nvec_c) for e = 0 .. n-1, in that order, two rows in flight:

@@ -48,6 +48,18 @@
 #ifndef FFN_ACT_X_SMEM
 #define FFN_ACT_X_SMEM 4096
 #endif
+#ifndef FFN_UP_PAIRS
+// 1: a row listed by relu_list.cu takes its up dots two at a time, two U rows in flight per lane where one was,
+// before the accumulators are live (build option, 0 by default until measured; same bits). The kernel is
+// latency-bound: ~20% of the warp slots filled, each token's ~10 cold up dots one dependent L2 round trip after
+// another (BENCHMARKS.md, session 15)
+#define FFN_UP_PAIRS 0
+#endif
+#ifndef FFN_ASYNC_COPY
+// 1: the token's x row and cold list reach shared memory by cp.async, in flight together with one wait, where
+// the default copies one after the other (build option, 0 by default until measured; same bytes)
+#define FFN_ASYNC_COPY 0
+#endif
 #ifndef FFN_ACT_PREFETCH
 #define FFN_ACT_PREFETCH 1  // 1 (FROM_ACT): the warp asks L2 for its token's activation row [c_start, H) on entry,
 // so the listing's steps wait on L2, not DRAM. H200: 2-8% off the kernel alone at every shape; the whole hybrid
@@ -90,16 +102,31 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
 
     const uint4* xg = reinterpret_cast<const uint4*>(x + m * D);
     const bool x_shared = XCAP > 0 && D <= XCAP;  // the same for every warp of the launch
+#if !FFN_ASYNC_COPY
     if (x_shared) {
         for (int i = lane; i < nvec_d; i += 32) s_x[warp][i] = __ldg(xg + i);
         __syncwarp();
     }
+#endif
     const unsigned short* arow = act + m * (long long)H;
     // FROM_ACT with `words`: the token's cold entries were listed by relu_list.cu into words[m] = [count, words...]
     // (S - 1 at most). The whole row is copied to the warp's list without waiting for the count, so its loads are
     // in flight together (words past the count are not used). A row whose count exceeds S - 1 is scanned from act,
     // and so is every row when the list is longer than this build's per-warp list (FFN_ACT_CAP).
     int listed = -1;  // entries in the list, or -1: scan act
+#if FFN_ASYNC_COPY
+    // the x row and the list copied by cp.async: all in flight at once, one wait (instead of one after the other)
+    if (x_shared)
+        for (int i = lane; i < nvec_d; i += 32) cp_async16(&s_x[warp][i], xg + i);
+    if (FROM_ACT && words != nullptr && (FFN_ACT_CAP >= FFN_CAP || S - 1 <= CAP)) {
+        const int* lrow = words + m * (long long)S;
+        for (int i = lane; i < S - 1; i += 32) cp_async4(lw + i, lrow + 1 + i);
+        const int n = __ldg(lrow);
+        if (n <= S - 1) listed = n;
+    }
+    cp_async_wait_all();
+    __syncwarp();
+#else
     // (the launcher keeps S - 1 <= FFN_CAP, so the test is only compiled in a build with a shorter FROM_ACT list)
     if (FROM_ACT && words != nullptr && (FFN_ACT_CAP >= FFN_CAP || S - 1 <= CAP)) {
         const int* lrow = words + m * (long long)S;
@@ -107,10 +134,50 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
         for (int i = lane; i < S - 1; i += 32) lw[i] = (unsigned int)__ldg(lrow + 1 + i);
         if (n <= S - 1) listed = n;
     }
+#endif
     // the listing's scan walks the row 512 columns at a time, each step a dependent DRAM round trip: with the row
     // already on its way to L2, the steps wait for L2 instead (aligned rows only: vec_ok means H % 8 == 0)
     if (FROM_ACT && FFN_ACT_PREFETCH && vec_ok && listed < 0)
         warp_prefetch_l2(arow + c_start, (H - c_start) * 2, lane);
+#if FFN_UP_PAIRS
+    if (FROM_ACT && GATED && listed >= 0) {
+        // A listed row is one batch, so its up dots can all run before the accumulators are live, two U rows in
+        // flight (with the accumulators live, two rows spill at 128 registers). init is asked of L2 now and
+        // loaded after them. The same sums in the same order as the batch loop below: the same bits.
+        if (init != nullptr) warp_prefetch_l2(init + m * D + d0, nvec_c * 16, lane);
+        __syncwarp();
+        int e = 0;
+        for (; e + 1 < listed; e += 2) {  // each dot summed as warp_dot sums it
+            const unsigned int w0 = lw[e], w1 = lw[e + 1];
+            const uint4* u0 = reinterpret_cast<const uint4*>(up + (long long)(w0 >> 16) * D);
+            const uint4* u1 = reinterpret_cast<const uint4*>(up + (long long)(w1 >> 16) * D);
+            float s0, s1;
+            if (x_shared)
+                warp_dot2<true>(s_x[warp], u0, u1, nvec_d, lane, s0, s1);
+            else
+                warp_dot2(xg, u0, u1, nvec_d, lane, s0, s1);
+            if (lane == 0) {
+                lh[e] = bf16_to_f((unsigned short)(w0 & 0xffffu)) * s0;
+                lh[e + 1] = bf16_to_f((unsigned short)(w1 & 0xffffu)) * s1;
+            }
+        }
+        if (e < listed) {
+            const unsigned int w = lw[e];
+            const uint4* ug = reinterpret_cast<const uint4*>(up + (long long)(w >> 16) * D);
+            const float u = x_shared ? warp_dot<true>(s_x[warp], ug, nvec_d, lane) : warp_dot(xg, ug, nvec_d, lane);
+            if (lane == 0) lh[e] = bf16_to_f((unsigned short)(w & 0xffffu)) * u;
+        }
+        __syncwarp();
+        float acc[8 * NV];
+#pragma unroll
+        for (int i = 0; i < 8 * NV; ++i) acc[i] = 0.f;
+        if (init != nullptr) warp_load_bf16<NV, FFN_STREAM_HINTS != 0>(acc, init + m * D + d0, nvec_c, lane);
+        warp_down_rows<NV>(acc, down_t, D, d0, nvec_c, lane, listed, [&](int i) { return (int)(lw[i] >> 16); },
+                           [&](int i) { return lh[i]; });
+        warp_store_bf16<NV, FFN_STREAM_HINTS != 0>(out + m * D + d0, acc, nvec_c, lane);
+        return;
+    }
+#endif
     float acc[8 * NV];
 #pragma unroll
     for (int i = 0; i < 8 * NV; ++i) acc[i] = 0.f;

@@ -5,8 +5,8 @@ bf16 `init`, then the cold kernel, which scans the activation and starts from `i
 default): relu_list.cu's pass (the hot glue and each row's cold list) instead of relu_mul, and the cold kernel
 reads the lists. Cold first: the cold kernel without init, then the hot down GEMM adding into its result (cuBLAS
 beta = 1), scanning or listed. Also timed: the parts alone, the list pass's builds (scan step LIST_STEP, hot glue
-step LIST_GLUE), and the default block with the cold kernel's builds (x read through L1 instead of the copy in
-shared memory: FFN_ACT_X_SMEM=0; also with the per-warp list at 1024: session 14's build).
+step LIST_GLUE), and the default block with the cold kernel's builds (a listed row's up dots in pairs before the
+accumulators are live: FFN_UP_PAIRS=1; the x row and the list copied by cp.async: FFN_ASYNC_COPY=1; both).
 Rows: PERFORMANCE.md's inputs on packed layers, ROUNDS interleaved rounds, best round per cell.
 
     python3 tests/gpu/hybrid_order.py OUT.json      # HYBRID_ORDER_SHAPES=65536x29,16384x29,65536x112
@@ -49,8 +49,8 @@ def cold_first_listed(x, pk):
     return out.addmm_(h_hot, pk.down_t[:pk.n_hot])
 
 
-COLD_BUILDS = {"default": (), "x through L1": ("FFN_ACT_X_SMEM=0",),
-               "x through L1, list 1024": ("FFN_ACT_X_SMEM=0", "FFN_ACT_CAP=1024")}
+COLD_BUILDS = {"default": (), "up dots in pairs": ("FFN_UP_PAIRS=1",), "async copies": ("FFN_ASYNC_COPY=1",),
+               "pairs and async copies": ("FFN_UP_PAIRS=1", "FFN_ASYNC_COPY=1")}
 
 
 def listed_build(x, pk, extra: tuple[str, ...]):
@@ -70,7 +70,6 @@ def parts(x, pk) -> dict:
     h_hot, lists = ops.relu_list(act, pk.n_hot, u)
     out = torch.empty_like(x)
     counts = lists[:, 0].double()
-    words = ops.twell_pack(act, 256, 32)
     res = {"relu_mul (hot glue alone)": cuda_time(lambda: ops.relu_mul(act, pk.n_hot, u), 20)}
     for build in ("LIST_STEP=2", "LIST_STEP=4", "LIST_STEP=8", "LIST_GLUE=1", "LIST_GLUE=4", "LIST_GLUE=8"):
         res[f"relu_list {build}"] = cuda_time(
@@ -84,11 +83,6 @@ def parts(x, pk) -> dict:
             lambda: launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out, c_start=pk.n_hot, lists=lists,
                                               defines=launchers.FFN_DEFAULT_DEFINES + extra), 20)
            for name, extra in COLD_BUILDS.items() if extra},
-        "TwELL kernel, every column (not hybrid)": cuda_time(
-            lambda: launchers.launch_twell_ffn(x, words, pk.up, pk.down_t, act, out, 256, path="prefill"), 20),
-        "TwELL kernel, every column, x through L1": cuda_time(
-            lambda: launchers.launch_twell_ffn(x, words, pk.up, pk.down_t, act, out, 256, path="prefill",
-                                               defines=launchers.FFN_DEFAULT_DEFINES + ("FFN_X_SMEM=0",)), 20),
         "hot down GEMM, beta=0": cuda_time(lambda: h_hot @ pk.down_t[:pk.n_hot], 20),
         "hot down GEMM into out, beta=1": cuda_time(lambda: out.addmm_(h_hot, pk.down_t[:pk.n_hot]), 20),
         "cold entries per row (mean, max)": (float(counts.mean()), float(counts.max())),

@@ -49,7 +49,8 @@ def test_compiles(src, arch, tmp_path):
 VARIANTS = [("twell_ffn.cu", ("FFN_ACT_PREFETCH=0",)), ("twell_ffn.cu", ("FFN_STREAM_HINTS=0",)),
             ("relu_list.cu", ("LIST_STEP=8",)), ("relu_list.cu", ("LIST_GLUE=8",)),
             ("twell_ffn.cu", ("FFN_X_SMEM=0", "FFN_ACT_X_SMEM=0")),
-            ("twell_ffn.cu", ("FFN_ACT_CAP=1024", "FFN_ACT_X_SMEM=2048"))]
+            ("twell_ffn.cu", ("FFN_ACT_CAP=1024", "FFN_ACT_X_SMEM=2048")),
+            ("twell_ffn.cu", ("FFN_UP_PAIRS=1", "FFN_ASYNC_COPY=1"))]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit to compile-test kernels)")
@@ -83,13 +84,23 @@ NVRTC = _nvrtc()
 def test_compiles_with_nvrtc_as_loaded(src, arch):
     """The source exactly as kernels/loader.py hands it to NVRTC at run time (local headers expanded, -std=c++17,
     the device's arch) compiles: NVRTC has no host headers, so this catches what nvcc alone would let through."""
+    _nvrtc_compile(src, arch)
+
+
+@pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found (the dev extra's nvidia-cuda-nvrtc wheel provides it)")
+@pytest.mark.parametrize("src,defines", VARIANTS)
+def test_build_variants_compile_with_nvrtc(src, defines):
+    _nvrtc_compile(src, "sm_90", defines)
+
+
+def _nvrtc_compile(src: str, arch: str, defines: tuple[str, ...] = ()) -> None:
     import ctypes
 
     from sparsify_cli.kernels.loader import read_source
 
     prog = ctypes.c_void_p()
     assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), read_source(src).encode(), src.encode(), 0, None, None) == 0
-    opts = [b"-std=c++17", f"--gpu-architecture={arch}".encode()]
+    opts = [b"-std=c++17", f"--gpu-architecture={arch}".encode(), *(f"-D{d}".encode() for d in defines)]
     rc = NVRTC.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
     NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
