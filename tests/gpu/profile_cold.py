@@ -1,7 +1,9 @@
-"""One launch of the hybrid's cold kernel reading lists per build (hybrid_order.py's COLD_BUILDS), on the packed
-layer at M = 65536, nnz ~29, for Nsight Compute (`bash tests/gpu/run_on_device.sh order`). The list pass and the
-GEMMs in front of it run first; ncu is pointed at twell_ffn_kernel only, so each build's launch is one report
-(in COLD_BUILDS' order)."""
+"""One launch of the hybrid's list pass and of its cold kernel reading lists per build (hybrid_order.py's
+COLD_BUILDS), on the packed layer at nnz ~29 and M = 65536 then 16384 (PROFILE_COLD_M), for Nsight Compute
+(`bash tests/gpu/run_on_device.sh order`). The GEMMs in front run first; ncu is pointed at relu_list_kernel and
+twell_ffn_kernel only, so each M gives one list-pass report, then one report per build (in COLD_BUILDS' order)."""
+
+import os
 
 import torch
 
@@ -10,16 +12,20 @@ from sparsify_cli.bench.synthetic import make_ffn_inputs
 from sparsify_cli.kernels import launchers, ops
 from hybrid_order import COLD_BUILDS  # tests/gpu, beside this script
 
-M, NNZ = 65536, 29
-inp = make_ffn_inputs(M, D_MODEL, HIDDEN, NNZ, device="cuda", seed=NNZ + M)
-pk = packed_layer(inp.gate, inp.up, inp.down.T.contiguous(), calib_tokens(CALIB_TOKENS, M + 1))
-x = inp.x
-act = x @ pk.gate.T
-h_hot, lists = ops.relu_list(act, pk.n_hot, x @ pk.up[:pk.n_hot].T)
-init = h_hot @ pk.down_t[:pk.n_hot]
-out = torch.empty_like(x)
-for name, extra in COLD_BUILDS.items():
-    print(f"launch: {name}", flush=True)
-    launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out, c_start=pk.n_hot, init=init, lists=lists,
-                              defines=launchers.FFN_DEFAULT_DEFINES + extra)
-torch.cuda.synchronize()
+NNZ = 29
+for m in (int(v) for v in os.environ.get("PROFILE_COLD_M", "65536,16384").split(",")):
+    inp = make_ffn_inputs(m, D_MODEL, HIDDEN, NNZ, device="cuda", seed=NNZ + m)
+    pk = packed_layer(inp.gate, inp.up, inp.down.T.contiguous(), calib_tokens(CALIB_TOKENS, m + 1))
+    x = inp.x
+    act = x @ pk.gate.T
+    print(f"M = {m}: list pass", flush=True)
+    h_hot, lists = ops.relu_list(act, pk.n_hot, x @ pk.up[:pk.n_hot].T)
+    init = h_hot @ pk.down_t[:pk.n_hot]
+    out = torch.empty_like(x)
+    for name, extra in COLD_BUILDS.items():
+        print(f"M = {m}: cold kernel, {name}", flush=True)
+        launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out, c_start=pk.n_hot, init=init, lists=lists,
+                                  defines=launchers.FFN_DEFAULT_DEFINES + extra)
+    torch.cuda.synchronize()
+    del inp, pk, x, act, h_hot, lists, init, out
+    torch.cuda.empty_cache()

@@ -9,7 +9,7 @@
 # hot: the hybrid's dense/sparse split (n_hot) swept on packed layers (tests/gpu/hot_tune.py) into $OUT/hot_tune.json
 # order: the cold lists' GPU tests, then the hybrid's order of work (tests/gpu/hybrid_order.py) on packed layers and
 #        on every neuron into $OUT/hybrid_order_packed.json and $OUT/hybrid_order_full.json, then Nsight Compute on
-#        the cold kernel's builds (tests/gpu/profile_cold.py) into $OUT/ncu_cold.txt
+#        the list pass and the cold kernel's builds (tests/gpu/profile_cold.py) into $OUT/ncu_cold.txt
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -44,9 +44,9 @@ if [[ $what == order ]]; then
   HYBRID_ORDER_LAYER=full python3 tests/gpu/hybrid_order.py "$OUT/hybrid_order_full.json" 2>&1 \
     | tee "$OUT/hybrid_order_full.log" || rc=1
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  if [[ -n $NCU ]]; then  # the cold kernel reading lists, one launch per build
-    timeout 240 "$NCU" --kernel-name regex:twell_ffn_kernel \
-      --metrics gpu__time_duration.sum,l1tex__t_sector_hit_rate.pct,lts__t_bytes.sum,lts__t_bytes.sum.per_second,lts__t_sector_hit_rate.pct,dram__bytes.sum.per_second,sm__warps_active.avg.pct_of_peak_sustained_active,lts__throughput.avg.pct_of_peak_sustained_elapsed \
+  if [[ -n $NCU ]]; then  # the list pass and the cold kernel reading lists (one launch per build), two M
+    timeout 300 "$NCU" --kernel-name regex:'twell_ffn_kernel|relu_list_kernel' \
+      --metrics gpu__time_duration.sum,l1tex__t_sector_hit_rate.pct,lts__t_bytes.sum,lts__t_bytes.sum.per_second,lts__t_sector_hit_rate.pct,dram__bytes.sum.per_second,sm__warps_active.avg.pct_of_peak_sustained_active,lts__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread \
       python3 tests/gpu/profile_cold.py > "$OUT/ncu_cold.txt" 2>&1; grep -v "^==PROF==" "$OUT/ncu_cold.txt" | tail -n 60
   fi
 fi
