@@ -22,6 +22,12 @@
 // nnz 29: 0.228 / 0.252 / 0.363 ms at 2 / 4 / 8 (session 14): with 64 warps per SM in flight, wider steps only
 // cost registers
 #endif
+#ifndef LIST_PREFETCH
+// 1: each warp asks L2 for its row's cold part on entry, so the scan's steps wait on L2, not DRAM. 0 (a build
+// option to measure): no prefetch. At ~48 warps per SM the rows asked for at once (~7 KB each at H 3968) add up to
+// about the L2's 50 MB, so a row may be evicted before its scan reaches it
+#define LIST_PREFETCH 1
+#endif
 #ifndef LIST_GLUE
 #define LIST_GLUE 2  // 256-column groups of the hot glue per step (their a and u loads in flight together)
 #endif
@@ -37,7 +43,7 @@ __global__ void __launch_bounds__(LIST_WARPS * 32) relu_list_kernel(
     if (m >= M) return;
     const unsigned short* arow = act + m * (long long)H;
     // the cold scan's steps wait on L2, not DRAM, with the row already on its way (as the gather's FFN_ACT_PREFETCH)
-    if (vec) warp_prefetch_l2(arow + c_start, (H - c_start) * 2, lane);
+    if (LIST_PREFETCH && vec) warp_prefetch_l2(arow + c_start, (H - c_start) * 2, lane);
     if (c_start > 0) {
         const unsigned short* ur = u + m * (long long)c_start;
         unsigned short* hr = h + m * (long long)c_start;

@@ -6,7 +6,8 @@ default): relu_list.cu's pass (the hot glue and each row's cold list) instead of
 reads the lists. Cold first: the cold kernel without init, then the hot down GEMM adding into its result (cuBLAS
 beta = 1), scanning or listed. Also timed: the parts alone, the list pass's builds (scan step LIST_STEP, hot glue
 step LIST_GLUE), and the default block with the cold kernel's builds (a listed row's up dots in pairs before the
-accumulators are live: FFN_UP_PAIRS=1; the x row and the list copied by cp.async: FFN_ASYNC_COPY=1; both).
+accumulators are live: FFN_UP_PAIRS=1; the x row and the list copied by cp.async: FFN_ASYNC_COPY=1; both) and
+the list pass's (no L2 prefetch of the row: LIST_PREFETCH=0, also with 4 loads per lane per step).
 Rows: PERFORMANCE.md's inputs on packed layers, ROUNDS interleaved rounds, best round per cell.
 
     python3 tests/gpu/hybrid_order.py OUT.json      # HYBRID_ORDER_SHAPES=65536x29,16384x29,65536x112
@@ -51,15 +52,21 @@ def cold_first_listed(x, pk):
 
 COLD_BUILDS = {"default": (), "up dots in pairs": ("FFN_UP_PAIRS=1",), "async copies": ("FFN_ASYNC_COPY=1",),
                "pairs and async copies": ("FFN_UP_PAIRS=1", "FFN_ASYNC_COPY=1")}
+LIST_BUILDS = {"default": (), "no prefetch": ("LIST_PREFETCH=0",),
+               "no prefetch, step 4": ("LIST_PREFETCH=0", "LIST_STEP=4")}
 
 
-def listed_build(x, pk, extra: tuple[str, ...]):
-    """The default hybrid (hot first, listed) with the cold kernel built with ``extra`` defines."""
+def listed_build(x, pk, cold: tuple[str, ...] = (), listing: tuple[str, ...] = ()):
+    """The default hybrid (hot first, listed) with the cold kernel built with ``cold`` defines and the list pass
+    with ``listing``."""
     act = x @ pk.gate.T
-    h_hot, lists = ops.relu_list(act, pk.n_hot, x @ pk.up[:pk.n_hot].T)
+    u = x @ pk.up[:pk.n_hot].T
+    h_hot = torch.empty_like(u)
+    lists = torch.empty(x.shape[0], launchers.LIST_SLOTS, dtype=torch.int32, device=x.device)
+    launchers.launch_relu_list(act, pk.n_hot, u, h_hot, lists, listing)
     out = torch.empty_like(x)
     launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out, c_start=pk.n_hot, init=h_hot @ pk.down_t[:pk.n_hot],
-                              lists=lists, defines=launchers.FFN_DEFAULT_DEFINES + extra)
+                              lists=lists, defines=launchers.FFN_DEFAULT_DEFINES + cold)
     return out
 
 
@@ -71,9 +78,9 @@ def parts(x, pk) -> dict:
     out = torch.empty_like(x)
     counts = lists[:, 0].double()
     res = {"relu_mul (hot glue alone)": cuda_time(lambda: ops.relu_mul(act, pk.n_hot, u), 20)}
-    for build in ("LIST_STEP=2", "LIST_STEP=4", "LIST_STEP=8", "LIST_GLUE=1", "LIST_GLUE=4", "LIST_GLUE=8"):
-        res[f"relu_list {build}"] = cuda_time(
-            lambda: launchers.launch_relu_list(act, pk.n_hot, u, h_hot, lists, (build,)), 20)
+    for name, extra in LIST_BUILDS.items():
+        res[f"list pass, {name}"] = cuda_time(
+            lambda: launchers.launch_relu_list(act, pk.n_hot, u, h_hot, lists, extra), 20)
     res.update({
         "cold kernel scanning act": cuda_time(
             lambda: launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out, c_start=pk.n_hot), 20),
@@ -112,8 +119,10 @@ def row(m: int, nnz: int) -> dict:
     hybrids = {"hot first, scanning": block(HOT_FIRST), "hot first, listed (default)": block(SparsePolicy()),
                "cold first, scanning": lambda: cold_first_scanning(x, pk),
                "cold first, listed": lambda: cold_first_listed(x, pk)}
-    builds = {f"hot first, listed, cold kernel {name}": (lambda e: lambda: listed_build(x, pk, e))(extra)
-              for name, extra in COLD_BUILDS.items() if extra}
+    builds = {**{f"hot first, listed, cold kernel {name}": (lambda e: lambda: listed_build(x, pk, cold=e))(extra)
+                 for name, extra in COLD_BUILDS.items() if extra},
+              **{f"hot first, listed, list pass {name}": (lambda e: lambda: listed_build(x, pk, listing=e))(extra)
+                 for name, extra in LIST_BUILDS.items() if extra}}
     fns = {"dense": lambda: dense_block(x, inp.gate, inp.up, inp.down), **hybrids, **builds,
            "gate GEMM": lambda: x @ pk.gate.T, "gate + hot up GEMMs": lambda: (x @ pk.gate.T, x @ pk.up[:pk.n_hot].T)}
     rounds: dict[str, list[float]] = {k: [] for k in fns}

@@ -1,7 +1,8 @@
-"""One launch of the hybrid's list pass and of its cold kernel reading lists per build (hybrid_order.py's
-COLD_BUILDS), on the packed layer at nnz ~29 and M = 65536 then 16384 (PROFILE_COLD_M), for Nsight Compute
-(`bash tests/gpu/run_on_device.sh order`). The GEMMs in front run first; ncu is pointed at relu_list_kernel and
-twell_ffn_kernel only, so each M gives one list-pass report, then one report per build (in COLD_BUILDS' order)."""
+"""One launch of the hybrid's list pass per build (hybrid_order.py's LIST_BUILDS) and of its cold kernel reading
+lists per build (COLD_BUILDS), on the packed layer at nnz ~29 and M = 65536 then 16384 (PROFILE_COLD_M), for Nsight
+Compute (`bash tests/gpu/run_on_device.sh order`). The GEMMs in front run first; ncu is pointed at relu_list_kernel
+and twell_ffn_kernel only, so each M gives one report per list-pass build, then one per cold-kernel build, in the
+dictionaries' order."""
 
 import os
 
@@ -9,8 +10,8 @@ import torch
 
 from sparsify_cli.bench.ffn import CALIB_TOKENS, D_MODEL, HIDDEN, calib_tokens, packed_layer
 from sparsify_cli.bench.synthetic import make_ffn_inputs
-from sparsify_cli.kernels import launchers, ops
-from hybrid_order import COLD_BUILDS  # tests/gpu, beside this script
+from sparsify_cli.kernels import launchers
+from hybrid_order import COLD_BUILDS, LIST_BUILDS  # tests/gpu, beside this script
 
 NNZ = 29
 for m in (int(v) for v in os.environ.get("PROFILE_COLD_M", "65536,16384").split(",")):
@@ -18,8 +19,12 @@ for m in (int(v) for v in os.environ.get("PROFILE_COLD_M", "65536,16384").split(
     pk = packed_layer(inp.gate, inp.up, inp.down.T.contiguous(), calib_tokens(CALIB_TOKENS, m + 1))
     x = inp.x
     act = x @ pk.gate.T
-    print(f"M = {m}: list pass", flush=True)
-    h_hot, lists = ops.relu_list(act, pk.n_hot, x @ pk.up[:pk.n_hot].T)
+    u = x @ pk.up[:pk.n_hot].T
+    h_hot = torch.empty_like(u)
+    lists = torch.empty(m, launchers.LIST_SLOTS, dtype=torch.int32, device="cuda")
+    for name, extra in LIST_BUILDS.items():
+        print(f"M = {m}: list pass, {name}", flush=True)
+        launchers.launch_relu_list(act, pk.n_hot, u, h_hot, lists, extra)
     init = h_hot @ pk.down_t[:pk.n_hot]
     out = torch.empty_like(x)
     for name, extra in COLD_BUILDS.items():
@@ -27,5 +32,5 @@ for m in (int(v) for v in os.environ.get("PROFILE_COLD_M", "65536,16384").split(
         launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out, c_start=pk.n_hot, init=init, lists=lists,
                                   defines=launchers.FFN_DEFAULT_DEFINES + extra)
     torch.cuda.synchronize()
-    del inp, pk, x, act, h_hot, lists, init, out
+    del inp, pk, x, act, u, h_hot, lists, init, out
     torch.cuda.empty_cache()

@@ -248,7 +248,7 @@ def test_relu_list_matches_reference(m, h, c_start, slots, density, gated):
     u = torch.randn(m, c_start, generator=gen, device=DEV).to(torch.bfloat16) if gated else None
     h_ref, lists_ref = reference.relu_list_ref(act, c_start, u, slots)
     # the default build, the scan's other step widths and the hot glue's
-    for defines in ((), ("LIST_STEP=4",), ("LIST_STEP=8",), ("LIST_GLUE=1",), ("LIST_GLUE=8",)):
+    for defines in ((), ("LIST_STEP=4",), ("LIST_STEP=8",), ("LIST_GLUE=1",), ("LIST_GLUE=8",), ("LIST_PREFETCH=0",)):
         hh = _poison(torch.empty(m, c_start, dtype=torch.bfloat16, device=DEV))
         lists = _poison(torch.empty(m, slots, dtype=torch.int32, device=DEV))
         launchers.launch_relu_list(act, c_start, u, hh, lists, defines)
