@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from sparsify_cli.bench.energy import nvml_handle
+from sparsify_cli.bench.energy import open_nvml
 
 PERIOD_S = 0.1  # NVML's clock and power readings are themselves averaged over ~0.1-1 s
 BUSY_UTIL = 50  # % of the last sample period a kernel ran: below it the GPU waits on the host (setup, checks)
@@ -64,19 +64,12 @@ class ClockWatch:
         self._thread: Optional[threading.Thread] = None
         self._period = period_s
         self._nvml = self._handle = None
-        device = torch.device(device)
-        if device.type != "cuda":
+        if torch.device(device).type != "cuda":
+            return
+        nvml, handle, self.note = open_nvml(device, "clocks: not recorded", nvml)
+        if handle is None:
             return
         try:
-            if nvml is None:
-                import pynvml as nvml
-        except ImportError:
-            self.note = "clocks: not recorded (pynvml is not installed: pip install nvidia-ml-py)"
-            return
-        try:
-            nvml.nvmlInit()
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            handle = nvml_handle(nvml, index)
             self.max_mhz = int(nvml.nvmlDeviceGetMaxClockInfo(handle, nvml.NVML_CLOCK_SM))
             self._nvml, self._handle = nvml, handle
             self._sample()  # raises here, not in the thread, where a query is not supported

@@ -9,7 +9,7 @@ report, never an error: energy is an extra, not a reason to fail a benchmark.
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -20,21 +20,15 @@ class EnergyMeter:
     def __init__(self, device: torch.device | str):
         self.handle = None
         self.note = ""
-        device = torch.device(device)
-        if device.type != "cuda":
+        if torch.device(device).type != "cuda":
             self.note = "energy: NVML counter is for NVIDIA GPUs; not measured on the CPU"
             return
-        try:
-            import pynvml
-        except ImportError:
-            self.note = "energy: not measured (pynvml is not installed: pip install nvidia-ml-py)"
+        nvml, handle, self.note = open_nvml(device, "energy: not measured")
+        if handle is None:
             return
         try:
-            pynvml.nvmlInit()
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            handle = nvml_handle(pynvml, index)
-            pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)  # raises where the GPU lacks the counter
-            self._nvml, self.handle = pynvml, handle
+            nvml.nvmlDeviceGetTotalEnergyConsumption(handle)  # raises where the GPU lacks the counter
+            self._nvml, self.handle = nvml, handle
             self.note = "energy: NVML total-energy counter (whole GPU, idle power included)"
         except Exception as exc:  # noqa: BLE001 - any NVML failure is a note
             self.note = f"energy: not measured (NVML: {type(exc).__name__}: {exc})"
@@ -66,6 +60,23 @@ class EnergyMeter:
         if e1 <= e0 or t1 - t0 <= 0:
             return None
         return (e1 - e0) / (reps * tokens)
+
+
+def open_nvml(device: torch.device | str, unavailable: str, nvml=None) -> tuple[Any, Any, str]:
+    """(pynvml, the NVML handle of torch's CUDA ``device``, "") or (None, None, a note "<unavailable> (why)"):
+    pynvml missing or NVML failing is a note for the report, never an error. ``nvml``: a stand-in module (tests)."""
+    device = torch.device(device)
+    try:
+        if nvml is None:
+            import pynvml as nvml
+    except ImportError:
+        return None, None, f"{unavailable} (pynvml is not installed: pip install nvidia-ml-py)"
+    try:
+        nvml.nvmlInit()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return nvml, nvml_handle(nvml, index), ""
+    except Exception as exc:  # noqa: BLE001 - any NVML failure is a note
+        return None, None, f"{unavailable} (NVML: {type(exc).__name__}: {exc})"
 
 
 def nvml_handle(pynvml, index: int):

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from sparsify_cli.bench import clocks
+from sparsify_cli.bench import energy
 from sparsify_cli.bench.clocks import ClockWatch, Sample, summarize
 
 
@@ -45,7 +45,7 @@ class FakeNVML:
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    monkeypatch.setattr(clocks, "nvml_handle", lambda nvml, index: "handle")
+    monkeypatch.setattr(energy, "nvml_handle", lambda nvml, index: "handle")
 
 
 def test_summary_is_over_busy_samples():
