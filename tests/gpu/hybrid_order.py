@@ -7,7 +7,9 @@ reads the lists. Cold first: the cold kernel without init, then the hot down GEM
 beta = 1), scanning or listed. Also timed: the parts alone, the list pass's builds (scan step LIST_STEP, hot glue
 step LIST_GLUE), and the default block with the cold kernel's builds (a listed row's up dots in pairs before the
 accumulators are live: FFN_UP_PAIRS=1; the x row and the list copied by cp.async: FFN_ASYNC_COPY=1; both) and
-the list pass's (no L2 prefetch of the row: LIST_PREFETCH=0, also with 4 loads per lane per step).
+the list pass's (no L2 prefetch of the row: LIST_PREFETCH=0, also with 4 loads per lane per step); and the
+default block run over chunks of tokens (HYBRID_ORDER_CHUNKS=4096,8192), whose activation can stay in L2 between
+the gate GEMM and the list pass.
 Rows: PERFORMANCE.md's inputs on packed layers, ROUNDS interleaved rounds, best round per cell.
 
     python3 tests/gpu/hybrid_order.py OUT.json      # HYBRID_ORDER_SHAPES=65536x29,16384x29,65536x112
@@ -29,6 +31,7 @@ from sparsify_cli.kernels.ffn import SparsePolicy
 from prefill_rows import run_rows, shapes  # tests/gpu, beside this script
 
 ROUNDS = int(os.environ.get("HYBRID_ORDER_ROUNDS", "4"))
+CHUNKS = [int(v) for v in os.environ.get("HYBRID_ORDER_CHUNKS", "4096,8192").split(",") if v]
 HOT_FIRST = SparsePolicy(hybrid_lists=False)
 
 
@@ -67,6 +70,24 @@ def listed_build(x, pk, cold: tuple[str, ...] = (), listing: tuple[str, ...] = (
     out = torch.empty_like(x)
     launchers.launch_relu_ffn(x, act, pk.up, pk.down_t, out, c_start=pk.n_hot, init=h_hot @ pk.down_t[:pk.n_hot],
                               lists=lists, defines=launchers.FFN_DEFAULT_DEFINES + cold)
+    return out
+
+
+def chunked(x, pk, chunk: int):
+    """The default hybrid over blocks of ``chunk`` tokens, one after another, into one output. Each block's
+    activation (chunk x width bf16, 32 MB at 4096 tokens, one buffer reused) is written by the gate GEMM and read
+    by the list pass while it can still be in L2 (50 MB), where the whole layer's activation (520 MB at 65536
+    tokens) goes to DRAM and back; the price: GEMMs 16 times smaller, each with its own last wave."""
+    m = x.shape[0]
+    out = torch.empty_like(x)
+    act = torch.empty(min(chunk, m), pk.width, dtype=x.dtype, device=x.device)
+    for s in range(0, m, chunk):
+        xs = x[s:s + chunk]
+        a = act[:xs.shape[0]]
+        torch.matmul(xs, pk.gate.T, out=a)
+        h_hot, lists = ops.relu_list(a, pk.n_hot, xs @ pk.up[:pk.n_hot].T)
+        launchers.launch_relu_ffn(xs, a, pk.up, pk.down_t, out[s:s + xs.shape[0]], c_start=pk.n_hot,
+                                  init=h_hot @ pk.down_t[:pk.n_hot], lists=lists)
     return out
 
 
@@ -118,7 +139,8 @@ def row(m: int, nnz: int) -> dict:
 
     hybrids = {"hot first, scanning": block(HOT_FIRST), "hot first, listed (default)": block(SparsePolicy()),
                "cold first, scanning": lambda: cold_first_scanning(x, pk),
-               "cold first, listed": lambda: cold_first_listed(x, pk)}
+               "cold first, listed": lambda: cold_first_listed(x, pk),
+               **{f"chunks of {c} tokens": (lambda c: lambda: chunked(x, pk, c))(c) for c in CHUNKS if c < m}}
     builds = {**{f"hot first, listed, cold kernel {name}": (lambda e: lambda: listed_build(x, pk, cold=e))(extra)
                  for name, extra in COLD_BUILDS.items() if extra},
               **{f"hot first, listed, list pass {name}": (lambda e: lambda: listed_build(x, pk, listing=e))(extra)
@@ -138,6 +160,8 @@ def row(m: int, nnz: int) -> dict:
                                                                              outs["cold first, scanning"])),
                           "hot first: listed vs scanning": bool(torch.equal(outs["hot first, scanning"],
                                                                             outs["hot first, listed (default)"]))},
+            "chunks_same_bits": {f"chunks of {c} tokens": bool(torch.equal(chunked(x, pk, c), hybrids[
+                "hot first, listed (default)"]())) for c in CHUNKS if c < m},
             "builds_same_bits": {k: bool(torch.equal(fn()[:4096], outs["hot first, listed (default)"]))
                                  for k, fn in builds.items()},
             "parts_alone_ms": parts(x, pk), "ms_rounds": rounds}
