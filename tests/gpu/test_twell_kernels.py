@@ -294,14 +294,12 @@ def test_relu_ffn_from_lists_same_bits(m, d, h, c_start, slots, density, gated):
         launchers.launch_relu_ffn(inp.x, act, up, down_t, listed, path="prefill", lists=lists[:, :1].contiguous())
 
 
-# The prefill kernel's x copy in shared memory (FFN_X_SMEM / FFN_ACT_X_SMEM) turned off, and FROM_ACT's per-warp
-# list at FFN_CAP (with the copy narrowed so the block's shared memory still fits): builds that must give the same
-# bits as the default.
+# Builds of the prefill kernel that must give the same bits as the default: the x copy in shared memory
+# (FFN_X_SMEM / FFN_ACT_X_SMEM) turned off, and the prepared builds (off by default) together: a listed row's up
+# dots two at a time before the accumulators are live, the x row and list copied by cp.async. (Each build is
+# compiled for every shape below on each run: keep the list short.)
 X_OFF = ("FFN_X_SMEM=0", "FFN_ACT_X_SMEM=0")
-ACT_LIST_1024 = ("FFN_ACT_CAP=1024", "FFN_ACT_X_SMEM=2048")
-# Prepared builds (off by default): a listed row's up dots two at a time before the accumulators are live, and the
-# x row and list copied by cp.async.
-UP_PAIRS, ASYNC_COPY = ("FFN_UP_PAIRS=1",), ("FFN_ASYNC_COPY=1",)
+PREPARED = ("FFN_UP_PAIRS=1", "FFN_ASYNC_COPY=1")
 
 
 @pytest.mark.parametrize("m,d,h,density", [(1029, 2048, 5632, 0.005), (300, 512, 1001, 0.05), (129, 1024, 5632, 0.3),
@@ -309,10 +307,10 @@ UP_PAIRS, ASYNC_COPY = ("FFN_UP_PAIRS=1",), ("FFN_ASYNC_COPY=1",)
 @pytest.mark.parametrize("gated", [True, False])
 def test_cold_kernel_builds_same_bits(m, d, h, density, gated):
     """Where the prefill kernel keeps x (shared memory up to 4096 columns from act, 2048 from TwELL; D 2560, 4096
-    and 4160 straddle those limits and read it through L1 beyond them) and how long FROM_ACT's per-warp list is
-    (512 by default: dense rows take more batches, a cold list longer than 512 words is scanned instead) change
-    where bytes live, not the sums: the same bits in every build, scanning act, reading lists or TwELL words;
-    so do the prepared builds (the up dots of a listed row in pairs, the copies by cp.async)."""
+    and 4160 straddle those limits and read it through L1 beyond them), with FROM_ACT's per-warp list of 512 (dense
+    rows take more batches, a cold list longer than 512 words is scanned instead), changes where bytes live, not
+    the sums: the same bits in every build, scanning act, reading lists or TwELL words; so do the prepared builds
+    (the up dots of a listed row in pairs, the copies by cp.async)."""
     inp = make_ffn_inputs(m, d, h, density * h, device=DEV, seed=m + h + 3)
     down_t = inp.down.T.contiguous()
     up = inp.up if gated else None
@@ -324,8 +322,7 @@ def test_cold_kernel_builds_same_bits(m, d, h, density, gated):
     hh = torch.empty(m, c_start, dtype=torch.bfloat16, device=DEV)
     launchers.launch_relu_list(act, c_start, None, hh, lists)
     launchers.launch_relu_list(act, c_start, None, hh, long_lists)
-    builds = [launchers.FFN_DEFAULT_DEFINES + extra
-              for extra in ((), X_OFF, ACT_LIST_1024, UP_PAIRS, ASYNC_COPY, UP_PAIRS + ASYNC_COPY)]
+    builds = [launchers.FFN_DEFAULT_DEFINES + extra for extra in ((), X_OFF, PREPARED)]
     outs = []
     for defines in builds:
         for lst in (None, lists, long_lists):
