@@ -56,7 +56,8 @@ def _check_aligned(**tensors: torch.Tensor | None) -> None:
 
 
 def _check_lists(lists: torch.Tensor, m: int, device) -> None:
-    """The hybrid's cold list (M, S) int32: a count and S - 1 words per row; one warp batch holds them all."""
+    """The hybrid's cold list (M, S) int32: a count and S - 1 <= FFN_CAP words per row (the prefill kernel scans
+    act instead for a row whose list is longer than its per-warp list, FFN_ACT_CAP = 512 entries by default)."""
     if lists.dim() != 2 or not 2 <= lists.shape[1] <= FFN_CAP + 1:
         raise ValueError(f"lists must be (M, S) with 2 <= S <= {FFN_CAP + 1}, got shape {tuple(lists.shape)}")
     _check(lists, "lists", torch.int32, (m, lists.shape[1]), device)
