@@ -50,10 +50,12 @@
 #endif
 #ifndef FFN_UP_PAIRS
 // 1: a row listed by relu_list.cu takes its up dots two at a time, two U rows in flight per lane where one was,
-// before the accumulators are live (build option, 0 by default until measured; same bits). The kernel is
-// latency-bound: ~20% of the warp slots filled, each token's ~10 cold up dots one dependent L2 round trip after
-// another (BENCHMARKS.md, session 15)
-#define FFN_UP_PAIRS 0
+// before the accumulators are live (with them live, two rows spill at 128 registers); same bits. The kernel is
+// latency-bound (~20% of the warp slots filled, each token's ~10 cold up dots one dependent L2 round trip after
+// another): H200, packed layer, nnz 29, the kernel alone 0.839 -> 0.734 ms at M = 65536 and 0.285 -> 0.245 at
+// 16384, the hybrid block 2.99 -> 2.72 and 0.830 -> 0.770 (BENCHMARKS.md, session 16). 0: one at a time, in the
+// batch loop below
+#define FFN_UP_PAIRS 1
 #endif
 #ifndef FFN_ASYNC_COPY
 // 1: the token's x row and cold list reach shared memory by cp.async, in flight together with one wait, where

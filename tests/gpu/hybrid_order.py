@@ -5,10 +5,11 @@ bf16 `init`, then the cold kernel, which scans the activation and starts from `i
 default): relu_list.cu's pass (the hot glue and each row's cold list) instead of relu_mul, and the cold kernel
 reads the lists. Cold first: the cold kernel without init, then the hot down GEMM adding into its result (cuBLAS
 beta = 1), scanning or listed. Also timed: the parts alone, the list pass's builds (scan step LIST_STEP, hot glue
-step LIST_GLUE), and the default block with the cold kernel's builds (a listed row's up dots in pairs before the
-accumulators are live: FFN_UP_PAIRS=1; the x row and the list copied by cp.async: FFN_ASYNC_COPY=1; both) and
-the list pass's (no L2 prefetch of the row: LIST_PREFETCH=0, also with 4 loads per lane per step); and the
-default block run over chunks of tokens (HYBRID_ORDER_CHUNKS=4096,8192), whose activation can stay in L2 between
+step LIST_GLUE), and the default block with the cold kernel's builds (a listed row's up dots one at a time, as
+before session 16: FFN_UP_PAIRS=0; the x row and the list copied by cp.async: FFN_ASYNC_COPY=1) and the list
+pass's (no L2 prefetch of the row: LIST_PREFETCH=0); and the
+default block run over chunks of tokens (HYBRID_ORDER_CHUNKS=4096,8192; none by default: 3-34% slower than the whole
+layer at every shape, session 16), whose activation can stay in L2 between
 the gate GEMM and the list pass.
 Rows: PERFORMANCE.md's inputs on packed layers, ROUNDS interleaved rounds, best round per cell.
 
@@ -31,7 +32,7 @@ from sparsify_cli.kernels.ffn import SparsePolicy
 from prefill_rows import run_rows, shapes  # tests/gpu, beside this script
 
 ROUNDS = int(os.environ.get("HYBRID_ORDER_ROUNDS", "4"))
-CHUNKS = [int(v) for v in os.environ.get("HYBRID_ORDER_CHUNKS", "4096,8192").split(",") if v]
+CHUNKS = [int(v) for v in os.environ.get("HYBRID_ORDER_CHUNKS", "").split(",") if v]
 HOT_FIRST = SparsePolicy(hybrid_lists=False)
 
 
@@ -53,10 +54,8 @@ def cold_first_listed(x, pk):
     return out.addmm_(h_hot, pk.down_t[:pk.n_hot])
 
 
-COLD_BUILDS = {"default": (), "up dots in pairs": ("FFN_UP_PAIRS=1",), "async copies": ("FFN_ASYNC_COPY=1",),
-               "pairs and async copies": ("FFN_UP_PAIRS=1", "FFN_ASYNC_COPY=1")}
-LIST_BUILDS = {"default": (), "no prefetch": ("LIST_PREFETCH=0",),
-               "no prefetch, step 4": ("LIST_PREFETCH=0", "LIST_STEP=4")}
+COLD_BUILDS = {"default": (), "up dots one at a time": ("FFN_UP_PAIRS=0",), "async copies": ("FFN_ASYNC_COPY=1",)}
+LIST_BUILDS = {"default": (), "no prefetch": ("LIST_PREFETCH=0",)}
 
 
 def listed_build(x, pk, cold: tuple[str, ...] = (), listing: tuple[str, ...] = ()):

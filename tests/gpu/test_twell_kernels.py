@@ -295,11 +295,11 @@ def test_relu_ffn_from_lists_same_bits(m, d, h, c_start, slots, density, gated):
 
 
 # Builds of the prefill kernel that must give the same bits as the default: the x copy in shared memory
-# (FFN_X_SMEM / FFN_ACT_X_SMEM) turned off, and the prepared builds (off by default) together: a listed row's up
-# dots two at a time before the accumulators are live, the x row and list copied by cp.async. (Each build is
+# (FFN_X_SMEM / FFN_ACT_X_SMEM) turned off together with a listed row's up dots two at a time (FFN_UP_PAIRS=0: one
+# at a time, in the batch loop), and the x row and list copied by cp.async (FFN_ASYNC_COPY=1). (Each build is
 # compiled for every shape below on each run: keep the list short.)
-X_OFF = ("FFN_X_SMEM=0", "FFN_ACT_X_SMEM=0")
-PREPARED = ("FFN_UP_PAIRS=1", "FFN_ASYNC_COPY=1")
+X_OFF = ("FFN_X_SMEM=0", "FFN_ACT_X_SMEM=0", "FFN_UP_PAIRS=0")
+PREPARED = ("FFN_ASYNC_COPY=1",)
 
 
 @pytest.mark.parametrize("m,d,h,density", [(1029, 2048, 5632, 0.005), (300, 512, 1001, 0.05), (129, 1024, 5632, 0.3),
@@ -309,8 +309,8 @@ def test_cold_kernel_builds_same_bits(m, d, h, density, gated):
     """Where the prefill kernel keeps x (shared memory up to 4096 columns from act, 2048 from TwELL; D 2560, 4096
     and 4160 straddle those limits and read it through L1 beyond them), with FROM_ACT's per-warp list of 512 (dense
     rows take more batches, a cold list longer than 512 words is scanned instead), changes where bytes live, not
-    the sums: the same bits in every build, scanning act, reading lists or TwELL words; so do the prepared builds
-    (the up dots of a listed row in pairs, the copies by cp.async)."""
+    the sums: the same bits in every build, scanning act, reading lists or TwELL words; so do a listed row's up
+    dots one at a time (the default takes them in pairs) and the copies by cp.async."""
     inp = make_ffn_inputs(m, d, h, density * h, device=DEV, seed=m + h + 3)
     down_t = inp.down.T.contiguous()
     up = inp.up if gated else None
