@@ -111,34 +111,6 @@ __device__ __forceinline__ void st_stream16(void* p, uint4 v) {
                  : "memory");
 }
 
-// Copies into shared memory that do not wait for their data (cp.async, sm_80 and newer): a warp issues all of
-// them, then one cp_async_wait_all() (and a __syncwarp before other lanes read), so they are in flight together.
-// cp_async16: 16 bytes, both addresses 16-byte aligned, past L1 (.cg); cp_async4: 4 bytes. The same bytes land as
-// with a load and a store (older GPUs take that path).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
-                 ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))), "l"(gmem) : "memory");
-#else
-    *static_cast<uint4*>(smem) = __ldg(static_cast<const uint4*>(gmem));
-#endif
-}
-
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;"
-                 ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))), "l"(gmem) : "memory");
-#else
-    *static_cast<unsigned int*>(smem) = __ldg(static_cast<const unsigned int*>(gmem));
-#endif
-}
-
-__device__ __forceinline__ void cp_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_all;" ::: "memory");
-#endif
-}
-
 // Ask L2 for the bytes [p, p + n) ahead of the loads that will read them (p 16-byte aligned, n a multiple of 16):
 // one bulk prefetch from lane 0 on Hopper, 128-byte line prefetches over the lanes before it. A hint: no register
 // and no value changes, so the loads that follow return the same data, sooner.

@@ -23,10 +23,13 @@
 // cost registers
 #endif
 #ifndef LIST_PREFETCH
-// 1: each warp asks L2 for its row's cold part on entry, so the scan's steps wait on L2, not DRAM. 0 (a build
-// option to measure): no prefetch. At ~48 warps per SM the rows asked for at once (~7 KB each at H 3968) add up to
-// about the L2's 50 MB, so a row may be evicted before its scan reaches it
-#define LIST_PREFETCH 1
+// 1: each warp asks L2 for its row's cold part on entry (as the gather's FFN_ACT_PREFETCH), so the scan's steps wait
+// on L2, not DRAM. Off by default: at ~48 warps per SM the rows asked for at once (~7 KB each at H 3968) add up to
+// about the L2's 50 MB, evicting rows before their scans reach them. H200, two runs of hybrid_order.py, six shapes
+// each: the hybrid block faster without it in 10 of 12 (by 0.2-3.5%: 0.812 vs 0.830 and 0.806 vs 0.835 ms at
+// M = 16384, nnz 29, packed; one 7% slower, M = 65536, nnz 112), the pass alone in 9 of 12 (BENCHMARKS.md,
+// session 16)
+#define LIST_PREFETCH 0
 #endif
 #ifndef LIST_GLUE
 #define LIST_GLUE 2  // 256-column groups of the hot glue per step (their a and u loads in flight together)
@@ -42,7 +45,6 @@ __global__ void __launch_bounds__(LIST_WARPS * 32) relu_list_kernel(
     const long long m = (long long)blockIdx.x * LIST_WARPS + (threadIdx.x >> 5);
     if (m >= M) return;
     const unsigned short* arow = act + m * (long long)H;
-    // the cold scan's steps wait on L2, not DRAM, with the row already on its way (as the gather's FFN_ACT_PREFETCH)
     if (LIST_PREFETCH && vec) warp_prefetch_l2(arow + c_start, (H - c_start) * 2, lane);
     if (c_start > 0) {
         const unsigned short* ur = u + m * (long long)c_start;

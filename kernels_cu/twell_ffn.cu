@@ -57,11 +57,6 @@
 // batch loop below
 #define FFN_UP_PAIRS 1
 #endif
-#ifndef FFN_ASYNC_COPY
-// 1: the token's x row and cold list reach shared memory by cp.async, in flight together with one wait, where
-// the default copies one after the other (build option, 0 by default until measured; same bytes)
-#define FFN_ASYNC_COPY 0
-#endif
 #ifndef FFN_ACT_PREFETCH
 #define FFN_ACT_PREFETCH 1  // 1 (FROM_ACT): the warp asks L2 for its token's activation row [c_start, H) on entry,
 // so the listing's steps wait on L2, not DRAM. H200: 2-8% off the kernel alone at every shape; the whole hybrid
@@ -104,31 +99,16 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
 
     const uint4* xg = reinterpret_cast<const uint4*>(x + m * D);
     const bool x_shared = XCAP > 0 && D <= XCAP;  // the same for every warp of the launch
-#if !FFN_ASYNC_COPY
     if (x_shared) {
         for (int i = lane; i < nvec_d; i += 32) s_x[warp][i] = __ldg(xg + i);
         __syncwarp();
     }
-#endif
     const unsigned short* arow = act + m * (long long)H;
     // FROM_ACT with `words`: the token's cold entries were listed by relu_list.cu into words[m] = [count, words...]
     // (S - 1 at most). The whole row is copied to the warp's list without waiting for the count, so its loads are
     // in flight together (words past the count are not used). A row whose count exceeds S - 1 is scanned from act,
     // and so is every row when the list is longer than this build's per-warp list (FFN_ACT_CAP).
     int listed = -1;  // entries in the list, or -1: scan act
-#if FFN_ASYNC_COPY
-    // the x row and the list copied by cp.async: all in flight at once, one wait (instead of one after the other)
-    if (x_shared)
-        for (int i = lane; i < nvec_d; i += 32) cp_async16(&s_x[warp][i], xg + i);
-    if (FROM_ACT && words != nullptr && (FFN_ACT_CAP >= FFN_CAP || S - 1 <= CAP)) {
-        const int* lrow = words + m * (long long)S;
-        for (int i = lane; i < S - 1; i += 32) cp_async4(lw + i, lrow + 1 + i);
-        const int n = __ldg(lrow);
-        if (n <= S - 1) listed = n;
-    }
-    cp_async_wait_all();
-    __syncwarp();
-#else
     // (the launcher keeps S - 1 <= FFN_CAP, so the test is only compiled in a build with a shorter FROM_ACT list)
     if (FROM_ACT && words != nullptr && (FFN_ACT_CAP >= FFN_CAP || S - 1 <= CAP)) {
         const int* lrow = words + m * (long long)S;
@@ -136,7 +116,6 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
         for (int i = lane; i < S - 1; i += 32) lw[i] = (unsigned int)__ldg(lrow + 1 + i);
         if (n <= S - 1) listed = n;
     }
-#endif
     // the listing's scan walks the row 512 columns at a time, each step a dependent DRAM round trip: with the row
     // already on its way to L2, the steps wait for L2 instead (aligned rows only: vec_ok means H % 8 == 0)
     if (FROM_ACT && FFN_ACT_PREFETCH && vec_ok && listed < 0)

@@ -6,8 +6,7 @@ default): relu_list.cu's pass (the hot glue and each row's cold list) instead of
 reads the lists. Cold first: the cold kernel without init, then the hot down GEMM adding into its result (cuBLAS
 beta = 1), scanning or listed. Also timed: the parts alone, the list pass's builds (scan step LIST_STEP, hot glue
 step LIST_GLUE), and the default block with the cold kernel's builds (a listed row's up dots one at a time, as
-before session 16: FFN_UP_PAIRS=0; the x row and the list copied by cp.async: FFN_ASYNC_COPY=1) and the list
-pass's (no L2 prefetch of the row: LIST_PREFETCH=0); and the
+before session 16: FFN_UP_PAIRS=0) and the list pass's (an L2 prefetch of the row, as before session 16: LIST_PREFETCH=1); and the
 default block run over chunks of tokens (HYBRID_ORDER_CHUNKS=4096,8192; none by default: 3-34% slower than the whole
 layer at every shape, session 16), whose activation can stay in L2 between
 the gate GEMM and the list pass.
@@ -54,8 +53,8 @@ def cold_first_listed(x, pk):
     return out.addmm_(h_hot, pk.down_t[:pk.n_hot])
 
 
-COLD_BUILDS = {"default": (), "up dots one at a time": ("FFN_UP_PAIRS=0",), "async copies": ("FFN_ASYNC_COPY=1",)}
-LIST_BUILDS = {"default": (), "no prefetch": ("LIST_PREFETCH=0",)}
+COLD_BUILDS = {"default": (), "up dots one at a time": ("FFN_UP_PAIRS=0",)}
+LIST_BUILDS = {"default": (), "L2 prefetch": ("LIST_PREFETCH=1",)}
 
 
 def listed_build(x, pk, cold: tuple[str, ...] = (), listing: tuple[str, ...] = ()):

@@ -248,7 +248,7 @@ def test_relu_list_matches_reference(m, h, c_start, slots, density, gated):
     u = torch.randn(m, c_start, generator=gen, device=DEV).to(torch.bfloat16) if gated else None
     h_ref, lists_ref = reference.relu_list_ref(act, c_start, u, slots)
     # the default build, the scan's other step widths and the hot glue's
-    for defines in ((), ("LIST_STEP=4",), ("LIST_STEP=8",), ("LIST_GLUE=1",), ("LIST_GLUE=8",), ("LIST_PREFETCH=0",)):
+    for defines in ((), ("LIST_STEP=4",), ("LIST_STEP=8",), ("LIST_GLUE=1",), ("LIST_GLUE=8",), ("LIST_PREFETCH=1",)):
         hh = _poison(torch.empty(m, c_start, dtype=torch.bfloat16, device=DEV))
         lists = _poison(torch.empty(m, slots, dtype=torch.int32, device=DEV))
         launchers.launch_relu_list(act, c_start, u, hh, lists, defines)
@@ -294,12 +294,10 @@ def test_relu_ffn_from_lists_same_bits(m, d, h, c_start, slots, density, gated):
         launchers.launch_relu_ffn(inp.x, act, up, down_t, listed, path="prefill", lists=lists[:, :1].contiguous())
 
 
-# Builds of the prefill kernel that must give the same bits as the default: the x copy in shared memory
-# (FFN_X_SMEM / FFN_ACT_X_SMEM) turned off together with a listed row's up dots two at a time (FFN_UP_PAIRS=0: one
-# at a time, in the batch loop), and the x row and list copied by cp.async (FFN_ASYNC_COPY=1). (Each build is
-# compiled for every shape below on each run: keep the list short.)
+# A build of the prefill kernel that must give the same bits as the default: the x copy in shared memory
+# (FFN_X_SMEM / FFN_ACT_X_SMEM) turned off, and a listed row's up dots one at a time in the batch loop
+# (FFN_UP_PAIRS=0) where the default takes them in pairs. (Each build is compiled for every shape below on each run.)
 X_OFF = ("FFN_X_SMEM=0", "FFN_ACT_X_SMEM=0", "FFN_UP_PAIRS=0")
-PREPARED = ("FFN_ASYNC_COPY=1",)
 
 
 @pytest.mark.parametrize("m,d,h,density", [(1029, 2048, 5632, 0.005), (300, 512, 1001, 0.05), (129, 1024, 5632, 0.3),
@@ -309,8 +307,8 @@ def test_cold_kernel_builds_same_bits(m, d, h, density, gated):
     """Where the prefill kernel keeps x (shared memory up to 4096 columns from act, 2048 from TwELL; D 2560, 4096
     and 4160 straddle those limits and read it through L1 beyond them), with FROM_ACT's per-warp list of 512 (dense
     rows take more batches, a cold list longer than 512 words is scanned instead), changes where bytes live, not
-    the sums: the same bits in every build, scanning act, reading lists or TwELL words; so do a listed row's up
-    dots one at a time (the default takes them in pairs) and the copies by cp.async."""
+    the sums: the same bits in every build, scanning act, reading lists or TwELL words; so does taking a listed
+    row's up dots one at a time (the default takes them in pairs)."""
     inp = make_ffn_inputs(m, d, h, density * h, device=DEV, seed=m + h + 3)
     down_t = inp.down.T.contiguous()
     up = inp.up if gated else None
@@ -322,7 +320,7 @@ def test_cold_kernel_builds_same_bits(m, d, h, density, gated):
     hh = torch.empty(m, c_start, dtype=torch.bfloat16, device=DEV)
     launchers.launch_relu_list(act, c_start, None, hh, lists)
     launchers.launch_relu_list(act, c_start, None, hh, long_lists)
-    builds = [launchers.FFN_DEFAULT_DEFINES + extra for extra in ((), X_OFF, PREPARED)]
+    builds = [launchers.FFN_DEFAULT_DEFINES + extra for extra in ((), X_OFF)]
     outs = []
     for defines in builds:
         for lst in (None, lists, long_lists):
@@ -335,7 +333,7 @@ def test_cold_kernel_builds_same_bits(m, d, h, density, gated):
         assert torch.equal(outs[0], out)
     words = ops.twell_pack(act, 256, 32)
     twell_outs = []
-    for defines in builds[:2]:
+    for defines in builds:
         out = _poison(torch.empty(m, d, dtype=torch.bfloat16, device=DEV))
         launchers.launch_twell_ffn(inp.x, words, up, down_t, act, out, 256, path="prefill", defines=defines)
         twell_outs.append(out)
