@@ -6,10 +6,10 @@ default): relu_list.cu's pass (the hot glue and each row's cold list) instead of
 reads the lists. Cold first: the cold kernel without init, then the hot down GEMM adding into its result (cuBLAS
 beta = 1), scanning or listed. Also timed: the parts alone, the list pass's builds (scan step LIST_STEP, hot glue
 step LIST_GLUE), and the default block with the cold kernel's builds (a listed row's up dots one at a time, as
-before session 16: FFN_UP_PAIRS=0) and the list pass's (an L2 prefetch of the row, as before session 16: LIST_PREFETCH=1); and the
-default block run over chunks of tokens (HYBRID_ORDER_CHUNKS=4096,8192; none by default: 3-34% slower than the whole
-layer at every shape, session 16), whose activation can stay in L2 between
-the gate GEMM and the list pass.
+before session 16: FFN_UP_PAIRS=0) and the list pass's (an L2 prefetch of the row, as before session 16:
+LIST_PREFETCH=1); and the default block run over chunks of tokens (HYBRID_ORDER_CHUNKS=4096,8192; none by default:
+3-34% slower than the whole layer at every shape, session 16), whose activation can stay in L2 between the gate
+GEMM and the list pass.
 Rows: PERFORMANCE.md's inputs on packed layers, ROUNDS interleaved rounds, best round per cell.
 
     python3 tests/gpu/hybrid_order.py OUT.json      # HYBRID_ORDER_SHAPES=65536x29,16384x29,65536x112
