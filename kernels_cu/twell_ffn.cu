@@ -103,6 +103,9 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
         for (int i = lane; i < nvec_d; i += 32) s_x[warp][i] = __ldg(xg + i);
         __syncwarp();
     }
+    auto up_dot = [&](const uint4* ug) {  // x_m . U_j, x from its copy when there is one
+        return x_shared ? warp_dot<true>(s_x[warp], ug, nvec_d, lane) : warp_dot(xg, ug, nvec_d, lane);
+    };
     const unsigned short* arow = act + m * (long long)H;
     // FROM_ACT with `words`: the token's cold entries were listed by relu_list.cu into words[m] = [count, words...]
     // (S - 1 at most). The whole row is copied to the warp's list without waiting for the count, so its loads are
@@ -145,7 +148,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
         if (e < listed) {
             const unsigned int w = lw[e];
             const uint4* ug = reinterpret_cast<const uint4*>(up + (long long)(w >> 16) * D);
-            const float u = x_shared ? warp_dot<true>(s_x[warp], ug, nvec_d, lane) : warp_dot(xg, ug, nvec_d, lane);
+            const float u = up_dot(ug);
             if (lane == 0) lh[e] = bf16_to_f((unsigned short)(w & 0xffffu)) * u;
         }
         __syncwarp();
@@ -257,8 +260,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
             for (int e = 0; e < E; ++e) {
                 const unsigned int w = lw[e];
                 const uint4* ug = reinterpret_cast<const uint4*>(up + (long long)(w >> 16) * D);
-                const float u = x_shared ? warp_dot<true>(s_x[warp], ug, nvec_d, lane)
-                                         : warp_dot(xg, ug, nvec_d, lane);
+                const float u = up_dot(ug);
                 if (lane == 0) lh[e] = bf16_to_f((unsigned short)(w & 0xffffu)) * u;
             }
         } else {
