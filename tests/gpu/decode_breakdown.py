@@ -1,56 +1,84 @@
 """Where the decode path from the activation (above 16 tokens, or without a known density) spends its time, at
-99.5% sparsity, D=2048, H=5632 (development tool). Each part is timed alone as a CUDA-graph replay over 8 layers
-(median of 100 replays): dense, the cuBLAS gate GEMM, the up-dot kernel (decode_up_act_kernel) on precomputed
-activations, the down kernel on precomputed h, the two together (PDL as the default launch), the whole path, and
-the two kernels on an all-negative activation (no active pair: their fixed cost).
+99.5% sparsity, D=2048, H=5632 and on the same layers packed (development tool). Each part is timed alone as a
+CUDA-graph replay over 8 layers (median of 100 replays, best of ROUNDS interleaved rounds): dense, the cuBLAS gate
+GEMM, the up-dot kernel (decode_up_act_kernel) on precomputed activations, the down kernel on precomputed h, the
+two together (PDL as the default launch), the one-kernel path (decode_token.cu) on the same activations, the
+whole path either way, and both ways on an all-negative activation (no active pair: their fixed cost).
 
-    python3 tests/gpu/decode_breakdown.py OUT.json [M ...]
+    python3 tests/gpu/decode_breakdown.py OUT.json [M ...]      # DECODE_BREAKDOWN_ROUNDS=3
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
 
-from sparsify_cli.bench.ffn import HIDDEN, cuda_time, decode_layers, dense_block, graph_replay
+from sparsify_cli.bench.ffn import (CALIB_TOKENS, calib_tokens, cuda_time, decode_layers, dense_block, graph_replay,
+                                    packed_layer)
 from sparsify_cli.kernels import launchers
+
+ROUNDS = int(os.environ.get("DECODE_BREAKDOWN_ROUNDS", "3"))
+
+
+def parts(x, layers: list[tuple], dense_sets) -> dict:
+    """layers: (gate, up, down_t) per layer, as the path runs them."""
+    acts = [x @ g.T for g, _, _ in layers]
+    dead = [-a.abs() - 1 for a in acts]  # no neuron active
+    hbufs = [launchers.launch_decode_up_act(x, a, u) for a, (_, u, _) in zip(acts, layers)]
+    o = torch.empty_like(x)
+
+    def path(act_list, one):
+        return lambda: [launchers.launch_relu_ffn(x, a, u, dt, o, path="decode", one_kernel=one)
+                        for a, (_, u, dt) in zip(act_list, layers)]
+
+    def whole(one):
+        return lambda: [launchers.launch_relu_ffn(x, x @ g.T, u, dt, o, path="decode", one_kernel=one)
+                        for g, u, dt in layers]
+
+    return {
+        "dense": lambda: [dense_block(x, s.gate, s.up, s.down) for s in dense_sets],
+        "gate_gemm": lambda: [x @ g.T for g, _, _ in layers],
+        "up_act_kernel": lambda: [launchers.launch_decode_up_act(x, a, u) for a, (_, u, _) in zip(acts, layers)],
+        "down_kernel": lambda: [launchers.launch_decode_down(hb, dt, o, a.shape[1])
+                                for hb, a, (_, _, dt) in zip(hbufs, acts, layers)],
+        "two_kernels": path(acts, False),
+        "one_kernel": path(acts, True),
+        "two_kernels_no_active": path(dead, False),
+        "one_kernel_no_active": path(dead, True),
+        "whole_path_two_kernels": whole(False),
+        "whole_path_one_kernel": whole(True),
+    }
 
 
 def main() -> None:
     out = sys.argv[1]
     ms = [int(v) for v in sys.argv[2:]] or [1, 17, 32, 64]
-    layers, reps = 8, 100
+    n_layers, reps = 8, 100
     rows = []
     for m in ms:
-        sets, downs_t = decode_layers(m, layers, 500)
+        sets, downs_t = decode_layers(m, n_layers, 500)
         x = sets[0].x
-        acts = [x @ s.gate.T for s in sets]
-        dead = [-a.abs() - 1 for a in acts]  # no neuron active
-        hbufs = [launchers.launch_decode_up_act(x, a, s.up) for a, s in zip(acts, sets)]
-        o = torch.empty_like(x)
-
-        def pair(act_list):
-            return lambda: [launchers.launch_relu_ffn(x, a, s.up, dt, o, path="decode")
-                            for a, s, dt in zip(act_list, sets, downs_t)]
-
-        parts = {
-            "dense": lambda: [dense_block(x, s.gate, s.up, s.down) for s in sets],
-            "gate_gemm": lambda: [x @ s.gate.T for s in sets],
-            "up_act_kernel": lambda: [launchers.launch_decode_up_act(x, a, s.up) for a, s in zip(acts, sets)],
-            "down_kernel": lambda: [launchers.launch_decode_down(hb, dt, o, HIDDEN) for hb, dt in zip(hbufs, downs_t)],
-            "both_kernels": pair(acts),
-            "both_kernels_no_active": pair(dead),
-            "whole_path": lambda: [launchers.launch_relu_ffn(x, x @ s.gate.T, s.up, dt, o, path="decode")
-                                   for s, dt in zip(sets, downs_t)],
-        }
-        replays = {name: graph_replay(fn) for name, fn in parts.items()}
-        row = {"M": m, "us": {name: cuda_time(r, reps) / layers * 1e3 for name, r in replays.items()}}
-        print(f"M={m}: " + ", ".join(f"{k} {v:.1f}" for k, v in row["us"].items()) + " (us per layer)", flush=True)
-        rows.append(row)
+        calib = calib_tokens(CALIB_TOKENS, 7)
+        packed = [packed_layer(s.gate, s.up, dt, calib) for s, dt in zip(sets, downs_t)]
+        del calib
+        for name, layers in (("full", [(s.gate, s.up, dt) for s, dt in zip(sets, downs_t)]),
+                             ("packed", [(p.gate, p.up, p.down_t) for p in packed])):
+            replays = {k: graph_replay(fn) for k, fn in parts(x, layers, sets).items()}
+            rounds: dict[str, list[float]] = {k: [] for k in replays}
+            for _ in range(ROUNDS):
+                for k, r in replays.items():
+                    rounds[k].append(cuda_time(r, reps) / n_layers * 1e3)
+            us = {k: min(v) for k, v in rounds.items()}
+            row = {"M": m, "layer": name, "us": us, "us_rounds": rounds,
+                   "speedup": {k: us["dense"] / us[k] for k in ("whole_path_two_kernels", "whole_path_one_kernel")}}
+            print(f"M={m} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in us.items()) + " (us per layer)",
+                  flush=True)
+            rows.append(row)
     with open(out, "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+        json.dump({"gpu": torch.cuda.get_device_name(), "rounds": ROUNDS, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
