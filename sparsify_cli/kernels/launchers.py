@@ -287,7 +287,7 @@ def _prefill_launch(x, words, up, down_t, act, out, tile, from_act: bool, define
 def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 256,
                     defines: tuple[str, ...] | None = None, c_start: int = 0,
                     init: torch.Tensor | None = None, pdl: bool | None = None, pdl_up: bool | None = None,
-                    lists: torch.Tensor | None = None, one_kernel: bool | None = None) -> None:
+                    lists: torch.Tensor | None = None) -> None:
     """The sparse FFN without materializing TwELL: each token's entries come straight from the dense activation
     ``act`` (relu applied; packing fused into the FFN kernel). Reads only the active rows of U and DownT.
     path: auto (decode kernels for M <= DECODE_MAX_M, else prefill) | prefill | decode.
@@ -295,10 +295,8 @@ def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 
     added to the result (the hot neurons' dense part). ``lists`` (prefill only): the rows' entries as
     launch_relu_list listed them from this act and c_start, read instead of scanning act (rows that overflowed
     their list are still scanned). The results are the same bits with and without it.
-    Decode runs two kernels (launch_decode_up_act, then launch_decode_down; ``pdl`` launches the second and
-    ``pdl_up`` the first with programmatic dependent launch, None: pdl_default), or with ``one_kernel`` (None:
-    DECODE_ONE_KERNEL; H <= TOKEN_MAX_H) launch_decode_token, launched as the first. The results are the same
-    bits (for tokens with at most DECODE_CAP active neurons, launch_decode_token's)."""
+    Decode runs two kernels (launch_decode_up_act, then launch_decode_down); ``pdl`` launches the second and
+    ``pdl_up`` the first with programmatic dependent launch (None: pdl_default). The results are the same bits."""
     if act.dim() != 2 or x.dim() != 2:
         raise ValueError("x and act must be 2-D: x (M, D), act (M, H)")
     m, d, h, nt, _ = check_ffn_args(x, None, up, down_t, act, out, tile)
@@ -318,9 +316,6 @@ def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 
         if hybrid or lists is not None:
             raise ValueError("the decode kernels have no hybrid mode (c_start/init/lists); use path='prefill'")
         default = pdl_default(x.device)
-        if (DECODE_ONE_KERNEL if one_kernel is None else one_kernel) and h <= TOKEN_MAX_H:
-            launch_decode_token(x, act, up, down_t, out, pdl=default if pdl_up is None else pdl_up)
-            return
         hbuf = launch_decode_up_act(x, act, up, pdl=default if pdl_up is None else pdl_up)
         launch_decode_down(hbuf, down_t, out, h, pdl=default if pdl is None else pdl)
     elif path == "prefill":
@@ -506,31 +501,6 @@ def launch_decode_up_act(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | 
                   (x.data_ptr(), act.data_ptr(), up.data_ptr() if up is not None else 0, hbuf.data_ptr(), _i32(d),
                    _i32(h), _i32(hs), _i32(_vec_ok(act))), pdl=pdl)
     return hbuf
-
-
-TOKEN_MAX_H = (DECODE_THREADS // 32) * 4 * FUSED_SEG  # kernels_cu/decode_token.cu: 16 warps x 4 segments in registers
-DECODE_ONE_KERNEL = False  # decode after a gate GEMM: decode_token.cu's one kernel, else the up-act + down pair
-
-
-def launch_decode_token(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor,
-                        out: torch.Tensor, *, pdl: bool = False) -> None:
-    """The decode path after a gate projection that ran elsewhere, in one kernel (kernels_cu/decode_token.cu;
-    launch_relu_ffn checks the arguments): out = sum over the relu-active j of h_j DownT_j, h = a (x . U_j)
-    (gated) or relu(a). The bits of launch_decode_up_act + launch_decode_down for tokens with at most DECODE_CAP
-    active neurons. H <= TOKEN_MAX_H."""
-    from sparsify_cli.kernels import loader
-
-    m, d = x.shape
-    h = act.shape[1]
-    if h > TOKEN_MAX_H:
-        raise ValueError(f"the one-kernel decode path holds H <= {TOKEN_MAX_H} columns, got H={h}")
-    chunks, cvr = decode_chunks(d, m)
-    smem = decode_smem(-(-h // FUSED_SEG), cvr) + (DECODE_THREADS // 32) * 4  # + the compaction's warp counts
-    fn = loader.get_function("decode_token.cu", f"decode_token_kernel<{_b(up is not None)}>")
-    _allow_smem(fn, smem, "one-kernel decode", d, h)
-    loader.launch(fn, (m, chunks), (DECODE_THREADS,),
-                  (x.data_ptr(), act.data_ptr(), up.data_ptr() if up is not None else 0, down_t.data_ptr(),
-                   out.data_ptr(), _i32(d), _i32(h), _i32(_vec_ok(act))), shared_mem=smem, pdl=pdl)
 
 
 def launch_decode_down(hbuf: torch.Tensor, down_t: torch.Tensor, out: torch.Tensor, h: int, *,

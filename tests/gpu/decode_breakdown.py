@@ -2,8 +2,9 @@
 99.5% sparsity, D=2048, H=5632 and on the same layers packed (development tool). Each part is timed alone as a
 CUDA-graph replay over 8 layers (median of 100 replays, best of ROUNDS interleaved rounds): dense, the cuBLAS gate
 GEMM, the up-dot kernel (decode_up_act_kernel) on precomputed activations, the down kernel on precomputed h, the
-two together (PDL as the default launch), the one-kernel path (decode_token.cu) on the same activations, the
-whole path either way, and both ways on an all-negative activation (no active pair: their fixed cost).
+two together (PDL as the default launch), the whole path, and the two kernels on an all-negative activation (no
+active pair: their fixed cost). (Session 17 also timed a one-kernel version of the pair here, decode_token.cu in
+commit 356db60, not kept: BENCHMARKS.md.)
 
     python3 tests/gpu/decode_breakdown.py OUT.json [M ...]      # DECODE_BREAKDOWN_ROUNDS=3
 """
@@ -30,13 +31,9 @@ def parts(x, layers: list[tuple], dense_sets) -> dict:
     hbufs = [launchers.launch_decode_up_act(x, a, u) for a, (_, u, _) in zip(acts, layers)]
     o = torch.empty_like(x)
 
-    def path(act_list, one):
-        return lambda: [launchers.launch_relu_ffn(x, a, u, dt, o, path="decode", one_kernel=one)
+    def path(act_list):
+        return lambda: [launchers.launch_relu_ffn(x, a, u, dt, o, path="decode")
                         for a, (_, u, dt) in zip(act_list, layers)]
-
-    def whole(one):
-        return lambda: [launchers.launch_relu_ffn(x, x @ g.T, u, dt, o, path="decode", one_kernel=one)
-                        for g, u, dt in layers]
 
     return {
         "dense": lambda: [dense_block(x, s.gate, s.up, s.down) for s in dense_sets],
@@ -44,12 +41,9 @@ def parts(x, layers: list[tuple], dense_sets) -> dict:
         "up_act_kernel": lambda: [launchers.launch_decode_up_act(x, a, u) for a, (_, u, _) in zip(acts, layers)],
         "down_kernel": lambda: [launchers.launch_decode_down(hb, dt, o, a.shape[1])
                                 for hb, a, (_, _, dt) in zip(hbufs, acts, layers)],
-        "two_kernels": path(acts, False),
-        "one_kernel": path(acts, True),
-        "two_kernels_no_active": path(dead, False),
-        "one_kernel_no_active": path(dead, True),
-        "whole_path_two_kernels": whole(False),
-        "whole_path_one_kernel": whole(True),
+        "both_kernels": path(acts),
+        "both_kernels_no_active": path(dead),
+        "whole_path": lambda: [launchers.launch_relu_ffn(x, x @ g.T, u, dt, o, path="decode") for g, u, dt in layers],
     }
 
 
@@ -73,7 +67,7 @@ def main() -> None:
                     rounds[k].append(cuda_time(r, reps) / n_layers * 1e3)
             us = {k: min(v) for k, v in rounds.items()}
             row = {"M": m, "layer": name, "us": us, "us_rounds": rounds,
-                   "speedup": {k: us["dense"] / us[k] for k in ("whole_path_two_kernels", "whole_path_one_kernel")}}
+                   "speedup": us["dense"] / us["whole_path"]}
             print(f"M={m} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in us.items()) + " (us per layer)",
                   flush=True)
             rows.append(row)

@@ -541,62 +541,7 @@ def test_decode_from_act_bitwise_equals_twell_decode(m, d, h, density, gated):
         assert torch.equal(out, want)
 
 
-@pytest.mark.parametrize("m", [1, 5, 17, 33, 64])
-@pytest.mark.parametrize("d,h", [(2048, 5632), (2048, 3968), (256, 1000), (64, 33), (4096, 2816), (64, 16392)])
-@pytest.mark.parametrize("density", [0.3, 0.02, 0.005])
-@pytest.mark.parametrize("gated", [True, False])
-def test_decode_one_kernel_bitwise_equals_two_kernels(m, d, h, density, gated):
-    """The one-kernel decode path (decode_token.cu) lists, dots and sums what the up-act + down pair does: equal
-    bit for bit for every token with at most DECODE_CAP active neurons, with and without PDL; a token with more
-    (density 0.3 at H 5632) sums the same products grouped otherwise: close, not equal. H past TOKEN_MAX_H
-    (16392) runs the pair instead. D 4096: two or more chunks of D per token, each repeating the listing."""
-    inp = make_ffn_inputs(m, d, h, max(density * h, 0.5), device=DEV, seed=m * 7 + d + h)
-    down_t = inp.down.T.contiguous()
-    up = inp.up if gated else None
-    act = inp.x @ inp.gate.T
-    want = _poison(torch.empty_like(inp.x))
-    launchers.launch_relu_ffn(inp.x, act, up, down_t, want, path="decode", one_kernel=False)
-    outs = []
-    for pdl in [False] + ([True] if launchers.pdl_default(torch.device(DEV)) else []):
-        outs.append(_poison(torch.empty_like(inp.x)))
-        launchers.launch_relu_ffn(inp.x, act, up, down_t, outs[-1], path="decode", one_kernel=True, pdl_up=pdl)
-    torch.cuda.synchronize()
-    assert not torch.isnan(want).any()
-    few = (act > 0).sum(1) <= launchers.DECODE_CAP
-    for out in outs:
-        assert torch.equal(out[few], want[few])
-        assert _rel(out, want) < 5e-3
-
-
-def test_decode_one_kernel_refuses_wide_h_directly():
-    inp = make_ffn_inputs(2, 64, launchers.TOKEN_MAX_H + 8, 3, device=DEV, seed=5)
-    act = inp.x @ inp.gate.T
-    with pytest.raises(ValueError, match="H <= 16384"):
-        launchers.launch_decode_token(inp.x, act, inp.up, inp.down.T.contiguous(), torch.empty_like(inp.x))
-
-
-@pytest.mark.parametrize("m", [17, 64])
-def test_decode_one_kernel_pdl_waits_after_cublas(m):
-    """The one-kernel decode path launched with PDL after the cuBLAS gate GEMM, in a chain of layers: equal bit for
-    bit to plain launches, eager and as poisoned CUDA-graph replays."""
-    _needs_pdl()
-    d, h, layers = 1024, 2816, 6
-    sets = [make_ffn_inputs(m, d, h, 14, device=DEV, seed=400 + i) for i in range(layers)]
-    downs_t = [s.down.T.contiguous() for s in sets]
-
-    def chain(pdl):
-        x = sets[0].x
-        for s, dt in zip(sets, downs_t):
-            out = torch.empty_like(x)
-            launchers.launch_relu_ffn(x, x @ s.gate.T, s.up, dt, out, path="decode", pdl_up=pdl, one_kernel=True)
-            x = out * (m * d) ** 0.5 / (out.float().norm() + 1e-6)
-        return x
-
-    _assert_pdl_chain_matches_plain(chain)
-
-
-@pytest.mark.parametrize("one_kernel", [False, True])
-def test_decode_from_act_hot_segment_and_nan(one_kernel):
+def test_decode_from_act_hot_segment_and_nan():
     """All of a token's active neurons in one 256-column segment (hot-first order does that): the block's warps
     share the up dots; NaN in the activation counts as active and propagates to its token only."""
     m, d, h = 40, 512, 2048
@@ -606,7 +551,7 @@ def test_decode_from_act_hot_segment_and_nan(one_kernel):
     act[:, 256:300] = act[:, 256:300].abs()  # 44 active neurons per token, all in segment 1
     act[7, 1000] = float("nan")
     out = _poison(torch.empty_like(inp.x))
-    launchers.launch_relu_ffn(inp.x, act, inp.up, down_t, out, path="decode", one_kernel=one_kernel)
+    launchers.launch_relu_ffn(inp.x, act, inp.up, down_t, out, path="decode")
     torch.cuda.synchronize()
     keep = torch.arange(m, device=DEV) != 7
     assert torch.isnan(out[7]).all() and not torch.isnan(out[keep]).any()
