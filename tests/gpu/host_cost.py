@@ -3,8 +3,9 @@
 block_gaps.py found the sparse block 0.05-0.08 ms slower timed per call (the suite's method) than pipelined or as a
 CUDA graph, and its host side 0.26-0.33 ms per call against dense's 0.08-0.13. Per shape (packed layer), ROUNDS
 interleaved rounds, best round per cell, per call and pipelined, and each variant's host time:
-  dense; the default block (ffn_forward: two custom ops); the same kernels launched straight from the launchers
-  (no custom op, no ffn_forward); then a cProfile of 50 default calls (each followed by a sync), top entries.
+  dense; the default block (ffn_forward); the same kernels launched straight from the launchers (no op, no
+  ffn_forward); the default's calls with both ops through the dispatcher (ops.X.op, as before session 17); then a
+  cProfile of 50 default calls (each followed by a sync), top entries.
 
     python3 tests/gpu/host_cost.py OUT.json      # HOST_SHAPES=16384x29,65536x29
 """
@@ -21,7 +22,7 @@ import torch
 
 from sparsify_cli.bench.ffn import CALIB_TOKENS, D_MODEL, HIDDEN, calib_tokens, cuda_time, dense_block, packed_layer
 from sparsify_cli.bench.synthetic import make_ffn_inputs
-from sparsify_cli.kernels import ffn_forward, launchers
+from sparsify_cli.kernels import ffn_forward, launchers, ops
 from block_gaps import host_ms, pipelined  # tests/gpu, beside this script
 from prefill_rows import run_rows, shapes
 
@@ -41,6 +42,13 @@ def direct(x, pk):
     return out
 
 
+def via_dispatcher(x, pk):
+    """The default hybrid's calls with both ops through the dispatcher (as every call went before session 17)."""
+    act = x @ pk.gate.T
+    h_hot, lists = ops.relu_list.op(act, pk.n_hot, x @ pk.up[:pk.n_hot].T)
+    return ops.relu_ffn.op(x, act, pk.up, pk.down_t, pk.n_hot, h_hot @ pk.down_t[:pk.n_hot], lists)
+
+
 def row(m: int, nnz: int) -> dict:
     inp = make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=int(nnz) + m)
     calib = calib_tokens(CALIB_TOKENS, m + 1)
@@ -50,8 +58,9 @@ def row(m: int, nnz: int) -> dict:
     fns = {"dense": lambda: dense_block(x, inp.gate, inp.up, inp.down),
            "default": lambda: ffn_forward(x, pk.gate, pk.up, pk.down_t, kernels="cuda", mode="sparse",
                                           n_hot=pk.n_hot),
-           "direct launchers": lambda: direct(x, pk)}
-    same = bool(torch.equal(fns["default"](), fns["direct launchers"]()))
+           "direct launchers": lambda: direct(x, pk),
+           "ops through the dispatcher": lambda: via_dispatcher(x, pk)}
+    same = all(torch.equal(fns["default"](), fns[k]()) for k in ("direct launchers", "ops through the dispatcher"))
     cells = {f"{k} {how}": f for k in fns for how, f in (("per call", lambda f=fns[k]: cuda_time(f, 20)),
                                                           ("pipelined", lambda f=fns[k]: pipelined(f)))}
     rounds: dict[str, list[float]] = {k: [] for k in cells}
