@@ -22,9 +22,11 @@ Inference only: no autograd formula is registered (backward through these ops ra
 Each name here is a thin wrapper (_Op) over the registered op: called eagerly on plain tensors that need no
 gradient, it runs the op's implementation directly; anywhere else (torch.compile, export, fake or other tensor
 subclasses, a dispatch mode, inputs that require grad) it calls the op through the dispatcher. The dispatcher's
-Python path for a custom op cost 0.1-0.2 ms of host time per call on the H200 machines (torch 2.11), which a
-prefill block timed per call sees: 0.867 -> 0.823 ms at M = 16384, nnz 29, packed (tests/gpu/host_cost.py,
-BENCHMARKS.md session 17). The results are the same tensors either way.
+Python path for a custom op costs tens of µs of host time per call: the hybrid prefill block (two ops) took
+0.237-0.247 ms of host time per call instead of 0.298-0.321 ms on one H200 machine, 0.27 instead of 0.52 ms on a
+slower one (torch 2.11; tests/gpu/host_cost.py, BENCHMARKS.md session 17). That is what an eager caller whose
+GPU work per layer is shorter than its host work (a small prefill) waits for; the GPU time is the same, and so
+are the results.
 """
 
 from __future__ import annotations
