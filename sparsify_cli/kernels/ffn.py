@@ -48,6 +48,12 @@ class SparsePolicy:
     # whole 28-layer model decoded at 0.79-0.84x dense that way (BENCHMARKS.md). So eager decode goes dense;
     # under a CUDA graph the sparse kernels' speed-up (2.0-2.3x fused at 1-16 tokens, BENCHMARKS.md) is kept.
     eager_decode_dense: bool = True
+    # The same for a small prefill run eagerly: up to this many tokens the hybrid block's host side (~0.12-0.14 ms
+    # for two GEMM calls, two CuPy launches and their checks, against ~0.06 ms for dense's three GEMMs) exceeds the
+    # GPU time its kernels save. H200, one FFN layer (D 2048, H 5632, nnz 29, packed), per call: 1024 tokens sparse
+    # 0.165 ms vs dense 0.126 ms (0.76x), 4096 tokens 0.229 vs 0.435 ms (1.90x); between them not measured
+    # (tests/gpu/host_cost.py, BENCHMARKS.md session 17). 0: never.
+    eager_prefill_dense_max_m: int = 1024
     # Decode of at most launchers.FUSED_MAX_M tokens with a known density (nnz_hint, or mode="sparse") runs the
     # fused kernels (gate projection + relu + up dots in one pass, then the down rows): no activation round trip
     # and two launches instead of three (BENCHMARKS.md). False: gate projection, then the decode kernel.
@@ -69,9 +75,10 @@ class SparsePolicy:
     # at nnz 112 (-6% to +1.5%); the same bits as the scan.
     hybrid_lists: bool = True
 
-    def use_dense_decode(self, m: int) -> bool:
-        """True for a decode-sized call run eagerly (see eager_decode_dense)."""
-        if not self.eager_decode_dense or m > self.decode_max_m:
+    def use_dense_eager(self, m: int) -> bool:
+        """True for a call of m tokens run eagerly (not captured in a CUDA graph, not compiled) where the sparse
+        path's host cost loses: decode-sized (eager_decode_dense) or a small prefill (eager_prefill_dense_max_m)."""
+        if not (self.eager_decode_dense if m <= self.decode_max_m else m <= self.eager_prefill_dense_max_m):
             return False
         return not (torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling())
 
@@ -190,7 +197,7 @@ def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, d
         return dense_ffn(x, w_act, up, down_t, down=down)
     if mode not in ("auto", "sparse"):
         raise ValueError(f"mode must be auto, sparse or dense, got {mode!r}")
-    if mode == "auto" and policy.use_dense_decode(x.shape[0]):
+    if mode == "auto" and policy.use_dense_eager(x.shape[0]):
         return dense_ffn(x, w_act, up, down_t, down=down)
     from sparsify_cli.kernels import launchers, ops
 

@@ -407,8 +407,8 @@ def test_gemv_matches_reference(m, d, h):
 
 
 def test_eager_decode_goes_dense_and_graph_captured_decode_stays_sparse(monkeypatch):
-    """Decode-sized calls run eagerly take the dense path (the sparse path's host cost loses there); captured in a
-    CUDA graph they run the sparse kernels; both agree with the reference."""
+    """Decode-sized calls and small prefills run eagerly take the dense path (the sparse path's host cost loses
+    there); captured in a CUDA graph they run the sparse kernels; both agree with the reference."""
     from sparsify_cli.kernels import ffn
 
     inp = make_ffn_inputs(4, 1024, 2816, 20, device=DEV, seed=9)
@@ -433,10 +433,15 @@ def test_eager_decode_goes_dense_and_graph_captured_decode_stays_sparse(monkeypa
     assert calls == []  # the sparse kernels ran inside the graph
     dense_err = _rel(real_dense(inp.x, inp.gate, inp.up, down_t), ref)
     assert _rel(eager, ref) <= 2 * dense_err + 1e-4 and _rel(captured, ref) <= 2 * dense_err + 1e-4
-    big = make_ffn_inputs(512, 1024, 2816, 20, device=DEV, seed=10)
+    small = make_ffn_inputs(512, 1024, 2816, 20, device=DEV, seed=10)
+    calls.clear()
+    ffn.ffn_forward(small.x, small.gate, small.up, small.down.T.contiguous(), mode="auto", kernels="cuda",
+                    nnz_hint=20.0)
+    assert calls == [1]  # a small prefill run eagerly: dense too (eager_prefill_dense_max_m)
+    big = make_ffn_inputs(2048, 1024, 2816, 20, device=DEV, seed=10)
     calls.clear()
     ffn.ffn_forward(big.x, big.gate, big.up, big.down.T.contiguous(), mode="auto", kernels="cuda", nnz_hint=20.0)
-    assert calls == []  # prefill sizes: sparse at this density, eager or not
+    assert calls == []  # larger prefill: sparse at this density, eager or not
 
 
 # (D, H): ragged H, D > 4096, and H > 16384 (the down kernel's listing then takes two passes over h)

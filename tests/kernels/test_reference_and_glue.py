@@ -232,3 +232,20 @@ def test_hybrid_ffn_traces_through_the_ops_fake_implementations(gated, lists):
     assert out.shape == (300, 128) and out.dtype == torch.bfloat16 and out.device.type == "meta"
     h, cold = ops.relu_list(act, 64, None)
     assert h.shape == (300, 64) and cold.shape == (300, launchers.LIST_SLOTS) and cold.dtype == torch.int32
+
+
+def test_eager_calls_go_dense_where_the_host_cost_loses(monkeypatch):
+    """SparsePolicy.use_dense_eager: decode sizes by eager_decode_dense, small prefills by
+    eager_prefill_dense_max_m, when not capturing a CUDA graph and not compiling."""
+    from sparsify_cli.kernels.ffn import SparsePolicy
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+
+    p = SparsePolicy()
+    assert [p.use_dense_eager(m) for m in (1, 64, 65, 1024, 1025, 65536)] == [True] * 4 + [False] * 2
+    no_prefill = SparsePolicy(eager_prefill_dense_max_m=0)
+    assert [no_prefill.use_dense_eager(m) for m in (64, 65)] == [True, False]
+    no_decode = SparsePolicy(eager_decode_dense=False)
+    assert [no_decode.use_dense_eager(m) for m in (64, 65)] == [False, True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not p.use_dense_eager(1) and not p.use_dense_eager(512)  # captured: the sparse kernels go in the graph
