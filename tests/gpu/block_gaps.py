@@ -24,11 +24,9 @@ import time
 
 import torch
 
-from sparsify_cli.bench.ffn import (CALIB_TOKENS, D_MODEL, HIDDEN, calib_tokens, cuda_time, dense_block, graph_replay,
-                                    packed_layer)
-from sparsify_cli.bench.synthetic import make_ffn_inputs
+from sparsify_cli.bench.ffn import cuda_time, dense_block, graph_replay
 from sparsify_cli.kernels import ffn_forward
-from prefill_rows import run_rows, shapes  # tests/gpu, beside this script
+from prefill_rows import packed_inputs, run_rows, shapes  # tests/gpu, beside this script
 
 ROUNDS = int(os.environ.get("GAPS_ROUNDS", "3"))
 
@@ -79,10 +77,7 @@ def kernel_span(fn, calls: int = 5) -> dict:
 
 
 def row(m: int, nnz: int) -> dict:
-    inp = make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=int(nnz) + m)
-    calib = calib_tokens(CALIB_TOKENS, m + 1)
-    pk = packed_layer(inp.gate, inp.up, inp.down.T.contiguous(), calib)
-    del calib
+    inp, pk = packed_inputs(m, nnz)
     x = inp.x
     fns = {"dense": lambda: dense_block(x, inp.gate, inp.up, inp.down),
            "sparse": lambda: ffn_forward(x, pk.gate, pk.up, pk.down_t, kernels="cuda", mode="sparse",

@@ -22,10 +22,9 @@ import sys
 
 import torch
 
-from sparsify_cli.bench.ffn import CALIB_TOKENS, D_MODEL, HIDDEN, calib_tokens, cuda_time, dense_block, packed_layer
-from sparsify_cli.bench.synthetic import make_ffn_inputs
+from sparsify_cli.bench.ffn import cuda_time, dense_block
 from sparsify_cli.kernels import ffn_forward, launchers, ops
-from prefill_rows import run_rows, shapes  # tests/gpu, beside this script
+from prefill_rows import packed_inputs, run_rows, shapes  # tests/gpu, beside this script
 
 ROUNDS = int(os.environ.get("COMPRESS_ROUNDS", "4"))
 ATTR_GENERIC_COMPRESSION_SUPPORTED = 107  # cuda.h, CUdevice_attribute
@@ -110,16 +109,7 @@ def block_from(x, pk, act_fn):
 
 def row(m: int, nnz: int) -> dict:
     dev = torch.cuda.current_device()
-    inp = make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=int(nnz) + m)
-    calib = calib_tokens(CALIB_TOKENS, m + 1)
-    pk = packed_layer(inp.gate, inp.up, inp.down.T.contiguous(), calib)
-    if os.environ.get("COMPRESS_LAYER") == "full":
-        from sparsify_cli.kernels.ffn import hot_first_order
-
-        perm, n_hot = hot_first_order(((calib @ inp.gate.T) > 0).float().mean(0))
-        pk = type(pk)(inp.gate[perm].contiguous(), inp.up[perm].contiguous(), inp.down.T[perm].contiguous(), n_hot,
-                      pk.nnz_hint, pk.cold_nnz_hint, torch.ones_like(pk.kept))
-    del calib
+    inp, pk = packed_inputs(m, nnz, full=os.environ.get("COMPRESS_LAYER") == "full")
     x = inp.x
     keep: list = []
     plain = torch.empty(m, pk.width, dtype=x.dtype, device=x.device)

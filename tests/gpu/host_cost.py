@@ -20,11 +20,10 @@ import sys
 
 import torch
 
-from sparsify_cli.bench.ffn import CALIB_TOKENS, D_MODEL, HIDDEN, calib_tokens, cuda_time, dense_block, packed_layer
-from sparsify_cli.bench.synthetic import make_ffn_inputs
+from sparsify_cli.bench.ffn import cuda_time, dense_block
 from sparsify_cli.kernels import ffn_forward, launchers, ops
 from block_gaps import host_ms, pipelined  # tests/gpu, beside this script
-from prefill_rows import run_rows, shapes
+from prefill_rows import packed_inputs, run_rows, shapes
 
 ROUNDS = int(os.environ.get("HOST_ROUNDS", "3"))
 
@@ -50,10 +49,7 @@ def via_dispatcher(x, pk):
 
 
 def row(m: int, nnz: int) -> dict:
-    inp = make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=int(nnz) + m)
-    calib = calib_tokens(CALIB_TOKENS, m + 1)
-    pk = packed_layer(inp.gate, inp.up, inp.down.T.contiguous(), calib)
-    del calib
+    inp, pk = packed_inputs(m, nnz)
     x = inp.x
     fns = {"dense": lambda: dense_block(x, inp.gate, inp.up, inp.down),
            "default": lambda: ffn_forward(x, pk.gate, pk.up, pk.down_t, kernels="cuda", mode="sparse",

@@ -24,13 +24,11 @@ import sys
 
 import torch
 
-from sparsify_cli.bench.ffn import (CALIB_TOKENS, D_MODEL, HIDDEN, PREFILL_M, PREFILL_NNZ, _rel, calib_tokens,
-                                    cuda_time, dense_block, packed_layer)
+from sparsify_cli.bench.ffn import PREFILL_M, PREFILL_NNZ, _rel, cuda_time, dense_block
 from sparsify_cli.bench.measure import kernel_ms
-from sparsify_cli.bench.synthetic import make_ffn_inputs
 from sparsify_cli.kernels import ffn_forward, launchers, ops
 from sparsify_cli.kernels.ffn import hot_part
-from prefill_rows import run_rows, shapes  # tests/gpu, beside this script
+from prefill_rows import packed_inputs, run_rows, shapes  # tests/gpu, beside this script
 
 ROUNDS = int(os.environ.get("HOT_TUNE_ROUNDS", "3"))
 N_HOT = [int(v) for v in os.environ.get("HOT_TUNE_N", "256,384,512,640,768,1024,1280,1536,2048").split(",")]
@@ -38,10 +36,7 @@ BREAKDOWN_CALLS = 7
 
 
 def row(m: int, nnz: int) -> dict:
-    inp = make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=int(nnz) + m)
-    calib = calib_tokens(CALIB_TOKENS, m + 1)
-    pk = packed_layer(inp.gate, inp.up, inp.down.T.contiguous(), calib)
-    del calib
+    inp, pk = packed_inputs(m, nnz)
     x = inp.x
     act = x @ pk.gate.T
     on = (act > 0).sum(0).double()  # (width,) entries per neuron on the timed tokens

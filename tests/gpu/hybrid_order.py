@@ -23,12 +23,10 @@ import sys
 
 import torch
 
-from sparsify_cli.bench.ffn import (CALIB_TOKENS, D_MODEL, HIDDEN, _rel, calib_tokens, cuda_time, dense_block,
-                                    packed_layer)
-from sparsify_cli.bench.synthetic import make_ffn_inputs
+from sparsify_cli.bench.ffn import _rel, cuda_time, dense_block
 from sparsify_cli.kernels import ffn_forward, launchers, ops
 from sparsify_cli.kernels.ffn import SparsePolicy
-from prefill_rows import run_rows, shapes  # tests/gpu, beside this script
+from prefill_rows import packed_inputs, run_rows, shapes  # tests/gpu, beside this script
 
 ROUNDS = int(os.environ.get("HYBRID_ORDER_ROUNDS", "4"))
 CHUNKS = [int(v) for v in os.environ.get("HYBRID_ORDER_CHUNKS", "").split(",") if v]
@@ -118,16 +116,7 @@ def parts(x, pk) -> dict:
 
 
 def row(m: int, nnz: int) -> dict:
-    inp = make_ffn_inputs(m, D_MODEL, HIDDEN, nnz, device="cuda", seed=int(nnz) + m)
-    calib = calib_tokens(CALIB_TOKENS, m + 1)
-    pk = packed_layer(inp.gate, inp.up, inp.down.T.contiguous(), calib)
-    if os.environ.get("HYBRID_ORDER_LAYER") == "full":  # every neuron kept, hot first (the suite's sparse rows)
-        from sparsify_cli.kernels.ffn import hot_first_order
-
-        perm, n_hot = hot_first_order(((calib @ inp.gate.T) > 0).float().mean(0))
-        pk = type(pk)(inp.gate[perm].contiguous(), inp.up[perm].contiguous(), inp.down.T[perm].contiguous(), n_hot,
-                      pk.nnz_hint, pk.cold_nnz_hint, torch.ones_like(pk.kept))
-    del calib
+    inp, pk = packed_inputs(m, nnz, full=os.environ.get("HYBRID_ORDER_LAYER") == "full")  # every neuron kept, hot first (the suite's sparse rows)
     x = inp.x
     ref32 = dense_block(x[:4096].float(), inp.gate.float(), inp.up.float(), inp.down.float())
 

@@ -8,15 +8,13 @@ import os
 
 import torch
 
-from sparsify_cli.bench.ffn import CALIB_TOKENS, D_MODEL, HIDDEN, calib_tokens, packed_layer
-from sparsify_cli.bench.synthetic import make_ffn_inputs
 from sparsify_cli.kernels import launchers
 from hybrid_order import COLD_BUILDS, LIST_BUILDS  # tests/gpu, beside this script
+from prefill_rows import packed_inputs
 
 NNZ = 29
 for m in (int(v) for v in os.environ.get("PROFILE_COLD_M", "65536,16384").split(",")):
-    inp = make_ffn_inputs(m, D_MODEL, HIDDEN, NNZ, device="cuda", seed=NNZ + m)
-    pk = packed_layer(inp.gate, inp.up, inp.down.T.contiguous(), calib_tokens(CALIB_TOKENS, m + 1))
+    inp, pk = packed_inputs(m, NNZ)
     x = inp.x
     act = x @ pk.gate.T
     u = x @ pk.up[:pk.n_hot].T
