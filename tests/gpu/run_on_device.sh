@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the FFN benchmark on the device machine; logs and JSON go to $OUT (or ./gpu_out).
-# Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|profile|train|tune|glue|hot|order|all] [extra args for the bench]
+# Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|profile|train|tune|glue|hot|order|host|all] [extra args for the bench]
 # train: the training op's GPU tests and its fwd+bwd profile (tests/gpu/profile_train.py) only
 # tune: the prefill kernel's builds (cache hints, activation-row prefetch): their GPU tests, then
 #       tests/gpu/prefill_tune.py's prefill rows (every neuron and packed layers, each build) into $OUT/prefill_tune.json
@@ -10,6 +10,8 @@
 # order: the cold lists' GPU tests, then the hybrid's order of work (tests/gpu/hybrid_order.py) on packed layers and
 #        on every neuron into $OUT/hybrid_order_packed.json and $OUT/hybrid_order_full.json, then Nsight Compute on
 #        the list pass and the cold kernel's builds (tests/gpu/profile_cold.py) into $OUT/ncu_cold.txt
+# host: the eager routing test, then the sparse block's host cost and the eager dense/sparse crossover
+#       (tests/gpu/host_cost.py at 1024...4096 tokens) into $OUT/host_cost.json (SparsePolicy.eager_prefill_dense_max_m)
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -49,6 +51,12 @@ if [[ $what == order ]]; then
       --metrics gpu__time_duration.sum,l1tex__t_sector_hit_rate.pct,lts__t_bytes.sum,lts__t_bytes.sum.per_second,lts__t_sector_hit_rate.pct,dram__bytes.sum.per_second,sm__warps_active.avg.pct_of_peak_sustained_active,lts__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread \
       python3 tests/gpu/profile_cold.py > "$OUT/ncu_cold.txt" 2>&1; grep -v "^==PROF==" "$OUT/ncu_cold.txt" | tail -n 60
   fi
+fi
+if [[ $what == host ]]; then
+  python3 -m pytest -q tests/gpu/test_twell_kernels.py -k "eager_decode" -p no:cacheprovider 2>&1 \
+    | tee "$OUT/host_tests.log" | tail -n 5 || rc=1
+  HOST_SHAPES=${HOST_SHAPES:-1024x29,1536x29,2048x29,3072x29,4096x29} python3 tests/gpu/host_cost.py \
+    "$OUT/host_cost.json" 2>&1 | tee "$OUT/host_cost.log" | cut -c1-400 || rc=1
 fi
 if [[ $what == bench || $what == all ]]; then
   python3 -m sparsify_cli.bench.ffn --out "$OUT/ffn_bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{' || rc=1
