@@ -48,12 +48,14 @@ class SparsePolicy:
     # whole 28-layer model decoded at 0.79-0.84x dense that way (BENCHMARKS.md). So eager decode goes dense;
     # under a CUDA graph the sparse kernels' speed-up (2.0-2.3x fused at 1-16 tokens, BENCHMARKS.md) is kept.
     eager_decode_dense: bool = True
-    # The same for a small prefill run eagerly: up to this many tokens the hybrid block's host side (~0.12-0.14 ms
-    # for two GEMM calls, two CuPy launches and their checks, against ~0.06 ms for dense's three GEMMs) exceeds the
-    # GPU time its kernels save. H200, one FFN layer (D 2048, H 5632, nnz 29, packed), per call: 1024 tokens sparse
-    # 0.165 ms vs dense 0.126 ms (0.76x), 4096 tokens 0.229 vs 0.435 ms (1.90x); between them not measured
-    # (tests/gpu/host_cost.py, BENCHMARKS.md session 17). 0: never.
-    eager_prefill_dense_max_m: int = 1024
+    # The same for a small prefill run eagerly: the hybrid block's host side is about fixed (~0.12-0.14 ms: GEMM
+    # calls, CuPy launches and their checks, against ~0.06 ms for dense's three GEMMs) while the GPU time it saves
+    # grows with the work, tokens x D x width. So an eager call goes dense up to this much work (multiply-adds of one
+    # projection). H200, D 2048, H 5632, nnz 29 (packed to 3968), per call: at 1024 tokens (work 1024 x 2048 x
+    # 5632 for the original layer) sparse 0.165 ms vs dense 0.126 ms (0.76x); at 4096 tokens 0.229 vs 0.435 ms
+    # (1.90x); between them not measured (tests/gpu/host_cost.py, BENCHMARKS.md session 17). A layer of Llama 8B's
+    # size (4096 x 14336) goes dense up to ~200 tokens. 0: never.
+    eager_prefill_dense_max_work: int = 1024 * 2048 * 5632
     # Decode of at most launchers.FUSED_MAX_M tokens with a known density (nnz_hint, or mode="sparse") runs the
     # fused kernels (gate projection + relu + up dots in one pass, then the down rows): no activation round trip
     # and two launches instead of three (BENCHMARKS.md). False: gate projection, then the decode kernel.
@@ -75,10 +77,12 @@ class SparsePolicy:
     # at nnz 112 (-6% to +1.5%); the same bits as the scan.
     hybrid_lists: bool = True
 
-    def use_dense_eager(self, m: int) -> bool:
-        """True for a call of m tokens run eagerly (not captured in a CUDA graph, not compiled) where the sparse
-        path's host cost loses: decode-sized (eager_decode_dense) or a small prefill (eager_prefill_dense_max_m)."""
-        if not (self.eager_decode_dense if m <= self.decode_max_m else m <= self.eager_prefill_dense_max_m):
+    def use_dense_eager(self, m: int, d_model: int, width: int) -> bool:
+        """True for a call of m tokens (width d_model, width neurons) run eagerly (not captured in a CUDA graph, not
+        compiled) where the sparse path's host cost loses: decode-sized (eager_decode_dense) or a small prefill
+        (m * d_model * width <= eager_prefill_dense_max_work)."""
+        small = m * d_model * width <= self.eager_prefill_dense_max_work
+        if not (self.eager_decode_dense if m <= self.decode_max_m else small):
             return False
         return not (torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling())
 
@@ -197,7 +201,7 @@ def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, d
         return dense_ffn(x, w_act, up, down_t, down=down)
     if mode not in ("auto", "sparse"):
         raise ValueError(f"mode must be auto, sparse or dense, got {mode!r}")
-    if mode == "auto" and policy.use_dense_eager(x.shape[0]):
+    if mode == "auto" and policy.use_dense_eager(x.shape[0], x.shape[1], w_act.shape[0]):
         return dense_ffn(x, w_act, up, down_t, down=down)
     from sparsify_cli.kernels import launchers, ops
 

@@ -437,8 +437,8 @@ def test_eager_decode_goes_dense_and_graph_captured_decode_stays_sparse(monkeypa
     calls.clear()
     ffn.ffn_forward(small.x, small.gate, small.up, small.down.T.contiguous(), mode="auto", kernels="cuda",
                     nnz_hint=20.0)
-    assert calls == [1]  # a small prefill run eagerly: dense too (eager_prefill_dense_max_m)
-    big = make_ffn_inputs(2048, 1024, 2816, 20, device=DEV, seed=10)
+    assert calls == [1]  # a small prefill run eagerly: dense too (eager_prefill_dense_max_work)
+    big = make_ffn_inputs(8192, 1024, 2816, 20, device=DEV, seed=10)  # 8192 x 1024 x 2816 above that work
     calls.clear()
     ffn.ffn_forward(big.x, big.gate, big.up, big.down.T.contiguous(), mode="auto", kernels="cuda", nnz_hint=20.0)
     assert calls == []  # larger prefill: sparse at this density, eager or not

@@ -235,17 +235,20 @@ def test_hybrid_ffn_traces_through_the_ops_fake_implementations(gated, lists):
 
 
 def test_eager_calls_go_dense_where_the_host_cost_loses(monkeypatch):
-    """SparsePolicy.use_dense_eager: decode sizes by eager_decode_dense, small prefills by
-    eager_prefill_dense_max_m, when not capturing a CUDA graph and not compiling."""
+    """SparsePolicy.use_dense_eager: decode sizes by eager_decode_dense, small prefills by their work (tokens x D x
+    width <= eager_prefill_dense_max_work), when not capturing a CUDA graph and not compiling."""
     from sparsify_cli.kernels.ffn import SparsePolicy
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-
     p = SparsePolicy()
-    assert [p.use_dense_eager(m) for m in (1, 64, 65, 1024, 1025, 65536)] == [True] * 4 + [False] * 2
-    no_prefill = SparsePolicy(eager_prefill_dense_max_m=0)
-    assert [no_prefill.use_dense_eager(m) for m in (64, 65)] == [True, False]
+    paper = [p.use_dense_eager(m, 2048, 5632) for m in (1, 64, 65, 1024, 1025, 65536)]
+    assert paper == [True] * 4 + [False] * 2
+    assert p.use_dense_eager(1452, 2048, 3968) and not p.use_dense_eager(1454, 2048, 3968)  # a packed width
+    assert p.use_dense_eager(200, 4096, 14336) and not p.use_dense_eager(256, 4096, 14336)  # Llama 8B's FFN
+    assert p.use_dense_eager(64, 4096, 14336)  # decode: by eager_decode_dense whatever the work
+    no_prefill = SparsePolicy(eager_prefill_dense_max_work=0)
+    assert [no_prefill.use_dense_eager(m, 2048, 5632) for m in (64, 65)] == [True, False]
     no_decode = SparsePolicy(eager_decode_dense=False)
-    assert [no_decode.use_dense_eager(m) for m in (64, 65)] == [False, True]
+    assert [no_decode.use_dense_eager(m, 2048, 5632) for m in (64, 65)] == [False, True]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert not p.use_dense_eager(1) and not p.use_dense_eager(512)  # captured: the sparse kernels go in the graph
+    assert not p.use_dense_eager(1, 2048, 5632) and not p.use_dense_eager(512, 2048, 5632)  # captured: sparse
