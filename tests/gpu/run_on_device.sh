@@ -11,7 +11,7 @@
 #        on every neuron into $OUT/hybrid_order_packed.json and $OUT/hybrid_order_full.json, then Nsight Compute on
 #        the list pass and the cold kernel's builds (tests/gpu/profile_cold.py) into $OUT/ncu_cold.txt
 # host: the eager routing test, then the sparse block's host cost and the eager dense/sparse crossover
-#       (tests/gpu/host_cost.py at 1024...4096 tokens) into $OUT/host_cost.json (SparsePolicy.eager_prefill_dense_max_m)
+#       (tests/gpu/host_cost.py at 1024...4096 tokens) into $OUT/host_cost.json (SparsePolicy.eager_prefill_dense_max_work)
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
