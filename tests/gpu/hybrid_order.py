@@ -9,7 +9,8 @@ step LIST_GLUE), and the default block with the cold kernel's builds (a listed r
 before session 16: FFN_UP_PAIRS=0) and the list pass's (an L2 prefetch of the row, as before session 16:
 LIST_PREFETCH=1); and the default block run over chunks of tokens (HYBRID_ORDER_CHUNKS=4096,8192; none by default:
 3-34% slower than the whole layer at every shape, session 16), whose activation can stay in L2 between the gate
-GEMM and the list pass. And the gate and hot up projections as two GEMMs and as one over the stacked weights.
+GEMM and the list pass. And the gate GEMM alone and with the hot up GEMM. (Session 17 also timed the two as one
+GEMM over stacked weights: no faster, removed; BENCHMARKS.md.)
 Rows: PERFORMANCE.md's inputs on packed layers, ROUNDS interleaved rounds, best round per cell.
 
     python3 tests/gpu/hybrid_order.py OUT.json      # HYBRID_ORDER_SHAPES=65536x29,16384x29,65536x112
@@ -132,12 +133,8 @@ def row(m: int, nnz: int) -> dict:
                  for name, extra in COLD_BUILDS.items() if extra},
               **{f"hot first, listed, list pass {name}": (lambda e: lambda: listed_build(x, pk, listing=e))(extra)
                  for name, extra in LIST_BUILDS.items() if extra}}
-    # the gate and hot up projections as one GEMM over the stacked weights (what a layer storing U's hot rows right
-    # after the gate rows could run): whether the small hot up GEMM's own waves cost more than its share of one
-    gate_hot_up = torch.cat([pk.gate, pk.up[:pk.n_hot]])
     fns = {"dense": lambda: dense_block(x, inp.gate, inp.up, inp.down), **hybrids, **builds,
-           "gate GEMM": lambda: x @ pk.gate.T, "gate + hot up GEMMs": lambda: (x @ pk.gate.T, x @ pk.up[:pk.n_hot].T),
-           "gate and hot up as one GEMM": lambda: x @ gate_hot_up.T}
+           "gate GEMM": lambda: x @ pk.gate.T, "gate + hot up GEMMs": lambda: (x @ pk.gate.T, x @ pk.up[:pk.n_hot].T)}
     rounds: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(ROUNDS):
         for k, fn in fns.items():
