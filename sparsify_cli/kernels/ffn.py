@@ -48,14 +48,15 @@ class SparsePolicy:
     # whole 28-layer model decoded at 0.79-0.84x dense that way (BENCHMARKS.md). So eager decode goes dense;
     # under a CUDA graph the sparse kernels' speed-up (2.0-2.3x fused at 1-16 tokens, BENCHMARKS.md) is kept.
     eager_decode_dense: bool = True
-    # The same for a small prefill run eagerly: the hybrid block's host side is about fixed (~0.12-0.14 ms: GEMM
-    # calls, CuPy launches and their checks, against ~0.06 ms for dense's three GEMMs) while the GPU time it saves
-    # grows with the work, tokens x D x width. So an eager call goes dense up to this much work (multiply-adds of one
-    # projection). H200, D 2048, H 5632, nnz 29 (packed to 3968), per call: at 1024 tokens (work 1024 x 2048 x
-    # 5632 for the original layer) sparse 0.165 ms vs dense 0.126 ms (0.76x); at 4096 tokens 0.229 vs 0.435 ms
-    # (1.90x); between them not measured (tests/gpu/host_cost.py, BENCHMARKS.md session 17). A layer of Llama 8B's
-    # size (4096 x 14336) goes dense up to ~200 tokens. 0: never.
-    eager_prefill_dense_max_work: int = 1024 * 2048 * 5632
+    # The same for a small prefill run eagerly: the hybrid block's host side is about fixed (~0.15-0.22 ms: GEMM
+    # calls, CuPy launches and their checks, against ~0.07-0.10 ms for dense's three GEMMs) while the GPU time it
+    # saves grows with the work, tokens x D x width. So an eager call goes dense up to this much work (multiply-adds
+    # of one projection): where the two cross on the H200, D 2048, the layer packed to width 3968 (nnz 29), per call
+    # (tests/gpu/host_cost.py; BENCHMARKS.md sessions 17 and 18): 1024 tokens sparse 0.179 ms vs dense 0.129
+    # (0.72x), 1536 tokens 0.186 vs 0.178 (0.96x), 2048 tokens 0.182 vs 0.226 (1.24x), 4096 tokens 0.233 vs 0.440
+    # (1.89x): even at ~1600 tokens. ~1130 tokens at the unpacked width 5632; ~220 on a layer of Llama 8B's size
+    # (4096 x 14336). 0: never.
+    eager_prefill_dense_max_work: int = 1600 * 2048 * 3968
     # Decode of at most launchers.FUSED_MAX_M tokens with a known density (nnz_hint, or mode="sparse") runs the
     # fused kernels (gate projection + relu + up dots in one pass, then the down rows): no activation round trip
     # and two launches instead of three (BENCHMARKS.md). False: gate projection, then the decode kernel.

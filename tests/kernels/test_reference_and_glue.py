@@ -241,10 +241,10 @@ def test_eager_calls_go_dense_where_the_host_cost_loses(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     p = SparsePolicy()
-    paper = [p.use_dense_eager(m, 2048, 5632) for m in (1, 64, 65, 1024, 1025, 65536)]
-    assert paper == [True] * 4 + [False] * 2
-    assert p.use_dense_eager(1452, 2048, 3968) and not p.use_dense_eager(1454, 2048, 3968)  # a packed width
-    assert p.use_dense_eager(200, 4096, 14336) and not p.use_dense_eager(256, 4096, 14336)  # Llama 8B's FFN
+    paper = [p.use_dense_eager(m, 2048, 5632) for m in (1, 64, 65, 1024, 1127, 1128, 65536)]
+    assert paper == [True] * 5 + [False] * 2
+    assert p.use_dense_eager(1600, 2048, 3968) and not p.use_dense_eager(1601, 2048, 3968)  # the packed width
+    assert p.use_dense_eager(221, 4096, 14336) and not p.use_dense_eager(222, 4096, 14336)  # Llama 8B's FFN
     assert p.use_dense_eager(64, 4096, 14336)  # decode: by eager_decode_dense whatever the work
     no_prefill = SparsePolicy(eager_prefill_dense_max_work=0)
     assert [no_prefill.use_dense_eager(m, 2048, 5632) for m in (64, 65)] == [True, False]
