@@ -108,3 +108,11 @@ def _nvrtc_compile(src: str, arch: str, defines: tuple[str, ...] = ()) -> None:
     NVRTC.nvrtcGetProgramLog(prog, log)
     NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
     assert rc == 0, log.value.decode(errors="replace")
+
+
+@pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found (the dev extra's nvidia-cuda-nvrtc wheel provides it)")
+def test_hopper_gemm_compiles_with_nvrtc_for_sm90a():
+    """gemm_sm90.cu's body (wgmma, TMA, clusters) exists only for sm_90a: NVRTC must compile that path too, both
+    epilogues."""
+    _nvrtc_compile("gemm_sm90.cu", "sm_90a")
+    _nvrtc_compile("gemm_sm90.cu", "sm_90a", ("GEMM_TMA_STORE=0", "GEMM_CLUSTER=1"))
