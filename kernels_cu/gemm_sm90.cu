@@ -1,20 +1,23 @@
-// Hopper (sm_90a) GEMM, the groundwork for a gate projection that lists its active entries from its own epilogue
-// (BENCHMARKS.md, "what holds the rest back": the gate GEMM is ~half the packed prefill block and the list pass
-// re-reads its 0.5 GB output). This build computes out (M, N) bf16 = x (M, K) · w (N, K)ᵀ, fp32 accumulate, with
-// the same bits as torch's x @ w.T through cuBLAS on every shape tested; tests/gpu/hopper_gemm.py checks and times
-// it against cuBLAS (H200: 96-100% of cuBLAS's speed at 16384-65536 x 3968-5632 x 2048, BENCHMARKS.md session 18).
-// It is not on any default path yet.
+// Hopper (sm_90a) GEMM for the gate projection: out (M, N) bf16 = x (M, K) · w (N, K)ᵀ, fp32 accumulate, with the
+// same bits as torch's x @ w.T through cuBLAS on every shape tested, and optionally (words given) a listing
+// epilogue that writes the TwELL words of relu(out) over the columns >= c_start and the dense tile only where a
+// consumer reads it (kernels/hopper.py, ffn.gate_listed_hybrid). Why: the gate GEMM is ~half the packed prefill
+// block, and the list pass after it re-reads its 0.5 GB output (BENCHMARKS.md). Measured (H200, BENCHMARKS.md
+// session 18): writing every tile, 91-100% of cuBLAS's speed (Nsight Compute: tensor cores 91.6% busy, cuBLAS's
+// 92.6%); the listing epilogue does not keep up yet (63%), so SparsePolicy.gate_list_epilogue is off.
 //
 // Persistent: one block per SM (in clusters of GEMM_CLUSTER along M) walks 128 x 256 tiles of out. Three
-// warpgroups: warpgroup 0 (one thread) streams 64-column K slices of x's 128 rows and w's 256 rows into a
+// warpgroups: warpgroup 0's thread 0 streams 64-column K slices of x's 128 rows and w's 256 rows into a
 // GEMM_STAGES-deep shared-memory ring by TMA (cp.async.bulk.tensor, 128-byte swizzle, completion counted on an
 // mbarrier per stage; the two blocks of a cluster share the w slice, each loading half and multicasting it), running
 // ahead into the next tile while the consumers finish one; warpgroups 1 and 2 each take 64 rows of the tile and run
 // wgmma.mma_async m64n256k16 (bf16 in, fp32 accumulate, both operands from shared memory) over each slice, keeping
 // one slice's MMAs in flight while the next is issued, and hand the stage back to every block of the cluster
-// through a second mbarrier. The accumulators (128 fp32 per thread) are rounded to bf16 once (cvt.rn.bf16x2),
-// written into a swizzled shared-memory tile and stored by TMA while the warpgroup starts its next tile. TMA
-// zero-fills loads and clips stores past M, N and K, so any shape with K % 8 == 0 and N % 8 == 0 works.
+// through a second mbarrier. The accumulators (128 fp32 per thread) are rounded to bf16 once (cvt.rn.bf16x2) and
+// written into a swizzled shared-memory tile; without words a consumer thread stores it by TMA while its
+// warpgroup starts the next tile; with words, warps 1..3 of warpgroup 0 list it and store it where needed
+// (list_tile). TMA zero-fills loads and clips stores past M, N and K, so any shape with K % 8 == 0 and N % 8 == 0
+// works.
 //
 // Compiled for sm_90a only (wgmma, TMA, setmaxnreg, clusters): on other targets the kernel body is empty and traps;
 // its launcher must refuse anything but compute capability 9.0.
@@ -158,6 +161,52 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], unsigned long 
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
         : "l"(da), "l"(db), "r"(1));  // scale-d = 1: d += A·B
 }
+
+// The listing epilogue (words given), run by warps 1..3 of warpgroup 0 (the producer needs one thread) while the
+// consumers go on to their next tile: a consumer warpgroup writes its 64 x 256 bf16 tile into its four swizzled
+// boxes, as for the TMA store, and hands them over (epi_full); the lister writes each row's TwELL record for the
+// tile (docs/FORMAT.md, T = 256 = GEMM_BN): lane l reads the row's columns 8 l .. 8 l + 7 (one 16-byte load), and
+// ranks in ascending column order are a warp scan of the lanes' counts. Non-zero is tested on the bf16 value as
+// stored (NaN counts), so the words are pack_twell of the activation this kernel computes, which is what a
+// consumer scanning an overflowed tile of it lists, and what relu_list.cu lists from cuBLAS's activation. Columns
+// < c_start and >= N are left out (both multiples of 8). Every word of the record is written: unused slots 0, the
+// true count, the first K = S - 1 entries. The dense tile is stored (TMA) only where it is read: if it holds
+// columns < c_start (the hybrid's hot glue reads them) or a row of it overflowed (the consumer scans act there).
+// Then the boxes go back to the consumer (epi_empty).
+#define LIST_WARPS 3
+__device__ __forceinline__ void list_tile(const unsigned char* box0, int* __restrict__ words, int row0, int n0,
+                                          int M, int N, int c_start, int S, int lw, int lane, int& overflow) {
+    const int nt = (N + GEMM_BN - 1) / GEMM_BN, K = S - 1;
+    const int c = n0 + 8 * lane;  // this lane's 8 columns
+    const bool cols_ok = c >= c_start && c < N;
+    for (int r = lw; r < 64; r += LIST_WARPS) {
+        const int row = row0 + r;
+        const uint4 v = *reinterpret_cast<const uint4*>(box0 + (lane >> 3) * (64 * 128) + r * 128 +
+                                                        (((lane & 7) ^ (r & 7)) << 4));
+        const unsigned short b[8] = {(unsigned short)(v.x & 0xffff), (unsigned short)(v.x >> 16),
+                                     (unsigned short)(v.y & 0xffff), (unsigned short)(v.y >> 16),
+                                     (unsigned short)(v.z & 0xffff), (unsigned short)(v.z >> 16),
+                                     (unsigned short)(v.w & 0xffff), (unsigned short)(v.w >> 16)};
+        int n = 0;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) n += cols_ok && relu_active(b[e]) ? 1 : 0;
+        const int incl = warp_incl_scan(n, lane);
+        const int count = __shfl_sync(SPARSIFY_FULL_MASK, incl, 31);
+        if (row >= M) continue;  // the same for the whole warp
+        int* rec = words + ((long long)row * nt + n0 / GEMM_BN) * S;
+        if (4 * lane < S) *reinterpret_cast<int4*>(rec + 4 * lane) = make_int4(0, 0, 0, 0);
+        __syncwarp();  // the entries land after the zeros
+        if (lane == 0) rec[0] = count;
+        int rk = incl - n;
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            if (cols_ok && relu_active(b[e])) {
+                if (rk < K) rec[1 + rk] = (int)(((unsigned)(c + e) << 16) | b[e]);
+                ++rk;
+            }
+        overflow |= count > K;
+    }
+}
 #endif
 
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) gemm_bf16_tn_kernel(
@@ -165,7 +214,9 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) gemm_bf16_tn_kerne
     const __grid_constant__ TmaDesc tma_w,  // w (N, K): box 64 x 256 / GEMM_CLUSTER
     const __grid_constant__ TmaDesc tma_out,  // out (M, N): box 64 x 64, 128-byte swizzle (GEMM_TMA_STORE)
     unsigned short* __restrict__ out,       // (M, N) row-major
-    int M, int N, int K) {
+    int M, int N, int K,
+    int* __restrict__ words,  // null: plain GEMM; else TwELL words (M, ceil(N / 256), S) of relu(out), columns < c_start
+    int c_start, int S) {     // left out (tile 256, K = S - 1 entries; docs/FORMAT.md): the listing epilogue
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char smem_raw[];
     // 128-byte swizzle wants 1024-byte aligned tiles
@@ -178,6 +229,10 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) gemm_bf16_tn_kerne
     unsigned char* se = sb + GEMM_STAGES * B_BYTES;
     unsigned long long* full = reinterpret_cast<unsigned long long*>(se + EPI_BYTES);
     unsigned long long* empty = full + GEMM_STAGES;
+    // the listing epilogue's hand-over of each consumer warpgroup's boxes, and the tile they hold
+    unsigned long long* epi_full = empty + GEMM_STAGES;
+    unsigned long long* epi_empty = epi_full + 2;
+    volatile int* epi_info = reinterpret_cast<volatile int*>(epi_empty + 2);  // per warpgroup: row0, n0; overflow
     const int wg = threadIdx.x >> 7, tid = threadIdx.x & 127;
     const int kt_n = (K + GEMM_BK - 1) / GEMM_BK;
     // Persistent: the grid is at most one block per SM; cluster c takes work items c, c + clusters, ... Item t is
@@ -193,14 +248,44 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) gemm_bf16_tn_kerne
             mbar_init(&full[s], 1);
             mbar_init(&empty[s], 2 * GEMM_CLUSTER);  // each consumer warpgroup of each block of the cluster
         }
+        for (int w = 0; w < 2; ++w) {
+            mbar_init(&epi_full[w], 1);
+            mbar_init(&epi_empty[w], 1);
+        }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     // the cluster's blocks write into each other's stages and barriers: all initialized first
     if (GEMM_CLUSTER > 1) cluster_sync(); else __syncthreads();
     const unsigned rank = GEMM_CLUSTER > 1 ? cluster_rank() : 0;
     const int first = blockIdx.x / GEMM_CLUSTER;
-    if (wg == 0) {  // producer
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (wg == 0) {  // producer (thread 0) and, listing, the lister (warps 1..3)
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 72;\n");
+        if (tid >= 32 && words != nullptr && GEMM_TMA_STORE) {
+            const int lw = (tid >> 5) - 1, lane = tid & 31;
+            int use = 0;  // tiles handed over so far per warpgroup (both warpgroups hand over each tile)
+            for (int t = first; t < work; t += clusters, ++use) {
+                for (int cw = 0; cw < 2; ++cw) {
+                    mbar_wait(&epi_full[cw], use & 1);
+                    const int row0 = epi_info[4 * cw], n0 = epi_info[4 * cw + 1];
+                    const unsigned char* box0 = se + cw * 4 * BOX_BYTES;
+                    int overflow = 0;
+                    list_tile(box0, words, row0, n0, M, N, c_start, S, lw, lane, overflow);
+                    if (lane == 0 && overflow) epi_info[4 * cw + 2] = 1;
+                    asm volatile("bar.sync 3, %0;\n" ::"n"(32 * LIST_WARPS) : "memory");
+                    if (tid == 32) {
+                        if (n0 < c_start || epi_info[4 * cw + 2]) {
+                            for (int bx = 0; bx < 4; ++bx)
+                                if (n0 + 64 * bx < N) tma_store_2d(&tma_out, box0 + bx * BOX_BYTES, n0 + 64 * bx, row0);
+                            bulk_commit();
+                            bulk_wait_read();  // the boxes are read before they go back
+                        }
+                        epi_info[4 * cw + 2] = 0;
+                        mbar_arrive_cluster(&epi_empty[cw], rank);  // (this block's own barrier)
+                    }
+                }
+            }
+            if (tid == 32) bulk_wait();
+        }
         if (tid == 0) {
             int it = 0;  // slices issued so far, over all items: stage it % STAGES, its use number it / STAGES
             for (int t = first; t < work; t += clusters) {
@@ -220,7 +305,7 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) gemm_bf16_tn_kerne
             }
         }
     } else {  // consumers: warpgroup 1 rows 0..63 of the tile, warpgroup 2 rows 64..127
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n");
         const int cw = wg - 1;
         const int w4 = tid >> 5, l = tid & 31;
         auto release = [&](int it) {  // every block's producer may write this stage: tell them all
@@ -228,7 +313,7 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) gemm_bf16_tn_kerne
                 for (unsigned r = 0; r < GEMM_CLUSTER; ++r) mbar_arrive_cluster(&empty[it % GEMM_STAGES], r);
         };
         float d[128];
-        int it = 0;
+        int it = 0, use = 0;  // use: tiles whose boxes were filled (the listing hand-over's phase)
         for (int t = first; t < work; t += clusters) {
             const int m0 = ((t / tiles_n) * GEMM_CLUSTER + rank) * GEMM_BM, n0 = (t % tiles_n) * GEMM_BN;
 #pragma unroll
@@ -262,8 +347,12 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) gemm_bf16_tn_kerne
             // 8 i + 2 (l % 4) and + 1 for i < N / 8: d[4 i + 0, 1] (upper row), d[4 i + 2, 3] (lower row)
             if (GEMM_TMA_STORE) {
                 unsigned char* box0 = se + cw * 4 * BOX_BYTES;
-                if (tid == 0) bulk_wait_read();  // the previous tile's store has read the boxes
-                warpgroup_bar(1 + cw);
+                if (words != nullptr) {  // listing: the lister has given the boxes back
+                    if (use > 0) mbar_wait(&epi_empty[cw], (use - 1) & 1);
+                } else {
+                    if (tid == 0) bulk_wait_read();  // the previous tile's store has read the boxes
+                    warpgroup_bar(1 + cw);
+                }
                 const int rr = w4 * 16 + (l >> 2);  // this thread's upper row within the warpgroup's 64
 #pragma unroll
                 for (int i = 0; i < 32; ++i) {
@@ -277,6 +366,15 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) gemm_bf16_tn_kerne
                 }
                 fence_async_shared();
                 warpgroup_bar(1 + cw);
+                ++use;
+                if (words != nullptr) {
+                    if (tid == 0) {
+                        epi_info[4 * cw] = m0 + 64 * cw;
+                        epi_info[4 * cw + 1] = n0;
+                        mbar_arrive_cluster(&epi_full[cw], rank);
+                    }
+                    continue;
+                }
                 if (tid == 0) {
                     for (int bx = 0; bx < 4; ++bx)
                         if (n0 + 64 * bx < N) tma_store_2d(&tma_out, box0 + bx * BOX_BYTES, n0 + 64 * bx, m0 + 64 * cw);
@@ -299,7 +397,7 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) gemm_bf16_tn_kerne
                 }
             }
         }
-        if (GEMM_TMA_STORE && tid == 0) bulk_wait();  // the last tile's store is done before the block leaves
+        if (GEMM_TMA_STORE && words == nullptr && tid == 0) bulk_wait();  // the last store is done before leaving
     }
     if (GEMM_CLUSTER > 1) cluster_sync();  // no block leaves while a peer may still write into it
 #else

@@ -62,7 +62,7 @@ class HopperGemm:
                         f"-DGEMM_TMA_STORE={store}", *(f"-D{d}" for d in diag), "-o", str(cubin), str(src)], check=True)
         self.module = cupy.RawModule(path=str(cubin))
         self.fn = self.module.get_function("gemm_bf16_tn_kernel")
-        self.smem = stages * (BM + BN) * bk * 2 + (64 << 10 if store else 0) + 1024 + 2 * stages * 8
+        self.smem = stages * (BM + BN) * bk * 2 + (64 << 10 if store else 0) + 1024 + 2 * stages * 8 + 64
         self.fn.max_dynamic_shared_size_bytes = self.smem
         lib = self.lib = loader._driver()
         lib.cuTensorMapEncodeTiled.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p,
