@@ -64,22 +64,23 @@ def n_tiles(n: int) -> int:
     return -(-n // TILE)
 
 
-def gate_list(x: torch.Tensor, w: torch.Tensor, c_start: int,
-              slots: int = LIST_SLOTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(act, words): module docstring. ``slots`` a multiple of 4 in [4, 256]."""
+def gate_list(x: torch.Tensor, w: torch.Tensor, c_start: int, slots: int = LIST_SLOTS,
+              defines: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act, words): module docstring. ``slots`` a multiple of 4 in [4, 256]; ``defines``: a build of the kernel
+    (e.g. ("GEMM_LIST_FAST=1",), for the tools and tests that compare builds; () the default)."""
     if not (4 <= slots <= 256 and slots % 4 == 0):
         raise ValueError(f"slots must be a multiple of 4 in [4, 256], got {slots}")
     m, n = x.shape[0], w.shape[0]
     act = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     words = torch.empty(m, n_tiles(n), slots, dtype=torch.int32, device=x.device)
-    _launch(x, w, act, words, c_start, slots)
+    _launch(x, w, act, words, c_start, slots, defines)
     return act, words
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def matmul(x: torch.Tensor, w: torch.Tensor, defines: tuple[str, ...] = ()) -> torch.Tensor:
     """x·wᵀ (M, N) bf16, every element written."""
     out = torch.empty(x.shape[0], w.shape[0], dtype=torch.bfloat16, device=x.device)
-    _launch(x, w, out, None, 0, 4)
+    _launch(x, w, out, None, 0, 4, defines)
     return out
 
 
@@ -158,11 +159,12 @@ def compile_cubin(defines: tuple[str, ...] = ()) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def _function(device_index: int):
-    """The kernel on this device (CuPy loads the module into the device's context), its shared memory allowed."""
+def _function(device_index: int, defines: tuple[str, ...] = ()):
+    """The kernel (a build) on this device (CuPy loads the module into the device's context), its shared memory
+    allowed."""
     import cupy
 
-    path = compile_cubin()
+    path = compile_cubin(tuple(defines))
     with cupy.cuda.Device(device_index):
         module = cupy.RawModule(path=str(path))
         fn = module.get_function(KERNEL)
@@ -216,7 +218,7 @@ def _encode(t: torch.Tensor, box_rows: int, box_cols: int = 64):
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, words: torch.Tensor | None, c_start: int,
-            slots: int) -> None:
+            slots: int, defines: tuple[str, ...] = ()) -> None:
     from sparsify_cli.kernels import loader
 
     m, k = x.shape
@@ -226,7 +228,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, words: torch.Te
                          f"c_start {c_start} on this device (hopper.usable)")
     if m == 0:
         return
-    _, fn = _function(torch.cuda.current_device())
+    _, fn = _function(torch.cuda.current_device(), tuple(defines))
     args = [_encode(x, BM), _encode(w, TILE // CLUSTER), _encode(out, 64), ctypes.c_uint64(out.data_ptr()),
             ctypes.c_int32(m), ctypes.c_int32(n), ctypes.c_int32(k),
             ctypes.c_uint64(words.data_ptr() if words is not None else 0), ctypes.c_int32(c_start),

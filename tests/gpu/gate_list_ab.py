@@ -5,7 +5,8 @@ then relu_list.cu's pass), on packed layers (development tool, compute capabilit
 Per shape: dense; the block both ways and their parts (the gate GEMM: cuBLAS's, the Hopper GEMM writing every
 tile, the Hopper GEMM listing; the list pass; the relu_mul glue), each as CUDA-graph replays (a few calls per
 graph), ROUNDS interleaved rounds, best round per cell; whether the two blocks agree bit for bit on the Hopper
-GEMM's activation, and the overflowed tiles of the words.
+GEMM's activation, and the overflowed tiles of the words; the same for other builds of the kernel (GATE_LIST_BUILDS,
+";"-separated builds of ","-separated defines; default: GEMM_LIST_FAST=1, the prepared lister).
 
     python3 tests/gpu/gate_list_ab.py OUT.json      # GATE_LIST_SHAPES=16384x29,65536x29 GATE_LIST_ROUNDS=5
 """
@@ -22,6 +23,8 @@ from sparsify_cli.kernels import ffn, hopper, launchers, ops
 from prefill_rows import packed_inputs, run_rows, shapes  # tests/gpu, beside this script
 
 ROUNDS = int(os.environ.get("GATE_LIST_ROUNDS", "5"))
+# kernel builds beside the default: ";"-separated, each ","-separated defines (e.g. GEMM_LIST_FAST=1)
+BUILDS = [tuple(b.split(",")) for b in os.environ.get("GATE_LIST_BUILDS", "GEMM_LIST_FAST=1").split(";") if b]
 
 
 def _graph(fn, calls: int):
@@ -42,8 +45,16 @@ def row(m: int, nnz: int) -> dict:
     def new():
         return ffn.gate_listed_hybrid(x, pk.gate, pk.up, pk.down_t, pk.n_hot)
 
+    def new_build(defines):  # gate_listed_hybrid with that build of the kernel
+        def run():
+            a, wd = hopper.gate_list(x, pk.gate, pk.n_hot, hopper.LIST_SLOTS, defines)
+            h = ops.relu_mul(a, pk.n_hot, x @ pk.up[:pk.n_hot].T)
+            return ops.relu_ffn(x, a, pk.up, pk.down_t, pk.n_hot, h @ pk.down_t[:pk.n_hot], wd)
+        return run
+
     act = hopper.matmul(x, pk.gate)
-    same = torch.equal(new(), ffn.hybrid_ffn(x, act, pk.up, pk.down_t, pk.n_hot))
+    listed_on_act = ffn.hybrid_ffn(x, act, pk.up, pk.down_t, pk.n_hot)
+    same = torch.equal(new(), listed_on_act) and all(torch.equal(new_build(b)(), listed_on_act) for b in BUILDS)
     _, words = ops.gate_list(x, pk.gate, pk.n_hot, hopper.LIST_SLOTS)
     over = words[:, :, 0] > hopper.LIST_SLOTS - 1
     u = x @ pk.up[:pk.n_hot].T
@@ -59,6 +70,11 @@ def row(m: int, nnz: int) -> dict:
         "list pass": _graph(lambda: launchers.launch_relu_list(act, pk.n_hot, u, h_hot, lists), calls),
         "relu_mul glue": _graph(lambda: ops.relu_mul(act, pk.n_hot, u), calls),
     }
+    for b in BUILDS:
+        name = "+".join(b)
+        cells[f"block, Hopper gate listing, {name}"] = _graph(new_build(b), calls)
+        cells[f"gate GEMM, Hopper, listing, {name}"] = _graph(
+            lambda b=b: hopper.gate_list(x, pk.gate, pk.n_hot, hopper.LIST_SLOTS, b), calls)
     rounds: dict[str, list[float]] = {k: [] for k in cells}
     for _ in range(ROUNDS):
         for k, f in cells.items():

@@ -46,10 +46,14 @@ def _masked_act(act: torch.Tensor, c_start: int) -> torch.Tensor:
     return a
 
 
+BUILDS = [(), ("GEMM_LIST_FAST=1",)]  # the default lister, and the prepared one (gemm_sm90.cu)
+
+
+@pytest.mark.parametrize("defines", BUILDS)
 @pytest.mark.parametrize("m,n,k,c_start,slots", [(300, 520, 256, 0, 16), (1029, 3968, 2048, 512, 16),
                                                  (777, 1000, 512, 384, 8), (64, 5632, 1024, 1536, 32),
                                                  (4100, 3968, 2048, 256, 4)])
-def test_gate_list_words_are_the_pack_of_its_activation(m, n, k, c_start, slots):
+def test_gate_list_words_are_the_pack_of_its_activation(m, n, k, c_start, slots, defines):
     """Every word equals twell_pack_ref of the activation (columns < c_start zeroed); act is written on the
     tiles holding columns < c_start and on every (64 rows, tile) block where a row overflowed."""
     x, w = _operands(m, n, k, seed=7 * m + n)
@@ -62,7 +66,7 @@ def test_gate_list_words_are_the_pack_of_its_activation(m, n, k, c_start, slots)
     full = hopper.matmul(x, w)
     act = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
     words = torch.full((m, hopper.n_tiles(n), slots), 0x7FFFFFFF, dtype=torch.int32, device=DEV)
-    hopper._launch(x, w, act, words, c_start, slots)
+    hopper._launch(x, w, act, words, c_start, slots, defines)
     torch.cuda.synchronize()
     ref = reference.twell_pack_ref(_masked_act(full, c_start), hopper.TILE, slots)
     assert torch.equal(words, ref)

@@ -50,7 +50,7 @@ VARIANTS = [("twell_ffn.cu", ("FFN_ACT_PREFETCH=0",)), ("twell_ffn.cu", ("FFN_ST
             ("relu_list.cu", ("LIST_STEP=8",)), ("relu_list.cu", ("LIST_GLUE=8",)),
             ("relu_list.cu", ("LIST_PREFETCH=1",)),
             ("twell_ffn.cu", ("FFN_X_SMEM=0", "FFN_ACT_X_SMEM=0")),
-            ("twell_ffn.cu", ("FFN_UP_PAIRS=0",))]
+            ("twell_ffn.cu", ("FFN_UP_PAIRS=0",)), ("gemm_sm90.cu", ("GEMM_LIST_FAST=1",))]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit to compile-test kernels)")
@@ -116,3 +116,4 @@ def test_hopper_gemm_compiles_with_nvrtc_for_sm90a():
     epilogues."""
     _nvrtc_compile("gemm_sm90.cu", "sm_90a")
     _nvrtc_compile("gemm_sm90.cu", "sm_90a", ("GEMM_TMA_STORE=0", "GEMM_CLUSTER=1"))
+    _nvrtc_compile("gemm_sm90.cu", "sm_90a", ("GEMM_LIST_FAST=1",))
