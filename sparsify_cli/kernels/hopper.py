@@ -3,7 +3,8 @@
     gate_list(x, w, c_start, slots) -> (act, words)
         act = x·wᵀ (M, N) bf16 and words = the TwELL words (docs/FORMAT.md, tile 256) of relu(act) with the
         columns < c_start left out, from the GEMM's epilogue: the hybrid prefill's gate projection and cold listing
-        in one kernel (ffn.gate_listed_hybrid). act is written only where a consumer reads it: the tiles holding
+        in one kernel (ffn.gate_listed_hybrid; off by default, SparsePolicy.gate_list_epilogue: measured slower so
+        far, BENCHMARKS.md session 18). act is written only where a consumer reads it: the tiles holding
         columns < c_start (the hot glue) and, per 64 rows, the tiles where a row overflowed its K = slots - 1
         entries (the sparse kernel scans act there); elsewhere it is left unwritten.
     matmul(x, w) -> x·wᵀ, every tile written (the same bits as cuBLAS's, BENCHMARKS.md session 18).
