@@ -9,20 +9,17 @@
         entries (the sparse kernel scans act there); elsewhere it is left unwritten.
     matmul(x, w) -> x·wᵀ, every tile written (the same bits as cuBLAS's, BENCHMARKS.md session 18).
 
-Why not through loader.py: CuPy's NVRTC path appends -arch=sm_XY for the device, and wgmma, TMA and setmaxnreg
-exist only for sm_90a. So this module compiles the source with NVRTC itself (ctypes; the library CuPy uses),
-keeps the cubin in a file cache, loads it with CuPy and launches through the driver's cuLaunchKernelEx (TMA maps
-are 128-byte kernel parameters, and the cluster shape is a launch attribute), on torch's current stream.
-Only compute capability 9.0 takes this path (`usable`); everything else keeps the cuBLAS gate GEMM.
+Built by loader.get_cubin_function: NVRTC straight to an sm_90a cubin (CuPy's compile path appends plain sm_90,
+and wgmma, TMA and setmaxnreg exist only for sm_90a), cached on disk. Launched by loader.launch_ex (the driver's
+cuLaunchKernelEx: TMA maps are 128-byte kernel parameters, the cluster shape a launch attribute) on torch's current
+stream; the TMA maps are encoded here. Only compute capability 9.0 takes this path (`usable`); everything else
+keeps the cuBLAS gate GEMM.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import glob
-import hashlib
-import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -31,18 +28,30 @@ import torch
 
 TILE = 256  # GEMM_BN: the tile of the listing epilogue's TwELL words
 LIST_SLOTS = 16  # count + 15 entries per (token, tile) in the hybrid's words (C = 16)
-BM = 128
-CLUSTER = 2  # GEMM_CLUSTER (the source's default)
-STAGES = 3  # GEMM_STAGES (the source's default)
+BM, BK = 128, 64  # GEMM_BM, GEMM_BK
 THREADS = 384
-SMEM_BYTES = STAGES * (BM + TILE) * 64 * 2 + (64 << 10) + 1024 + 2 * STAGES * 8 + 64  # + epilogue barriers, info
 KERNEL = "gemm_bf16_tn_kernel"
+SOURCE = "gemm_sm90.cu"
 
 _BF16, _SWIZZLE_128B, _L2_256B = 9, 3, 3  # cuda.h CUtensorMap enums
-_CLUSTER_DIMENSION = 4  # CUlaunchAttributeID
 _lock = threading.Lock()
 _maps: OrderedDict = OrderedDict()
 _MAX_MAPS = 256
+
+
+def _define(defines: tuple[str, ...], name: str, default: int) -> int:
+    for d in defines:
+        if d.startswith(name + "="):
+            return int(d.split("=", 1)[1])
+    return default
+
+
+def geometry(defines: tuple[str, ...] = ()) -> tuple[int, int]:
+    """(blocks per cluster, dynamic shared memory bytes) of a build: the source's defaults (GEMM_CLUSTER 2,
+    GEMM_STAGES 3) unless ``defines`` set them. Shared memory: the stages (x's 128 and w's 256 rows of 64 bf16), the
+    epilogue's 64 KB tile, 1 KB of alignment slack, the stage barriers, the epilogue's barriers and tile info."""
+    stages = _define(defines, "GEMM_STAGES", 3)
+    return _define(defines, "GEMM_CLUSTER", 2), stages * (BM + TILE) * BK * 2 + (64 << 10) + 1024 + 2 * stages * 8 + 64
 
 
 def usable(x: torch.Tensor, w: torch.Tensor, c_start: int = 0) -> bool:
@@ -78,99 +87,28 @@ def gate_list(x: torch.Tensor, w: torch.Tensor, c_start: int, slots: int = LIST_
     return act, words
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor, defines: tuple[str, ...] = ()) -> torch.Tensor:
-    """x·wᵀ (M, N) bf16, every element written."""
-    out = torch.empty(x.shape[0], w.shape[0], dtype=torch.bfloat16, device=x.device)
+def matmul(x: torch.Tensor, w: torch.Tensor, defines: tuple[str, ...] = (),
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x·wᵀ (M, N) bf16, every element written (into ``out`` if given: contiguous (M, N) bf16)."""
+    if out is None:
+        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.bfloat16, device=x.device)
     _launch(x, w, out, None, 0, 4, defines)
     return out
 
 
 # ---- build ----------------------------------------------------------------------------------------------------
 
-def _nvrtc() -> ctypes.CDLL | None:
-    """libnvrtc: the one the process already loaded (CuPy's), else the usual names and the CUDA wheels' copies."""
-    try:
-        with open("/proc/self/maps") as f:
-            loaded = sorted({line.split()[-1] for line in f if "libnvrtc.so" in line and "builtins" not in line})
-    except OSError:
-        loaded = []
-    names = loaded + ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
-    for root in filter(None, (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda")):
-        names += sorted(glob.glob(f"{root}/lib64/libnvrtc.so*"))
-    try:
-        import nvidia
-
-        names += [p for base in nvidia.__path__ for p in sorted(glob.glob(f"{base}/*/lib/libnvrtc.so*"))]
-    except ImportError:
-        pass
-    for name in names:
-        if "builtins" in name or "alt" in Path(name).name:
-            continue
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    return None
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("CUPY_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cupy", "kernel_cache")
-    return Path(root)
-
-
 def compile_cubin(defines: tuple[str, ...] = ()) -> Path:
-    """gemm_sm90.cu compiled for sm_90a by NVRTC: the cubin's file (a cache keyed by source, options and NVRTC
-    version; written atomically)."""
-    from sparsify_cli.kernels.loader import read_source
+    """gemm_sm90.cu built for sm_90a by NVRTC: the cached cubin's file (loader.cubin_path)."""
+    from sparsify_cli.kernels import loader
 
-    lib = _nvrtc()
-    if lib is None:
-        raise RuntimeError("libnvrtc not found (the Hopper GEMM is compiled for sm_90a with NVRTC)")
-    src = read_source("gemm_sm90.cu")
-    opts = [b"-std=c++17", b"--gpu-architecture=sm_90a", *(f"-D{d}".encode() for d in defines)]
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
-    key = hashlib.sha256(src.encode() + b"\0".join(opts) + f"{major.value}.{minor.value}".encode()).hexdigest()[:32]
-    path = _cache_dir() / f"sparsify_gemm_sm90a_{key}.cubin"
-    if path.is_file():
-        return path
-    prog = ctypes.c_void_p()
-    if lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"gemm_sm90.cu", 0, None, None) != 0:
-        raise RuntimeError("nvrtcCreateProgram failed")
-    try:
-        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-        if rc != 0:
-            size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(prog, log)
-            raise RuntimeError(f"NVRTC could not compile gemm_sm90.cu for sm_90a: {log.value.decode(errors='replace')}")
-        size = ctypes.c_size_t()
-        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-        cubin = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetCUBIN(prog, cubin)
-        data = cubin.raw
-    finally:
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
-    return path
+    return loader.cubin_path(SOURCE, "sm_90a", tuple(defines))
 
 
-@functools.lru_cache(maxsize=None)
 def _function(device_index: int, defines: tuple[str, ...] = ()):
-    """The kernel (a build) on this device (CuPy loads the module into the device's context), its shared memory
-    allowed."""
-    import cupy
+    from sparsify_cli.kernels import loader
 
-    path = compile_cubin(tuple(defines))
-    with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(path=str(path))
-        fn = module.get_function(KERNEL)
-        fn.max_dynamic_shared_size_bytes = SMEM_BYTES
-    return module, fn
+    return loader.get_cubin_function(SOURCE, KERNEL, "sm_90a", tuple(defines), device_index, geometry(defines)[1])
 
 
 @functools.lru_cache(maxsize=None)
@@ -229,23 +167,16 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, words: torch.Te
                          f"c_start {c_start} on this device (hopper.usable)")
     if m == 0:
         return
-    _, fn = _function(torch.cuda.current_device(), tuple(defines))
-    args = [_encode(x, BM), _encode(w, TILE // CLUSTER), _encode(out, 64), ctypes.c_uint64(out.data_ptr()),
-            ctypes.c_int32(m), ctypes.c_int32(n), ctypes.c_int32(k),
-            ctypes.c_uint64(words.data_ptr() if words is not None else 0), ctypes.c_int32(c_start),
-            ctypes.c_int32(slots)]
-    params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-    work = -(-(-(-m // BM)) // CLUSTER) * n_tiles(n)  # cluster-sized work items (the kernel's loop)
+    defines = tuple(defines)
+    cluster, smem = geometry(defines)
+    fn = _function(torch.cuda.current_device(), defines)
+    args = [_encode(x, BM), _encode(w, TILE // cluster), _encode(out, 64), ctypes.c_int32(m), ctypes.c_int32(n),
+            ctypes.c_int32(k), ctypes.c_uint64(words.data_ptr() if words is not None else 0),
+            ctypes.c_int32(c_start), ctypes.c_int32(slots)]
+    work = -(-(-(-m // BM)) // cluster) * n_tiles(n)  # cluster-sized work items (the kernel's loop)
     sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    grid = min(work, sms // CLUSTER) * CLUSTER  # persistent: at most one block per SM
-    attr = loader._LaunchAttr(id=_CLUSTER_DIMENSION)
-    dims = (ctypes.c_uint * 3)(CLUSTER, 1, 1)
-    ctypes.memmove(ctypes.addressof(attr.value), dims, ctypes.sizeof(dims))
-    cfg = loader._LaunchConfig((ctypes.c_uint * 3)(grid, 1, 1), (ctypes.c_uint * 3)(THREADS, 1, 1), SMEM_BYTES,
-                               torch.cuda.current_stream().cuda_stream, ctypes.pointer(attr), 1)
-    rc = loader._driver().cuLaunchKernelEx(ctypes.byref(cfg), fn.kernel.ptr, params, None)
-    if rc != 0:
-        raise RuntimeError(f"cuLaunchKernelEx (Hopper GEMM) failed with CUresult {rc}")
+    grid = min(work, sms // cluster) * cluster  # persistent: at most one block per SM
+    loader.launch_ex(fn, (grid,), (THREADS,), args, smem, cluster=(cluster, 1, 1) if cluster > 1 else None)
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,7 +13,7 @@
 # host: the eager routing test, then the sparse block's host cost and the eager dense/sparse crossover
 #       (tests/gpu/host_cost.py at 1024...4096 tokens) into $OUT/host_cost.json (SparsePolicy.eager_prefill_dense_max_work)
 # hopper: the Hopper GEMM's GPU tests (compute capability 9.0), its check and timing against cuBLAS
-#         (tests/gpu/hopper_gemm.py, nvcc on PATH) and the hybrid block with its listing epilogue against the listed
+#         (tests/gpu/hopper_gemm.py) and the hybrid block with its listing epilogue against the listed
 #         path (tests/gpu/gate_list_ab.py) into $OUT/hopper_gemm.json and $OUT/gate_list_ab.json
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)  # absolute: some steps run from tests/gpu

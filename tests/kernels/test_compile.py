@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 
+from sparsify_cli.kernels.loader import nvrtc_compile, nvrtc_library
 from sparsify_cli.resources import resource_dir
 
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if shutil.which("/usr/local/bin/nvcc") else None)
@@ -59,23 +60,7 @@ def test_build_variants_compile(src, defines, tmp_path):
     assert max(_nvcc_spills(src, "compute_90a,code=sm_90a", tmp_path, defines)) == 0
 
 
-def _nvrtc():
-    """libnvrtc from the nvidia-cuda-nvrtc wheel (the dev extra), or None."""
-    import ctypes
-    import glob
-
-    try:
-        import nvidia
-    except ImportError:
-        return None
-    for base in nvidia.__path__:
-        for path in sorted(glob.glob(f"{base}/*/lib/libnvrtc.so*")):
-            if "builtins" not in path:
-                return ctypes.CDLL(path)
-    return None
-
-
-NVRTC = _nvrtc()
+NVRTC = nvrtc_library()  # the one kernels/loader.py uses for arch-specific builds
 
 
 @pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found (the dev extra's nvidia-cuda-nvrtc wheel provides it)")
@@ -84,36 +69,19 @@ NVRTC = _nvrtc()
 def test_compiles_with_nvrtc_as_loaded(src, arch):
     """The source exactly as kernels/loader.py hands it to NVRTC at run time (local headers expanded, -std=c++17,
     the device's arch) compiles: NVRTC has no host headers, so this catches what nvcc alone would let through."""
-    _nvrtc_compile(src, arch)
+    nvrtc_compile(src, arch)
 
 
 @pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found (the dev extra's nvidia-cuda-nvrtc wheel provides it)")
 @pytest.mark.parametrize("src,defines", VARIANTS)
 def test_build_variants_compile_with_nvrtc(src, defines):
-    _nvrtc_compile(src, "sm_90", defines)
-
-
-def _nvrtc_compile(src: str, arch: str, defines: tuple[str, ...] = ()) -> None:
-    import ctypes
-
-    from sparsify_cli.kernels.loader import read_source
-
-    prog = ctypes.c_void_p()
-    assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), read_source(src).encode(), src.encode(), 0, None, None) == 0
-    opts = [b"-std=c++17", f"--gpu-architecture={arch}".encode(), *(f"-D{d}".encode() for d in defines)]
-    rc = NVRTC.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-    size = ctypes.c_size_t()
-    NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-    log = ctypes.create_string_buffer(size.value)
-    NVRTC.nvrtcGetProgramLog(prog, log)
-    NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
-    assert rc == 0, log.value.decode(errors="replace")
+    nvrtc_compile(src, "sm_90", defines)
 
 
 @pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found (the dev extra's nvidia-cuda-nvrtc wheel provides it)")
 def test_hopper_gemm_compiles_with_nvrtc_for_sm90a():
-    """gemm_sm90.cu's body (wgmma, TMA, clusters) exists only for sm_90a: NVRTC must compile that path too, both
-    epilogues."""
-    _nvrtc_compile("gemm_sm90.cu", "sm_90a")
-    _nvrtc_compile("gemm_sm90.cu", "sm_90a", ("GEMM_TMA_STORE=0", "GEMM_CLUSTER=1"))
-    _nvrtc_compile("gemm_sm90.cu", "sm_90a", ("GEMM_LIST_FAST=1",))
+    """gemm_sm90.cu's body (wgmma, TMA, clusters) exists only for sm_90a: NVRTC must compile that path too, in its
+    builds (nvrtc_compile raises with NVRTC's log)."""
+    nvrtc_compile("gemm_sm90.cu", "sm_90a")
+    nvrtc_compile("gemm_sm90.cu", "sm_90a", ("GEMM_CLUSTER=1", "GEMM_EARLY_RELEASE=1"))
+    nvrtc_compile("gemm_sm90.cu", "sm_90a", ("GEMM_LIST_FAST=1",))

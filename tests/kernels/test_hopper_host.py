@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsify_cli.kernels import hopper, launchers, ops
+from sparsify_cli.kernels import hopper, launchers, loader, ops
 from sparsify_cli.kernels.ffn import SparsePolicy
 
 
 def test_sm90a_build_through_nvrtc_is_cached(tmp_path, monkeypatch):
-    if hopper._nvrtc() is None:
+    if loader.nvrtc_library() is None:
         pytest.skip("libnvrtc not found (the dev extra's nvidia-cuda-nvrtc wheel provides it)")
     monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
     path = hopper.compile_cubin()

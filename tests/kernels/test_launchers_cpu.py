@@ -199,3 +199,55 @@ def test_launch_constants_match_the_kernel_sources():
         text = src(name)
         for macro, value in pairs:
             assert f"#define {macro} {value}" in text, (name, macro, value)
+
+
+def test_launch_ex_builds_the_driver_call(monkeypatch):
+    """loader.launch_ex (PDL launches and the Hopper GEMM's cluster launches): the grid and block padded to 3-D,
+    the shared memory, torch's current stream, one attribute per option with its value, and each parameter's
+    address; a driver error raises."""
+    import ctypes
+    from types import SimpleNamespace
+
+    import torch
+
+    from sparsify_cli.kernels import loader
+
+    seen = {}
+
+    class _Drv:
+        rc = 0
+
+        def cuLaunchKernelEx(self, cfg_ref, fn_ptr, params, extra):  # noqa: N802 (the driver's name)
+            cfg = ctypes.cast(cfg_ref, ctypes.POINTER(loader._LaunchConfig)).contents
+            attrs = [cfg.attrs[i] for i in range(cfg.num_attrs)]
+            seen.update(grid=tuple(cfg.grid), block=tuple(cfg.block), smem=cfg.shared_mem, stream=cfg.stream,
+                        fn=fn_ptr, attrs=[(a.id, ctypes.string_at(ctypes.addressof(a.value), 12)) for a in attrs],
+                        p0=ctypes.c_int32.from_address(params[0]).value,
+                        p1=ctypes.c_uint64.from_address(params[1]).value)
+            return self.rc
+
+    drv = _Drv()
+    monkeypatch.setattr(loader, "_driver", lambda: drv)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: SimpleNamespace(cuda_stream=77))
+    fn = SimpleNamespace(kernel=SimpleNamespace(ptr=1234))
+    loader.launch_ex(fn, (66,), (384,), [ctypes.c_int32(-5), ctypes.c_uint64(2 ** 40)], 214_000, pdl=True,
+                     cluster=(2, 1, 1))
+    assert seen["grid"] == (66, 1, 1) and seen["block"] == (384, 1, 1) and seen["smem"] == 214_000
+    assert seen["stream"] == 77 and seen["fn"] == 1234 and seen["p0"] == -5 and seen["p1"] == 2 ** 40
+    pdl_id, cluster_id = loader._PROGRAMMATIC_STREAM_SERIALIZATION, loader._CLUSTER_DIMENSION
+    assert seen["attrs"] == [(pdl_id, (1).to_bytes(4, "little") + bytes(8)),
+                             (cluster_id, b"".join(v.to_bytes(4, "little") for v in (2, 1, 1)))]
+    loader.launch_ex(fn, (1, 2), (32,), [ctypes.c_int32(0), ctypes.c_uint64(0)])
+    assert seen["grid"] == (1, 2, 1) and seen["attrs"] == []
+    drv.rc = 1
+    with pytest.raises(RuntimeError, match="CUresult 1"):
+        loader.launch_ex(fn, (1,), (32,), [ctypes.c_int32(0), ctypes.c_uint64(0)])
+
+
+def test_hopper_geometry_of_the_default_build_and_overrides():
+    from sparsify_cli.kernels import hopper
+
+    cluster, smem = hopper.geometry()
+    assert cluster == 2 and smem == 3 * (128 + 256) * 64 * 2 + (64 << 10) + 1024 + 3 * 16 + 64 <= 227 * 1024
+    assert hopper.geometry(("GEMM_CLUSTER=1", "GEMM_STAGES=2"))[0] == 1
+    assert hopper.geometry(("GEMM_STAGES=2",))[1] == smem - (128 + 256) * 64 * 2 - 16
