@@ -119,41 +119,12 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
         for (int i = lane; i < S - 1; i += 32) lw[i] = (unsigned int)__ldg(lrow + 1 + i);
         if (n <= S - 1) listed = n;
     }
-    // TwELL words with the whole row in one batch (the row's tiles from c_start / T on, at most 32 of them, and
-    // their true counts summing to at most CAP): the entries are gathered here, tile by tile in ascending order
-    // (an overflowed tile listed from act, from column c_start on), so the row takes the same path as a listed one
-    // below (up dots in pairs): the same entries in the same order as the batch loop, the same bits.
-    // (gemm_sm90.cu's listing epilogue writes such words for the hybrid: its hot columns < c_start left out.)
-    if (!FROM_ACT && !HBUF && GATED && FFN_UP_PAIRS && NT - c_start / T <= 32) {
-        const int t0 = c_start / T, tl = t0 + lane;
-        const int* wrow = words + m * (long long)NT * S;
-        const int n = tl < NT ? __ldg(wrow + (long long)tl * S) : 0;  // true count
-        const int incl = warp_incl_scan(n, lane);
-        const int total = __shfl_sync(SPARSIFY_FULL_MASK, incl, 31);
-        if (total <= CAP) {
-            const int off = incl - n;
-            if (n <= K)
-                for (int i = 0; i < n; ++i) lw[off + i] = (unsigned int)__ldg(wrow + (long long)tl * S + 1 + i);
-            unsigned int over = __ballot_sync(SPARSIFY_FULL_MASK, tl < NT && n > K);
-            while (over) {
-                const int k = __ffs(over) - 1;
-                over &= over - 1;
-                const int ok = __shfl_sync(SPARSIFY_FULL_MASK, off, k);
-                const int tt = t0 + k;
-                warp_for_each_active(arow, max(tt * T, c_start), min(H, (tt + 1) * T), vec_ok != 0, lane,
-                                     [&](int r, int col, unsigned short b) {
-                                         lw[ok + r] = ((unsigned int)col << 16) | (unsigned int)b;
-                                     });
-            }
-            listed = total;
-        }
-    }
     // the listing's scan walks the row 512 columns at a time, each step a dependent DRAM round trip: with the row
     // already on its way to L2, the steps wait for L2 instead (aligned rows only: vec_ok means H % 8 == 0)
     if (FROM_ACT && FFN_ACT_PREFETCH && vec_ok && listed < 0)
         warp_prefetch_l2(arow + c_start, (H - c_start) * 2, lane);
 #if FFN_UP_PAIRS
-    if (GATED && !HBUF && listed >= 0) {
+    if (FROM_ACT && GATED && listed >= 0) {
         // A listed row is one batch, so its up dots can all run before the accumulators are live, two U rows in
         // flight (with the accumulators live, two rows spill at 128 registers). init is asked of L2 now and
         // loaded after them. The same sums in the same order as the batch loop below: the same bits.
@@ -198,8 +169,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
 
     const int* wrow = words + m * (long long)NT * S;
     const float* hrow = hbuf + m * (long long)NT * S;  // only dereferenced when HBUF
-    int t = FROM_ACT ? 0 : c_start / T;  // next tile (TwELL: from the tile holding c_start; words of earlier
-                                         // tiles are not read)
+    int t = 0;      // next tile (TwELL)
     int cnext = c_start;  // next column (FROM_ACT)
     while (FROM_ACT ? cnext < H : t < NT) {
         // ---- gather: the entries of the next tiles (up to FFN_CAP) into this warp's list, 32 tiles at a time.
@@ -263,7 +233,7 @@ __global__ void __launch_bounds__(FFN_WARPS * 32, FFN_MIN_BLOCKS) twell_ffn_kern
                         if (HBUF) lh[ok + i] = __ldg(hrow + (long long)tt * S + 1 + i);
                     }
                 } else {
-                    warp_for_each_active(arow, max(tt * T, c_start), min(H, (tt + 1) * T), vec_ok != 0, lane,
+                    warp_for_each_active(arow, tt * T, min(H, (tt + 1) * T), vec_ok != 0, lane,
                                          [&](int r, int col, unsigned short b) {
                                              if (r < nk) lw[ok + r] = ((unsigned int)col << 16) | (unsigned int)b;
                                          });

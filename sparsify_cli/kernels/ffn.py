@@ -77,15 +77,6 @@ class SparsePolicy:
     # session 14, same-process A/Bs): the block 0.5-6.5% faster at nnz 29 in 7 of 8 (+1.2% in the eighth), even
     # at nnz 112 (-6% to +1.5%); the same bits as the scan.
     hybrid_lists: bool = True
-    # Hybrid prefill on Hopper (compute capability 9.0) with the sparse decision known without the activation
-    # (mode="sparse", or a cold_nnz_hint): the gate projection by our own GEMM (kernels_cu/gemm_sm90.cu), whose
-    # epilogue writes the cold entries as TwELL words and the activation only where it is read (the hot columns, the
-    # overflowed tiles), in place of cuBLAS's GEMM and the list pass (gate_listed_hybrid; the same bits as the listed
-    # path given the same activation). Off: measured slower so far. H200, packed layer, nnz 29 (BENCHMARKS.md,
-    # session 18): the block 3.16 vs 2.96 ms at 65536 tokens, 0.84 vs 0.77 at 16384; the GEMM writing every tile is
-    # within 3-10% of cuBLAS's, but its listing epilogue (three warps listing each 64 x 256 tile while the
-    # consumers run the next) does not keep up with the tensor cores (63% busy against 92%).
-    gate_list_epilogue: bool = False
 
     def use_dense_eager(self, m: int, d_model: int, width: int) -> bool:
         """True for a call of m tokens (width d_model, width neurons) run eagerly (not captured in a CUDA graph, not
@@ -113,12 +104,6 @@ class SparsePolicy:
 
 
 DEFAULT_POLICY = SparsePolicy()
-
-
-def _hopper_usable(x: torch.Tensor, w_act: torch.Tensor, n_hot: int) -> bool:
-    from sparsify_cli.kernels import hopper
-
-    return hopper.usable(x, w_act, n_hot)
 
 
 def estimate_nnz(act: torch.Tensor, sample_rows: int = 256) -> float:
@@ -196,23 +181,6 @@ def hybrid_ffn(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down
     return ops.relu_ffn(x, act, up, down_t, n_hot, h_hot @ down_t[:n_hot], cold_lists)
 
 
-def gate_listed_hybrid(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor,
-                       n_hot: int) -> torch.Tensor:
-    """hybrid_ffn with the gate projection done by the Hopper GEMM (kernels/hopper.py; callers check
-    hopper.usable): its epilogue lists the cold entries (TwELL words, tile 256) and writes the activation's hot
-    columns, which the hot glue reads (ops.relu_mul); the sparse kernel reads the words (an overflowed tile from
-    the activation, which the epilogue wrote there). The same entries in the same order as relu_list.cu's lists
-    of that activation: the same bits as hybrid_ffn given the same activation."""
-    from sparsify_cli.kernels import hopper, ops
-
-    act, words = ops.gate_list(x, w_act, n_hot, hopper.LIST_SLOTS)
-    if up is None:
-        h_hot = torch.relu(act[:, :n_hot])
-    else:
-        h_hot = ops.relu_mul(act, n_hot, x @ up[:n_hot].T)
-    return ops.relu_ffn(x, act, up, down_t, n_hot, h_hot @ down_t[:n_hot], words)
-
-
 def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor, *,
                 kernels: str = "auto", mode: str = "auto", tile: int = DEFAULT_TILE, slots: int = DEFAULT_SLOTS,
                 policy: SparsePolicy = DEFAULT_POLICY, nnz_hint: float | None = None,
@@ -243,16 +211,11 @@ def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, d
         if mode == "auto" and not policy.choose_sparse(x.shape[0], nnz_hint, w_act.shape[0], fused=True):
             return dense_ffn(x, w_act, up, down_t, down=down)
         return ops.decode_ffn(x, w_act, up, down_t)
-    hybrid = n_hot > 0 and x.shape[0] > policy.decode_max_m and not via_twell
-    if (hybrid and policy.gate_list_epilogue and policy.hybrid_lists and (mode == "sparse" or cold_nnz_hint is not None)
-            and _hopper_usable(x, w_act, n_hot)):  # the decision needs no activation: the Hopper GEMM lists it
-        if mode == "auto" and not policy.choose_sparse(x.shape[0], cold_nnz_hint, w_act.shape[0]):
-            return dense_ffn(x, w_act, up, down_t, down=down)
-        return gate_listed_hybrid(x, w_act, up, down_t, n_hot)
     if x.shape[0] <= launchers.GEMV_MAX_M and x.shape[1] % 8 == 0:
         act = ops.gemv(x, w_act)  # (M, H): decode's gate projection, memory-bound
     else:
         act = x @ w_act.T  # (M, H) cuBLAS
+    hybrid = n_hot > 0 and x.shape[0] > policy.decode_max_m and not via_twell
     if mode == "auto":  # with the hybrid path, what matters is the density left to the sparse kernel
         hint = cold_nnz_hint if hybrid else nnz_hint
         nnz = hint if hint is not None else estimate_nnz(act[:, n_hot:] if hybrid else act, policy.sample_rows)

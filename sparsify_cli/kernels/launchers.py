@@ -55,14 +55,9 @@ def _check_aligned(**tensors: torch.Tensor | None) -> None:
             raise ValueError(f"{name} must be 16-byte aligned (data_ptr % 16 == 0)")
 
 
-def _check_lists(lists: torch.Tensor, m: int, device, h: int = 0, tile: int = 256) -> None:
+def _check_lists(lists: torch.Tensor, m: int, device) -> None:
     """The hybrid's cold list (M, S) int32: a count and S - 1 <= FFN_CAP words per row (the prefill kernel scans
-    act instead for a row whose list is longer than its per-warp list, FFN_ACT_CAP = 512 entries by default);
-    or TwELL words (M, ceil(H / tile), S) of the columns >= c_start (hopper.gate_list's)."""
-    if lists.dim() == 3:
-        check_tile(tile, lists.shape[2])
-        _check(lists, "lists", torch.int32, (m, n_tiles(h, tile), lists.shape[2]), device)
-        return
+    act instead for a row whose list is longer than its per-warp list, FFN_ACT_CAP = 512 entries by default)."""
     if lists.dim() != 2 or not 2 <= lists.shape[1] <= FFN_CAP + 1:
         raise ValueError(f"lists must be (M, S) with 2 <= S <= {FFN_CAP + 1}, got shape {tuple(lists.shape)}")
     _check(lists, "lists", torch.int32, (m, lists.shape[1]), device)
@@ -299,8 +294,7 @@ def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 
     Hybrid (prefill only): only columns >= ``c_start`` are used (a multiple of 8), and ``init`` (M, D) bf16 is
     added to the result (the hot neurons' dense part). ``lists`` (prefill only): the rows' entries as
     launch_relu_list listed them from this act and c_start, read instead of scanning act (rows that overflowed
-    their list are still scanned), or as TwELL words of the columns >= c_start (M, ceil(H / tile), S), as
-    hopper.gate_list writes them (overflowed tiles scanned from act). The results are the same bits either way.
+    their list are still scanned). The results are the same bits with and without it.
     Decode runs two kernels (launch_decode_up_act, then launch_decode_down); ``pdl`` launches the second and
     ``pdl_up`` the first with programmatic dependent launch (None: pdl_default). The results are the same bits."""
     if act.dim() != 2 or x.dim() != 2:
@@ -313,7 +307,7 @@ def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 
         _check(init, "init", torch.bfloat16, (m, d), x.device)
         _check_aligned(init=init)
     if lists is not None:
-        _check_lists(lists, m, x.device, h, tile)
+        _check_lists(lists, m, x.device)
     if m == 0:
         return
     if path == "auto":
@@ -325,10 +319,6 @@ def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 
         hbuf = launch_decode_up_act(x, act, up, pdl=default if pdl_up is None else pdl_up)
         launch_decode_down(hbuf, down_t, out, h, pdl=default if pdl is None else pdl)
     elif path == "prefill":
-        if lists is not None and lists.dim() == 3:  # TwELL words: the TwELL kernel from the tile of c_start on
-            _prefill_launch(x, lists, up, down_t, act, out, tile, False, defines, m, d, h, nt, lists.shape[2], False,
-                            c_start, init)
-            return
         s = lists.shape[1] if lists is not None else 2
         _prefill_launch(x, lists, up, down_t, act, out, tile, True, defines, m, d, h, nt, s, False, c_start, init)
     else:

@@ -1,8 +1,7 @@
 """The only cupy.RawModule site: compile kernels_cu/*.cu with NVRTC (-std=c++17, CuPy adds -arch=sm_XY of
-the device), cache, launch on torch's current stream. A source that needs an arch-specific target (sm_90a: wgmma,
-TMA) is compiled here with NVRTC directly into a cubin (get_cubin_function; CuPy's path would add plain sm_90), and
-launches that need the driver's cuLaunchKernelEx (programmatic dependent launch, clusters, by-value structs such
-as TMA maps) go through launch_ex.
+the device), cache, launch on torch's current stream. Launches that need the driver's cuLaunchKernelEx
+(programmatic dependent launch) go through launch_ex; nvrtc_compile builds a source with NVRTC directly (the compile
+tests use it for targets CuPy would not pick).
 
 CuPy is imported lazily (CPU machines do not have it). Modules are cached in-process by (file, arch,
 template instances) and on disk by CuPy's own kernel cache. Launches pass raw ``tensor.data_ptr()`` integers
@@ -15,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
-import hashlib
 import os
 import re
 import threading
@@ -204,25 +202,17 @@ def _launch_pdl(fn, grid, block, args, shared_mem: int) -> None:
     launch_ex(fn, grid, block, [_c_arg(a) for a in args], shared_mem, pdl=True)
 
 
-_CLUSTER_DIMENSION = 4  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-
-
 def launch_ex(fn, grid: tuple[int, ...], block: tuple[int, ...], c_args: list, shared_mem: int = 0, *,
-              pdl: bool = False, cluster: tuple[int, int, int] | None = None) -> None:
+              pdl: bool = False) -> None:
     """Launch through the driver's cuLaunchKernelEx on torch's current stream. ``c_args``: ctypes objects, one
     per kernel parameter (ints typed, or a by-value struct such as a TMA map), kept alive until the call returns
-    (the driver copies them). pdl: programmatic dependent launch; cluster: the thread-block cluster's shape."""
+    (the driver copies them). pdl: programmatic dependent launch."""
     import torch
 
     attrs = []
     if pdl:
         a = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
         a.value.as_int = 1
-        attrs.append(a)
-    if cluster is not None:
-        a = _LaunchAttr(id=_CLUSTER_DIMENSION)
-        dims = (ctypes.c_uint * 3)(*cluster)
-        ctypes.memmove(ctypes.addressof(a.value), dims, ctypes.sizeof(dims))
         attrs.append(a)
     arr = (_LaunchAttr * len(attrs))(*attrs) if attrs else None
     grid = tuple(grid) + (1,) * (3 - len(grid))
@@ -233,10 +223,10 @@ def launch_ex(fn, grid: tuple[int, ...], block: tuple[int, ...], c_args: list, s
     params = (ctypes.c_void_p * len(c_args))(*[ctypes.addressof(v) for v in c_args])
     rc = _driver().cuLaunchKernelEx(ctypes.byref(cfg), fn.kernel.ptr, params, None)
     if rc != 0:
-        raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {rc} (pdl={pdl}, cluster={cluster})")
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {rc} (pdl={pdl})")
 
 
-# ---- arch-specific builds: NVRTC straight to a cubin ------------------------------------------------------------
+# ---- NVRTC called directly (the compile tests' builds for a chosen target) ------------------------------------------------------------
 
 def nvrtc_library() -> ctypes.CDLL | None:
     """libnvrtc: the one the process already loaded (CuPy's), else the usual names and the CUDA wheels' copies."""
@@ -288,47 +278,3 @@ def nvrtc_compile(name: str, arch: str, defines: tuple[str, ...] = ()) -> bytes:
         return cubin.raw
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
-
-
-def cache_dir() -> Path:
-    """Where cubins built here are kept: CuPy's kernel cache directory (CUPY_CACHE_DIR, else ~/.cupy/kernel_cache)."""
-    root = os.environ.get("CUPY_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cupy", "kernel_cache")
-    return Path(root)
-
-
-def cubin_path(name: str, arch: str, defines: tuple[str, ...] = ()) -> Path:
-    """The cached cubin of nvrtc_compile(name, arch, defines), built on a miss (keyed by the expanded source, the
-    options and NVRTC's version; written atomically, so concurrent processes see a whole file or none)."""
-    lib = nvrtc_library()
-    version = ""
-    if lib is not None:
-        major, minor = ctypes.c_int(), ctypes.c_int()
-        lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
-        version = f"{major.value}.{minor.value}"
-    key = hashlib.sha256("\0".join((read_source(name), arch, *defines, version)).encode()).hexdigest()[:32]
-    path = cache_dir() / f"sparsify_{Path(name).stem}_{arch}_{key}.cubin"
-    if path.is_file():
-        return path
-    data = nvrtc_compile(name, arch, defines)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
-
-
-@functools.lru_cache(maxsize=None)
-def get_cubin_function(name: str, kernel: str, arch: str, defines: tuple[str, ...], device_index: int,
-                       shared_mem: int = 0):
-    """The extern "C" ``kernel`` of kernels_cu/<name> built for ``arch`` (cubin_path), loaded by CuPy on that
-    device, ``shared_mem`` bytes of dynamic shared memory allowed."""
-    import cupy
-
-    path = cubin_path(name, arch, tuple(defines))
-    with cupy.cuda.Device(device_index):
-        mod = cupy.RawModule(path=str(path))
-        fn = mod.get_function(kernel)
-        if shared_mem:
-            fn.max_dynamic_shared_size_bytes = shared_mem
-    _modules[("cubin", name, kernel, arch, tuple(defines), device_index)] = mod  # kept loaded with its function
-    return fn

@@ -12,10 +12,6 @@
 - sparsify::relu_list(act, c_start, u) -> (h, lists)
       the hybrid's pass over the activation: h = relu(act[:, :c_start]) ⊙ u (u None: relu alone) and each row's
       relu-active columns >= c_start listed (count, then up to launchers.LIST_SLOTS - 1 words; kernels_cu/relu_list.cu).
-- sparsify::gate_list(x, w, c_start, slots) -> (act, words)
-      the hybrid's gate projection on Hopper (kernels/hopper.py, kernels_cu/gemm_sm90.cu): act = x·wᵀ and the
-      TwELL words (tile 256) of relu(act) over the columns >= c_start from the GEMM's epilogue; act is written
-      where it is read (the columns < c_start, and tiles where a row overflowed its slots).
 - sparsify::relu_mul(act, n, u) -> relu(act[:, :n]) ⊙ u in one pass (the hybrid's hot neurons; act read in place).
 - sparsify::gemv(x, w) -> x·wᵀ for 1..2 tokens (decode's gate projection; faster than cuBLAS's GEMV here).
 - sparsify::decode_ffn(x, w_act, up, down_t) -> out
@@ -134,21 +130,6 @@ def relu_list(act: torch.Tensor, c_start: int, u: Optional[torch.Tensor]) -> tup
 def _(act, c_start, u):
     return act.new_empty((act.shape[0], c_start)), act.new_empty((act.shape[0], launchers.LIST_SLOTS),
                                                                  dtype=torch.int32)
-
-
-@_custom_op("sparsify::gate_list")
-def gate_list(x: torch.Tensor, w: torch.Tensor, c_start: int, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from sparsify_cli.kernels import hopper
-
-    return hopper.gate_list(x, w, c_start, slots)
-
-
-@gate_list.register_fake
-def _(x, w, c_start, slots):
-    from sparsify_cli.kernels import hopper
-
-    return (x.new_empty((x.shape[0], w.shape[0])),
-            x.new_empty((x.shape[0], hopper.n_tiles(w.shape[0]), slots), dtype=torch.int32))
 
 
 @_custom_op("sparsify::relu_mul")

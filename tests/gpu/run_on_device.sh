@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the FFN benchmark on the device machine; logs and JSON go to $OUT (or ./gpu_out).
-# Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|profile|train|tune|glue|hot|order|host|hopper|all] [extra args for the bench]
+# Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|profile|train|tune|glue|hot|order|host|all] [extra args for the bench]
 # train: the training op's GPU tests and its fwd+bwd profile (tests/gpu/profile_train.py) only
 # tune: the prefill kernel's builds (cache hints, activation-row prefetch): their GPU tests, then
 #       tests/gpu/prefill_tune.py's prefill rows (every neuron and packed layers, each build) into $OUT/prefill_tune.json
@@ -12,9 +12,6 @@
 #        the list pass and the cold kernel's builds (tests/gpu/profile_cold.py) into $OUT/ncu_cold.txt
 # host: the eager routing test, then the sparse block's host cost and the eager dense/sparse crossover
 #       (tests/gpu/host_cost.py at 1024...4096 tokens) into $OUT/host_cost.json (SparsePolicy.eager_prefill_dense_max_work)
-# hopper: the Hopper GEMM's GPU tests (compute capability 9.0), its check and timing against cuBLAS
-#         (tests/gpu/hopper_gemm.py) and the hybrid block with its listing epilogue against the listed
-#         path (tests/gpu/gate_list_ab.py) into $OUT/hopper_gemm.json and $OUT/gate_list_ab.json
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)  # absolute: some steps run from tests/gpu
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -60,11 +57,6 @@ if [[ $what == host ]]; then
     | tee "$OUT/host_tests.log" | tail -n 5 || rc=1
   HOST_SHAPES=${HOST_SHAPES:-1024x29,1536x29,2048x29,3072x29,4096x29} python3 tests/gpu/host_cost.py \
     "$OUT/host_cost.json" 2>&1 | tee "$OUT/host_cost.log" | cut -c1-400 || rc=1
-fi
-if [[ $what == hopper ]]; then
-  python3 -m pytest -q tests/gpu/test_hopper_gemm.py -p no:cacheprovider 2>&1 | tee "$OUT/hopper_tests.log" | tail -n 5 || rc=1
-  (cd tests/gpu && python3 hopper_gemm.py "$OUT/hopper_gemm.json" && python3 gate_list_ab.py "$OUT/gate_list_ab.json") \
-    2>&1 | tee "$OUT/hopper.log" | cut -c1-600 || rc=1
 fi
 if [[ $what == bench || $what == all ]]; then
   python3 -m sparsify_cli.bench.ffn --out "$OUT/ffn_bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{' || rc=1

@@ -202,9 +202,8 @@ def test_launch_constants_match_the_kernel_sources():
 
 
 def test_launch_ex_builds_the_driver_call(monkeypatch):
-    """loader.launch_ex (PDL launches and the Hopper GEMM's cluster launches): the grid and block padded to 3-D,
-    the shared memory, torch's current stream, one attribute per option with its value, and each parameter's
-    address; a driver error raises."""
+    """loader.launch_ex (the PDL launches): the grid and block padded to 3-D, the shared memory, torch's current
+    stream, the PDL attribute with its value, and each parameter's address; a driver error raises."""
     import ctypes
     from types import SimpleNamespace
 
@@ -230,24 +229,12 @@ def test_launch_ex_builds_the_driver_call(monkeypatch):
     monkeypatch.setattr(loader, "_driver", lambda: drv)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: SimpleNamespace(cuda_stream=77))
     fn = SimpleNamespace(kernel=SimpleNamespace(ptr=1234))
-    loader.launch_ex(fn, (66,), (384,), [ctypes.c_int32(-5), ctypes.c_uint64(2 ** 40)], 214_000, pdl=True,
-                     cluster=(2, 1, 1))
+    loader.launch_ex(fn, (66,), (384,), [ctypes.c_int32(-5), ctypes.c_uint64(2 ** 40)], 214_000, pdl=True)
     assert seen["grid"] == (66, 1, 1) and seen["block"] == (384, 1, 1) and seen["smem"] == 214_000
     assert seen["stream"] == 77 and seen["fn"] == 1234 and seen["p0"] == -5 and seen["p1"] == 2 ** 40
-    pdl_id, cluster_id = loader._PROGRAMMATIC_STREAM_SERIALIZATION, loader._CLUSTER_DIMENSION
-    assert seen["attrs"] == [(pdl_id, (1).to_bytes(4, "little") + bytes(8)),
-                             (cluster_id, b"".join(v.to_bytes(4, "little") for v in (2, 1, 1)))]
+    assert seen["attrs"] == [(loader._PROGRAMMATIC_STREAM_SERIALIZATION, (1).to_bytes(4, "little") + bytes(8))]
     loader.launch_ex(fn, (1, 2), (32,), [ctypes.c_int32(0), ctypes.c_uint64(0)])
     assert seen["grid"] == (1, 2, 1) and seen["attrs"] == []
     drv.rc = 1
     with pytest.raises(RuntimeError, match="CUresult 1"):
         loader.launch_ex(fn, (1,), (32,), [ctypes.c_int32(0), ctypes.c_uint64(0)])
-
-
-def test_hopper_geometry_of_the_default_build_and_overrides():
-    from sparsify_cli.kernels import hopper
-
-    cluster, smem = hopper.geometry()
-    assert cluster == 2 and smem == 3 * (128 + 256) * 64 * 2 + (64 << 10) + 1024 + 3 * 16 + 64 <= 227 * 1024
-    assert hopper.geometry(("GEMM_CLUSTER=1", "GEMM_STAGES=2"))[0] == 1
-    assert hopper.geometry(("GEMM_STAGES=2",))[1] == smem - (128 + 256) * 64 * 2 - 16
