@@ -1,7 +1,6 @@
 """The only cupy.RawModule site: compile kernels_cu/*.cu with NVRTC (-std=c++17, CuPy adds -arch=sm_XY of
 the device), cache, launch on torch's current stream. Launches that need the driver's cuLaunchKernelEx
-(programmatic dependent launch) go through launch_ex; nvrtc_compile builds a source with NVRTC directly (the compile
-tests use it for targets CuPy would not pick).
+(programmatic dependent launch) go through launch_ex.
 
 CuPy is imported lazily (CPU machines do not have it). Modules are cached in-process by (file, arch,
 template instances) and on disk by CuPy's own kernel cache. Launches pass raw ``tensor.data_ptr()`` integers
@@ -13,8 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import glob
-import os
 import re
 import threading
 from pathlib import Path
@@ -205,8 +202,7 @@ def _launch_pdl(fn, grid, block, args, shared_mem: int) -> None:
 def launch_ex(fn, grid: tuple[int, ...], block: tuple[int, ...], c_args: list, shared_mem: int = 0, *,
               pdl: bool = False) -> None:
     """Launch through the driver's cuLaunchKernelEx on torch's current stream. ``c_args``: ctypes objects, one
-    per kernel parameter (ints typed, or a by-value struct such as a TMA map), kept alive until the call returns
-    (the driver copies them). pdl: programmatic dependent launch."""
+    per kernel parameter (typed ints), kept alive until the call returns (the driver copies them). pdl: programmatic dependent launch."""
     import torch
 
     attrs = []
@@ -224,57 +220,3 @@ def launch_ex(fn, grid: tuple[int, ...], block: tuple[int, ...], c_args: list, s
     rc = _driver().cuLaunchKernelEx(ctypes.byref(cfg), fn.kernel.ptr, params, None)
     if rc != 0:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {rc} (pdl={pdl})")
-
-
-# ---- NVRTC called directly (the compile tests' builds for a chosen target) ------------------------------------------------------------
-
-def nvrtc_library() -> ctypes.CDLL | None:
-    """libnvrtc: the one the process already loaded (CuPy's), else the usual names and the CUDA wheels' copies."""
-    try:
-        with open("/proc/self/maps") as f:
-            loaded = sorted({line.split()[-1] for line in f if "libnvrtc.so" in line and "builtins" not in line})
-    except OSError:
-        loaded = []
-    names = loaded + ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
-    for root in filter(None, (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda")):
-        names += sorted(glob.glob(f"{root}/lib64/libnvrtc.so*"))
-    try:
-        import nvidia
-
-        names += [p for base in nvidia.__path__ for p in sorted(glob.glob(f"{base}/*/lib/libnvrtc.so*"))]
-    except ImportError:
-        pass
-    for name in names:
-        if "builtins" in name or "alt" in Path(name).name:
-            continue
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    return None
-
-
-def nvrtc_compile(name: str, arch: str, defines: tuple[str, ...] = ()) -> bytes:
-    """kernels_cu/<name> (local headers expanded) compiled by NVRTC for ``arch`` (e.g. "sm_90a"): the cubin.
-    RuntimeError with NVRTC's log if it does not compile, or if no libnvrtc is found."""
-    lib = nvrtc_library()
-    if lib is None:
-        raise RuntimeError(f"libnvrtc not found (kernels_cu/{name} is compiled for {arch} with NVRTC)")
-    opts = [b"-std=c++17", f"--gpu-architecture={arch}".encode(), *(f"-D{d}".encode() for d in defines)]
-    prog = ctypes.c_void_p()
-    if lib.nvrtcCreateProgram(ctypes.byref(prog), read_source(name).encode(), name.encode(), 0, None, None) != 0:
-        raise RuntimeError("nvrtcCreateProgram failed")
-    try:
-        if lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)) != 0:
-            size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(prog, log)
-            raise RuntimeError(f"NVRTC could not compile {name} for {arch}: {log.value.decode(errors='replace')}")
-        size = ctypes.c_size_t()
-        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-        cubin = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetCUBIN(prog, cubin)
-        return cubin.raw
-    finally:
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))

@@ -117,7 +117,8 @@ def parts(x, pk) -> dict:
 
 
 def row(m: int, nnz: int) -> dict:
-    inp, pk = packed_inputs(m, nnz, full=os.environ.get("HYBRID_ORDER_LAYER") == "full")  # every neuron kept, hot first (the suite's sparse rows)
+    # HYBRID_ORDER_LAYER=full: every neuron kept, hot first (the suite's sparse rows)
+    inp, pk = packed_inputs(m, nnz, full=os.environ.get("HYBRID_ORDER_LAYER") == "full")
     x = inp.x
     ref32 = dense_block(x[:4096].float(), inp.gate.float(), inp.up.float(), inp.down.float())
 

@@ -7,13 +7,16 @@ it; each is skipped with the reason where it is missing.
 
 from __future__ import annotations
 
+import ctypes
+import glob
+import os
 import re
 import shutil
 import subprocess
 
 import pytest
 
-from sparsify_cli.kernels.loader import nvrtc_compile, nvrtc_library
+from sparsify_cli.kernels.loader import read_source
 from sparsify_cli.resources import resource_dir
 
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if shutil.which("/usr/local/bin/nvcc") else None)
@@ -60,7 +63,45 @@ def test_build_variants_compile(src, defines, tmp_path):
     assert max(_nvcc_spills(src, "compute_90a,code=sm_90a", tmp_path, defines)) == 0
 
 
-NVRTC = nvrtc_library()  # the one kernels/loader.py finds
+def _nvrtc() -> ctypes.CDLL | None:
+    """libnvrtc: the dev extra's nvidia-cuda-nvrtc wheel, else a CUDA toolkit's, else the system's; None if none."""
+    names = []
+    try:
+        import nvidia
+
+        names += [p for base in nvidia.__path__ for p in sorted(glob.glob(f"{base}/*/lib/libnvrtc.so*"))]
+    except ImportError:
+        pass
+    for root in filter(None, (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda")):
+        names += sorted(glob.glob(f"{root}/lib64/libnvrtc.so*"))
+    for name in names + ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]:
+        if "builtins" in name or "alt" in os.path.basename(name):
+            continue
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+NVRTC = _nvrtc()
+
+
+def nvrtc_compile(name: str, arch: str, defines: tuple[str, ...] = ()) -> None:
+    """kernels_cu/<name> as the loader hands it to NVRTC (local headers expanded, -std=c++17) compiled for arch;
+    fails with NVRTC's log."""
+    opts = [b"-std=c++17", f"--gpu-architecture={arch}".encode(), *(f"-D{d}".encode() for d in defines)]
+    prog = ctypes.c_void_p()
+    assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), read_source(name).encode(), name.encode(), 0, None, None) == 0
+    try:
+        rc = NVRTC.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        NVRTC.nvrtcGetProgramLog(prog, log)
+        assert rc == 0, f"NVRTC could not compile {name} for {arch}: {log.value.decode(errors='replace')}"
+    finally:
+        NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
 @pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found (the dev extra's nvidia-cuda-nvrtc wheel provides it)")

@@ -64,4 +64,3 @@ def test_the_ops_stay_registered():
     for name in ("twell_pack", "twell_ffn", "relu_ffn", "relu_list", "relu_mul", "gemv", "decode_ffn"):
         assert hasattr(torch.ops.sparsify, name)
         assert getattr(ops, name).op is not None
-
