@@ -517,27 +517,3 @@ def launch_decode_down(hbuf: torch.Tensor, down_t: torch.Tensor, out: torch.Tens
     loader.launch(fn, (m, chunks), (DECODE_THREADS,),
                   (hbuf.data_ptr(), down_t.data_ptr(), out.data_ptr(), _i32(d), _i32(h), _i32(hbuf.shape[1])),
                   shared_mem=smem, pdl=pdl)
-
-
-def launch_l2_prefetch(*ranges: torch.Tensor, blocks: int = 64, defines: tuple[str, ...] = ()) -> None:
-    """Warm L2 with up to two contiguous tensors (kernels_cu/l2_prefetch.cu) that a later kernel will read; no
-    outputs. Each must start 128-byte aligned and span a multiple of 128 bytes (e.g. the first K rows of a (H, D)
-    bf16 weight, D % 64 == 0)."""
-    from sparsify_cli.kernels import loader
-
-    if not 1 <= len(ranges) <= 2:
-        raise ValueError(f"1 or 2 ranges, got {len(ranges)}")
-    spans = []
-    for i, t in enumerate(ranges):
-        if not t.is_contiguous():
-            raise ValueError(f"range {i} must be contiguous")
-        nbytes = t.numel() * t.element_size()
-        if t.data_ptr() % 128 or nbytes % 128:
-            raise ValueError(f"range {i} must start 128-byte aligned and span a multiple of 128 bytes")
-        spans.append((t.data_ptr(), nbytes))
-    if len(spans) == 1:
-        spans.append((spans[0][0], 0))
-    if spans[0][1] + spans[1][1] == 0:
-        return
-    fn = loader.get_function("l2_prefetch.cu", "l2_prefetch_kernel", tuple(defines))
-    loader.launch(fn, (blocks,), (256,), (spans[0][0], _i64(spans[0][1]), spans[1][0], _i64(spans[1][1])))
