@@ -77,11 +77,6 @@ class SparsePolicy:
     # session 14, same-process A/Bs): the block 0.5-6.5% faster at nnz 29 in 7 of 8 (+1.2% in the eighth), even
     # at nnz 112 (-6% to +1.5%); the same bits as the scan.
     hybrid_lists: bool = True
-    # Hybrid prefill of at most this many tokens (with lists) runs the cold kernel first, without the hot part as
-    # its start, then adds the hot part by the hot down GEMM into its result (cuBLAS, beta 1); above, the hot down
-    # GEMM first and the cold kernel starting from its bf16 result. The two round differently (within the bf16
-    # band). 0: hot first always.
-    cold_first_max_m: int = 0
 
     def use_dense_eager(self, m: int, d_model: int, width: int) -> bool:
         """True for a call of m tokens (width d_model, width neurons) run eagerly (not captured in a CUDA graph, not
@@ -168,15 +163,13 @@ def hot_part(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down_t
 
 def hybrid_ffn(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor,
                n_hot: int, fused_glue: bool = DEFAULT_POLICY.fused_hot_glue,
-               lists: bool = DEFAULT_POLICY.hybrid_lists, cold_first: bool = False) -> torch.Tensor:
+               lists: bool = DEFAULT_POLICY.hybrid_lists) -> torch.Tensor:
     """Hybrid FFN tail for hot-first neuron order: neurons [0, n_hot) densely (cuBLAS), the rest sparsely.
 
     act = x·w_actᵀ (M, H) already computed; out = Σ_{j<n_hot} dense + Σ_{j>=n_hot} sparse (one fp32 sum in the
     sparse kernel, which starts from the dense part's bf16 result). lists (SparsePolicy.hybrid_lists): the hot
     glue relu(a) ⊙ u and the cold entries' lists come from one pass (ops.relu_list) and the sparse kernel reads
     the lists; otherwise hot_part (fused_glue picks its relu(a) ⊙ u) and the kernel scans act. The same bits.
-    cold_first (with lists; SparsePolicy.cold_first_max_m): the sparse kernel first, from zero, then the hot part
-    added by the hot down GEMM into its result; it rounds the cold part instead of the hot part to bf16 first.
     """
     from sparsify_cli.kernels import ops
 
@@ -185,8 +178,6 @@ def hybrid_ffn(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, down
     if not lists:
         return ops.relu_ffn(x, act, up, down_t, n_hot, hot_part(x, act, up, down_t, n_hot, fused_glue))
     h_hot, cold_lists = ops.relu_list(act, n_hot, x @ up[:n_hot].T if up is not None else None)
-    if cold_first:
-        return ops.relu_ffn(x, act, up, down_t, n_hot, None, cold_lists).addmm_(h_hot, down_t[:n_hot])
     return ops.relu_ffn(x, act, up, down_t, n_hot, h_hot @ down_t[:n_hot], cold_lists)
 
 
@@ -231,8 +222,7 @@ def ffn_forward(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor | None, d
         if not policy.choose_sparse(x.shape[0], nnz, w_act.shape[0]):
             return dense_ffn(x, w_act, up, down_t, act=act, down=down)
     if hybrid:
-        return hybrid_ffn(x, act, up, down_t, n_hot, policy.fused_hot_glue, policy.hybrid_lists,
-                          x.shape[0] <= policy.cold_first_max_m)
+        return hybrid_ffn(x, act, up, down_t, n_hot, policy.fused_hot_glue, policy.hybrid_lists)
     if not via_twell:
         return ops.relu_ffn(x, act, up, down_t)
     words = ops.twell_pack(act, tile, slots)

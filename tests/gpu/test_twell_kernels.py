@@ -205,15 +205,6 @@ def test_hybrid_matches_reference(m, d, h, nnz, gated):
     t16 = ((a16 * (inp.x @ up.T)) if gated else a16) @ down_t
     assert not torch.isnan(out).any()
     assert _rel(out, ref32) <= 2 * _rel(t16, ref32) + 1e-4, (_rel(out, ref32), _rel(t16, ref32))
-    # cold first (SparsePolicy.cold_first_max_m): the cold kernel from zero, then the hot down GEMM adding into it
-    cold = ffn.hybrid_ffn(inp.x, act, up, down_t, n_hot, lists=True, cold_first=True)
-    h_hot, lists = ops.relu_list(act, n_hot, inp.x @ up[:n_hot].T if gated else None)
-    want = ops.relu_ffn(inp.x, act, up, down_t, n_hot, None, lists)
-    assert torch.equal(cold, torch.addmm(want, h_hot, down_t[:n_hot]))
-    policy = ffn.SparsePolicy(cold_first_max_m=m)  # ffn_forward takes it up to that many tokens
-    assert torch.equal(ffn.ffn_forward(inp.x, gate, up, down_t, kernels="cuda", mode="sparse", n_hot=n_hot,
-                                       policy=policy), cold)
-    assert _rel(cold, ref32) <= 2 * _rel(t16, ref32) + 1e-4, (_rel(cold, ref32), _rel(t16, ref32))
 
 
 def test_relu_ffn_c_start_and_init_semantics():
