@@ -97,6 +97,34 @@ __device__ __forceinline__ float warp_dot(const uint4* __restrict__ xg, const ui
     return warp_sum(s);
 }
 
+// warp_dot with x in shared memory as fp32, split by halves of each 8-column vector (xlo[vi] = columns 8 vi ..
+// 8 vi + 3, xhi[vi] = 8 vi + 4 .. 8 vi + 7: conflict-free 16-byte reads): the same products summed in the same order
+// as warp_dot (fmaf(x, u, s) = fmaf(u, x, s)), so the same bits, without unpacking x for every row it meets.
+__device__ __forceinline__ float warp_dot_xf(const float4* xlo, const float4* xhi, const uint4* __restrict__ ug,
+                                             int nvec_d, int lane) {
+    float s = 0.f;
+    for (int base = 0; base < nvec_d; base += 256) {
+        uint4 u[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int vi = base + k * 32 + lane;
+            u[k] = vi < nvec_d ? __ldg(ug + vi) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int vi = base + k * 32 + lane;
+            if (vi < nvec_d) {
+                const float4 a = xlo[vi], b = xhi[vi];
+                s = fmaf(a.x, bf16_lo(u[k].x), s); s = fmaf(a.y, bf16_hi(u[k].x), s);
+                s = fmaf(a.z, bf16_lo(u[k].y), s); s = fmaf(a.w, bf16_hi(u[k].y), s);
+                s = fmaf(b.x, bf16_lo(u[k].z), s); s = fmaf(b.y, bf16_hi(u[k].z), s);
+                s = fmaf(b.z, bf16_lo(u[k].w), s); s = fmaf(b.w, bf16_hi(u[k].w), s);
+            }
+        }
+    }
+    return warp_sum(s);
+}
+
 // 16-byte load / store of data touched once (a dense activation row, the hybrid's init, the output):
 // ld/st.global.cs allocate the lines evict-first in L1 and L2, so streaming hundreds of MB past the gather does
 // not push out the weight rows it keeps re-reading from L2. Same values as __ldg / a plain store.

@@ -24,7 +24,7 @@
 #endif
 #define FUSED_GATE_WARPS 4  // warps per block of decode_gate_up_kernel; must match kernels/launchers.py
 #define FUSED_SEG 256  // columns per listing segment (one warp step: 32 lanes x 8)
-#define DECODE_UP_WARPS 8  // warps (= segments) per block of decode_up_act_kernel; must match kernels/launchers.py
+#define DECODE_UP_WARPS 8  // listing warps (= segments) per block of decode_up_act_kernel; must match kernels/launchers.py
 #define DECODE_UP_CAP 256  // active pairs per block and batch of up dots in decode_up_act_kernel
 
 // h *= x_tok · U_j for the lanes whose pair is active (pair(p) = {token, row j} of lane p), two dots at a time
@@ -253,14 +253,35 @@ __global__ void __launch_bounds__(32 * FUSED_GATE_WARPS) decode_gate_up_mma_kern
 }
 
 // The first half of the decode path when the gate projection ran elsewhere (cuBLAS, 17..64 tokens; or no known
-// density): h from the dense activation act (M, H) instead of from the gate weight. One warp per (token, 256-column
-// segment): each lane loads its 8 values of act, relu; the block's active pairs (all of one token) are listed in
-// shared memory and their up dots spread over the block's warps, two at a time, so a token with several active
-// neurons in one segment (hot-first order puts them together) pays one dependent row read, not several; h into
-// hbuf (dense, 0 where inactive), then decode_down_kernel finishes. The per-entry arithmetic is twell_decode.cu's
-// (h = a * (x . U_j) by warp_dot2, the same down sums), so the output is the same bits (GPU test).
+// density): h from the dense activation act (M, H) instead of from the gate weight. The first DECODE_UP_WARPS warps
+// list one 256-column segment of the token's act each (8 values per lane, relu); the block's active pairs (all of
+// one token) are listed in shared memory and their up dots spread over the block's DECODE_UP_DOT_WARPS warps, so a
+// token with several active neurons in one segment (hot-first order puts them together) pays one dependent row read,
+// not several; h into hbuf (dense, 0 where inactive), then decode_down_kernel finishes.
+// DECODE_UP_XF 1 (default): the token's x row is held in shared memory as fp32 (warp_dot_xf) and each of the
+// DECODE_UP_DOT_WARPS warps takes one up dot: the kernel was bound by its warps' dependent instructions at 2 warps
+// per scheduler (Nsight Compute at 64 tokens: 14 cycles per issued instruction, 86% of cycles with no eligible
+// warp), so this halves each warp's chain and takes the x unpacking out of it. 16 warps at one block per SM, or 12
+// at two (DECODE_UP_MIN_BLOCKS=2; 16 would spill): the launcher picks by the grid. 0: 8 warps, two dots at a time,
+// x read through L1 (before session 20).
+// The per-entry arithmetic is twell_decode.cu's (h = a * (x . U_j), warp_dot's order; the same down sums), so the
+// output is the same bits (GPU test).
+#ifndef DECODE_UP_XF
+#define DECODE_UP_XF 1
+#endif
+#if DECODE_UP_XF
+#ifndef DECODE_UP_DOT_WARPS
+#define DECODE_UP_DOT_WARPS 16  // must match kernels/launchers.py (decode_up_dot_warps)
+#endif
+#else
+#undef DECODE_UP_DOT_WARPS
+#define DECODE_UP_DOT_WARPS DECODE_UP_WARPS
+#endif
+#ifndef DECODE_UP_MIN_BLOCKS
+#define DECODE_UP_MIN_BLOCKS 1
+#endif
 template <bool GATED>
-__global__ void __launch_bounds__(32 * DECODE_UP_WARPS) decode_up_act_kernel(
+__global__ void __launch_bounds__(32 * DECODE_UP_DOT_WARPS, DECODE_UP_MIN_BLOCKS) decode_up_act_kernel(
     const unsigned short* __restrict__ x,    // (M, D)
     const unsigned short* __restrict__ act,  // (M, H): x . w_actᵀ
     const unsigned short* __restrict__ up,   // (H, D), gated only
@@ -270,14 +291,34 @@ __global__ void __launch_bounds__(32 * DECODE_UP_WARPS) decode_up_act_kernel(
     __shared__ float pdot[DECODE_UP_CAP];
     __shared__ int wcount[DECODE_UP_WARPS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const bool lister = warp < DECODE_UP_WARPS;
     const long long m = blockIdx.x;
     // warp w of block y takes segment w * gridDim.y + y: a block's segments are spread over the row, so the hot
     // neurons that lead a packed layer's row share out over the token's blocks instead of loading the first one
     const int c0 = (warp * gridDim.y + blockIdx.y) * FUSED_SEG + lane * 8;
+    const int nvec = D >> 3;
     pdl_launch_dependents();  // the down kernel may launch now (it waits for this grid before reading hbuf)
     pdl_wait();               // act may be the output of the kernel launched before this one
     unsigned short v[8];
-    load8(act + m * H, c0, H, vec_ok != 0, v);  // zeros at and past H
+    if (lister) {
+        load8(act + m * H, c0, H, vec_ok != 0, v);  // zeros at and past H
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = 0;
+    }
+#if DECODE_UP_XF
+    extern __shared__ float4 xsm[];  // gated: the token's x as fp32, columns 8 vi .. +3 at xsm[vi], +4 .. +7 at
+    float4* xlo = xsm;               // xsm[nvec + vi]
+    float4* xhi = xsm + nvec;
+    if (GATED) {
+        const uint4* xg = reinterpret_cast<const uint4*>(x + m * D);
+        for (int vi = threadIdx.x; vi < nvec; vi += blockDim.x) {
+            const uint4 q = __ldg(xg + vi);
+            xlo[vi] = make_float4(bf16_lo(q.x), bf16_hi(q.x), bf16_lo(q.y), bf16_hi(q.y));
+            xhi[vi] = make_float4(bf16_lo(q.z), bf16_hi(q.z), bf16_lo(q.w), bf16_hi(q.w));
+        }
+    }
+#endif
     float h[8];
     int n = 0;
 #pragma unroll
@@ -288,16 +329,17 @@ __global__ void __launch_bounds__(32 * DECODE_UP_WARPS) decode_up_act_kernel(
     }
     if (GATED) {
         const int incl = warp_incl_scan(n, lane);
-        if (lane == 31) wcount[warp] = incl;
-        __syncthreads();
+        if (lane == 31 && lister) wcount[warp] = incl;
+        __syncthreads();  // also publishes the x copy
         int first = incl - n, total = 0;  // this lane's first rank in the block's list; the block's list length
 #pragma unroll
         for (int w = 0; w < DECODE_UP_WARPS; ++w) {
             first += w < warp ? wcount[w] : 0;
             total += wcount[w];
         }
+#if !DECODE_UP_XF
         const uint4* xg = reinterpret_cast<const uint4*>(x + m * D);
-        const int nvec = D >> 3;
+#endif
         for (int base = 0; base < total; base += DECODE_UP_CAP) {  // the same trip count for the whole block
             const int nb = min(total - base, DECODE_UP_CAP);
             int r = first;
@@ -308,6 +350,13 @@ __global__ void __launch_bounds__(32 * DECODE_UP_WARPS) decode_up_act_kernel(
                     ++r;
                 }
             __syncthreads();
+#if DECODE_UP_XF
+            for (int q = warp; q < nb; q += DECODE_UP_DOT_WARPS) {
+                const float d = warp_dot_xf(xlo, xhi, reinterpret_cast<const uint4*>(up + (long long)plist[q] * D),
+                                            nvec, lane);
+                if (lane == 0) pdot[q] = d;
+            }
+#else
             for (int q = 2 * warp; q < nb; q += 2 * DECODE_UP_WARPS) {
                 float d0, d1;
                 warp_dot2(xg, reinterpret_cast<const uint4*>(up + (long long)plist[q] * D),
@@ -318,6 +367,7 @@ __global__ void __launch_bounds__(32 * DECODE_UP_WARPS) decode_up_act_kernel(
                     if (q + 1 < nb) pdot[q + 1] = d1;
                 }
             }
+#endif
             __syncthreads();
             r = first;
 #pragma unroll
@@ -329,7 +379,7 @@ __global__ void __launch_bounds__(32 * DECODE_UP_WARPS) decode_up_act_kernel(
             __syncthreads();  // before the next batch overwrites plist
         }
     }
-    if (c0 < H) {  // Hs is a multiple of 8 >= H: the whole vector lies in the row
+    if (lister && c0 < H) {  // Hs is a multiple of 8 >= H: the whole vector lies in the row
         float4* dst = reinterpret_cast<float4*>(hbuf + m * Hs + c0);
         dst[0] = make_float4(h[0], h[1], h[2], h[3]);
         dst[1] = make_float4(h[4], h[5], h[6], h[7]);

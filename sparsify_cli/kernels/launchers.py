@@ -479,27 +479,54 @@ def launch_decode_gate_up(x: torch.Tensor, w_act: torch.Tensor, up: torch.Tensor
     return hbuf
 
 
-DECODE_UP_WARPS = 8  # must match kernels_cu/decode_fused.cu (one 256-column segment per warp)
+DECODE_UP_WARPS = 8  # listing warps (= 256-column segments) per block; must match kernels_cu/decode_fused.cu
+# decode_up_act_kernel's builds (kernels_cu/decode_fused.cu): x as fp32 in shared memory, one up dot per warp, with
+# 16 warps per block while the grid fits one block per SM, else 12 warps and two blocks per SM (16 warps at two
+# blocks per SM would spill). H200, µs per layer, the whole path behind cuBLAS's gate GEMM (BENCHMARKS.md, session
+# 20): packed layer (2 blocks per token) 18.4 / 18.9 / 20.3 at 17 / 32 / 64 tokens with 16 warps, 19.0 / 19.5 / 20.8
+# with 12, 19.3 / 19.8 / 21.3 before (8 warps, two dots each, x through L1: DECODE_UP_XF=0); full width (3
+# blocks per token, 192 at 64 tokens: 1.45 waves at one per SM) 24.0 with 16 warps, 22.1 with 12, 22.7 before.
+UP_ACT_ONE_PER_SM: tuple[str, ...] = ()
+UP_ACT_TWO_PER_SM: tuple[str, ...] = ("DECODE_UP_DOT_WARPS=12", "DECODE_UP_MIN_BLOCKS=2")
+
+
+def decode_up_dot_warps(defines: tuple[str, ...]) -> int:
+    """Warps per block of decode_up_act_kernel for a build (kernels_cu/decode_fused.cu's DECODE_UP_DOT_WARPS)."""
+    if "DECODE_UP_XF=0" in defines:
+        return DECODE_UP_WARPS
+    for d in defines:
+        if d.startswith("DECODE_UP_DOT_WARPS="):
+            return int(d.split("=", 1)[1])
+    return 16
 
 
 def launch_decode_up_act(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, *,
-                         pdl: bool = False) -> torch.Tensor:
+                         pdl: bool = False, defines: tuple[str, ...] | None = None) -> torch.Tensor:
     """The decode path's first kernel when the gate projection ran elsewhere (launch_relu_ffn checks the
     arguments): h (M, Hs) fp32, h = relu(a)·(x·U_j) (gated) or relu(a), 0 where inactive, Hs = H rounded up to 8;
     launch_decode_down finishes. pdl: launched with programmatic dependent launch (it waits for the previous
-    kernel before reading act; after cuBLAS that only hides the launch: -0.2 to -0.4 us, BENCHMARKS.md)."""
+    kernel before reading act; after cuBLAS that only hides the launch: -0.2 to -0.4 us, BENCHMARKS.md).
+    defines: the kernel's build (None: UP_ACT_ONE_PER_SM if the grid fits one block per SM, else
+    UP_ACT_TWO_PER_SM); every build gives the same bits."""
     from sparsify_cli.kernels import loader
 
     m, d = x.shape
     h = act.shape[1]
     hs = -(-h // 8) * 8
-    hbuf = torch.empty(m, hs, dtype=torch.float32, device=x.device)  # every column < H is written
-    fn = loader.get_function("decode_fused.cu", f"decode_up_act_kernel<{_b(up is not None)}>",
-                             FUSED_DEFAULT_DEFINES)
     segs = -(-h // FUSED_SEG)
-    loader.launch(fn, (m, -(-segs // DECODE_UP_WARPS)), (32 * DECODE_UP_WARPS,),
+    grid = (m, -(-segs // DECODE_UP_WARPS))  # (token, group of DECODE_UP_WARPS segments)
+    if defines is None:
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        defines = UP_ACT_ONE_PER_SM if grid[0] * grid[1] <= loader.sm_count(index) else UP_ACT_TWO_PER_SM
+    defines = tuple(defines)
+    hbuf = torch.empty(m, hs, dtype=torch.float32, device=x.device)  # every column < H is written
+    fn = loader.get_function("decode_fused.cu", f"decode_up_act_kernel<{_b(up is not None)}>", defines)
+    warps = decode_up_dot_warps(defines)
+    smem = 4 * d if up is not None and "DECODE_UP_XF=0" not in defines else 0  # the x row as fp32
+    _allow_smem(fn, smem, "decode up dots", d, h)
+    loader.launch(fn, grid, (32 * warps,),
                   (x.data_ptr(), act.data_ptr(), up.data_ptr() if up is not None else 0, hbuf.data_ptr(), _i32(d),
-                   _i32(h), _i32(hs), _i32(_vec_ok(act))), pdl=pdl)
+                   _i32(h), _i32(hs), _i32(_vec_ok(act))), shared_mem=smem, pdl=pdl)
     return hbuf
 
 

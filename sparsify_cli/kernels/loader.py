@@ -69,6 +69,14 @@ def capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    """The device's number of SMs, read once per device (a launcher sizing its grid to one wave reads it per call)."""
+    import torch
+
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _arch(device_index: int) -> str:
     major, minor = capability(device_index)
     return f"sm_{major}{minor}"

@@ -3,7 +3,7 @@
 CUDA-graph replay over 8 layers (median of 100 replays, best of ROUNDS interleaved rounds): dense, the cuBLAS gate
 GEMM, the up-dot kernel (decode_up_act_kernel) on precomputed activations, the down kernel on precomputed h, the
 two together (PDL as the default launch), the whole path, and the two kernels on an all-negative activation (no
-active pair: their fixed cost). (Session 17 also timed a one-kernel version of the pair here, decode_token.cu in
+active pair: their fixed cost); the up-dot kernel and the whole path also with that kernel's other builds (UP_BUILDS). (Session 17 also timed a one-kernel version of the pair here, decode_token.cu in
 commit 356db60, not kept: BENCHMARKS.md.)
 
     python3 tests/gpu/decode_breakdown.py OUT.json [M ...]      # DECODE_BREAKDOWN_ROUNDS=3
@@ -44,7 +44,23 @@ def parts(x, layers: list[tuple], dense_sets) -> dict:
         "both_kernels": path(acts),
         "both_kernels_no_active": path(dead),
         "whole_path": lambda: [launchers.launch_relu_ffn(x, x @ g.T, u, dt, o, path="decode") for g, u, dt in layers],
+        # the up-dot kernel's other builds (UP_BUILDS), alone and in the whole path
+        **{f"up_act_kernel_{name}": (lambda b: lambda: [launchers.launch_decode_up_act(x, a, u, defines=b)
+                                                        for a, (_, u, _) in zip(acts, layers)])(build)
+           for name, build in UP_BUILDS.items()},
+        **{f"whole_path_{name}": (lambda b: lambda: [build_path(x, x @ g.T, u, dt, o, b) for g, u, dt in layers])(build)
+           for name, build in UP_BUILDS.items()},
     }
+
+
+# as before session 20 (8 warps, two dots each, x through L1), and each of the default's two builds whatever the grid
+UP_BUILDS = {"before": ("DECODE_UP_XF=0",), "w16": launchers.UP_ACT_ONE_PER_SM, "w12": launchers.UP_ACT_TWO_PER_SM}
+
+
+def build_path(x, act, up, down_t, out, build):
+    pdl = launchers.pdl_default(x.device)
+    hbuf = launchers.launch_decode_up_act(x, act, up, pdl=pdl, defines=build)
+    launchers.launch_decode_down(hbuf, down_t, out, act.shape[1], pdl=pdl)
 
 
 def main() -> None:

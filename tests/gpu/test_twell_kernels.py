@@ -518,6 +518,11 @@ def test_fused_decode_bitwise_equals_gemv_and_decode_kernel(m, gated):
     assert torch.equal(fused, unfused)
 
 
+# decode_up_act_kernel's builds (the launcher picks one of the last two by the grid; tests/gpu/decode_breakdown.py
+# times all three): the same bits as the default
+UP_ACT_BUILDS = [("DECODE_UP_XF=0",), launchers.UP_ACT_ONE_PER_SM, launchers.UP_ACT_TWO_PER_SM]
+
+
 @pytest.mark.parametrize("m", [1, 5, 17, 33, 64])
 @pytest.mark.parametrize("d,h", [(2048, 5632), (256, 1000), (64, 33)])
 @pytest.mark.parametrize("density", [0.3, 0.02, 0.005])
@@ -544,6 +549,10 @@ def test_decode_from_act_bitwise_equals_twell_decode(m, d, h, density, gated):
     assert not torch.isnan(want).any()
     for out in outs:
         assert torch.equal(out, want)
+    # the up-dot kernel's builds: x as fp32 in shared memory, one dot per warp (default), or two per warp from L1
+    h_default = launchers.launch_decode_up_act(inp.x, act, up)
+    for build in UP_ACT_BUILDS:
+        assert torch.equal(launchers.launch_decode_up_act(inp.x, act, up, defines=build)[:, :h], h_default[:, :h])
 
 
 def test_decode_from_act_hot_segment_and_nan():

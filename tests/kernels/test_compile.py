@@ -54,7 +54,8 @@ VARIANTS = [("twell_ffn.cu", ("FFN_ACT_PREFETCH=0",)), ("twell_ffn.cu", ("FFN_ST
             ("relu_list.cu", ("LIST_STEP=8",)), ("relu_list.cu", ("LIST_GLUE=8",)),
             ("relu_list.cu", ("LIST_PREFETCH=1",)),
             ("twell_ffn.cu", ("FFN_X_SMEM=0", "FFN_ACT_X_SMEM=0")),
-            ("twell_ffn.cu", ("FFN_UP_PAIRS=0",))]
+            ("twell_ffn.cu", ("FFN_UP_PAIRS=0",)), ("decode_fused.cu", ("DECODE_UP_XF=0",)),
+            ("decode_fused.cu", ("DECODE_UP_DOT_WARPS=12", "DECODE_UP_MIN_BLOCKS=2"))]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit to compile-test kernels)")
