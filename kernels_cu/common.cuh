@@ -73,13 +73,11 @@ __device__ __forceinline__ bool relu_active(unsigned short b) {
     return !(f <= 0.0f);
 }
 
-// x . u over D = 8 * nvec_d bf16 (x, u: rows of 16-byte vectors), summed over the warp (all lanes get it).
-// The 8 row vectors of a 2048-column sweep are loaded before any arithmetic, so they are in flight together;
-// x is expected to be L1-resident (re-read for every entry), or in shared memory (X_SHARED: plain loads, since
-// __ldg is a global-memory load).
-template <bool X_SHARED = false>
-__device__ __forceinline__ float warp_dot(const uint4* __restrict__ xg, const uint4* __restrict__ ug, int nvec_d,
-                                          int lane) {
+// The sweep of a row u (16-byte vectors) that the warp dots share: per 2048 columns, the lane's 8 row vectors are
+// loaded before any arithmetic, so they are in flight together, then s = step(s, vi, u[vi]) in vector order;
+// summed over the warp (all lanes get it).
+template <typename Step>
+__device__ __forceinline__ float warp_row_sweep(const uint4* __restrict__ ug, int nvec_d, int lane, Step step) {
     float s = 0.f;
     for (int base = 0; base < nvec_d; base += 256) {
         uint4 u[8];
@@ -91,10 +89,20 @@ __device__ __forceinline__ float warp_dot(const uint4* __restrict__ xg, const ui
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
             const int vi = base + k * 32 + lane;
-            if (vi < nvec_d) s = dot8(s, X_SHARED ? xg[vi] : __ldg(xg + vi), u[k]);
+            if (vi < nvec_d) s = step(s, vi, u[k]);
         }
     }
     return warp_sum(s);
+}
+
+// x . u over D = 8 * nvec_d bf16 (x, u: rows of 16-byte vectors), summed over the warp (all lanes get it).
+// x is expected to be L1-resident (re-read for every entry), or in shared memory (X_SHARED: plain loads, since
+// __ldg is a global-memory load).
+template <bool X_SHARED = false>
+__device__ __forceinline__ float warp_dot(const uint4* __restrict__ xg, const uint4* __restrict__ ug, int nvec_d,
+                                          int lane) {
+    return warp_row_sweep(ug, nvec_d, lane,
+                          [&](float s, int vi, uint4 u) { return dot8(s, X_SHARED ? xg[vi] : __ldg(xg + vi), u); });
 }
 
 // warp_dot with x in shared memory as fp32, split by halves of each 8-column vector (xlo[vi] = columns 8 vi ..
@@ -102,27 +110,13 @@ __device__ __forceinline__ float warp_dot(const uint4* __restrict__ xg, const ui
 // as warp_dot (fmaf(x, u, s) = fmaf(u, x, s)), so the same bits, without unpacking x for every row it meets.
 __device__ __forceinline__ float warp_dot_xf(const float4* xlo, const float4* xhi, const uint4* __restrict__ ug,
                                              int nvec_d, int lane) {
-    float s = 0.f;
-    for (int base = 0; base < nvec_d; base += 256) {
-        uint4 u[8];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            const int vi = base + k * 32 + lane;
-            u[k] = vi < nvec_d ? __ldg(ug + vi) : make_uint4(0u, 0u, 0u, 0u);
-        }
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            const int vi = base + k * 32 + lane;
-            if (vi < nvec_d) {
-                const float4 a = xlo[vi], b = xhi[vi];
-                s = fmaf(a.x, bf16_lo(u[k].x), s); s = fmaf(a.y, bf16_hi(u[k].x), s);
-                s = fmaf(a.z, bf16_lo(u[k].y), s); s = fmaf(a.w, bf16_hi(u[k].y), s);
-                s = fmaf(b.x, bf16_lo(u[k].z), s); s = fmaf(b.y, bf16_hi(u[k].z), s);
-                s = fmaf(b.z, bf16_lo(u[k].w), s); s = fmaf(b.w, bf16_hi(u[k].w), s);
-            }
-        }
-    }
-    return warp_sum(s);
+    return warp_row_sweep(ug, nvec_d, lane, [&](float s, int vi, uint4 u) {
+        const float4 a = xlo[vi], b = xhi[vi];
+        s = fmaf(a.x, bf16_lo(u.x), s); s = fmaf(a.y, bf16_hi(u.x), s);
+        s = fmaf(a.z, bf16_lo(u.y), s); s = fmaf(a.w, bf16_hi(u.y), s);
+        s = fmaf(b.x, bf16_lo(u.z), s); s = fmaf(b.y, bf16_hi(u.z), s);
+        s = fmaf(b.z, bf16_lo(u.w), s); return fmaf(b.w, bf16_hi(u.w), s);
+    });
 }
 
 // 16-byte load / store of data touched once (a dense activation row, the hybrid's init, the output):
