@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the FFN benchmark on the device machine; logs and JSON go to $OUT (or ./gpu_out).
-# Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|profile|train|tune|glue|hot|order|host|all] [extra args for the bench]
+# Usage (repo root): bash tests/gpu/run_on_device.sh [tests|bench|profile|train|tune|glue|hot|order|host|decode|all] [extra args for the bench]
 # train: the training op's GPU tests and its fwd+bwd profile (tests/gpu/profile_train.py) only
 # tune: the prefill kernel's builds (cache hints, activation-row prefetch): their GPU tests, then
 #       tests/gpu/prefill_tune.py's prefill rows (every neuron and packed layers, each build) into $OUT/prefill_tune.json
@@ -12,6 +12,9 @@
 #        the list pass and the cold kernel's builds (tests/gpu/profile_cold.py) into $OUT/ncu_cold.txt
 # host: the eager routing test, then the sparse block's host cost and the eager dense/sparse crossover
 #       (tests/gpu/host_cost.py at 1024...4096 tokens) into $OUT/host_cost.json (SparsePolicy.eager_prefill_dense_max_work)
+# decode: the decode, fused and gemv GPU tests, then the path above 16 tokens part by part with the up-dot kernel's
+#         builds (tests/gpu/decode_breakdown.py at 17, 32, 64 tokens) into $OUT/decode_breakdown.json, then Nsight
+#         Compute on its two kernels at 64 tokens (tests/gpu/profile_decode.py) into $OUT/ncu_decode.txt
 set -o pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)  # absolute: some steps run from tests/gpu
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -57,6 +60,19 @@ if [[ $what == host ]]; then
     | tee "$OUT/host_tests.log" | tail -n 5 || rc=1
   HOST_SHAPES=${HOST_SHAPES:-1024x29,1536x29,2048x29,3072x29,4096x29} python3 tests/gpu/host_cost.py \
     "$OUT/host_cost.json" 2>&1 | tee "$OUT/host_cost.log" | cut -c1-400 || rc=1
+fi
+if [[ $what == decode ]]; then
+  python3 -m pytest -q tests/gpu -k "fused or decode or gemv or eager_decode" -p no:cacheprovider 2>&1 \
+    | tee "$OUT/decode_tests.log" | tail -n 5 || rc=1
+  python3 tests/gpu/decode_breakdown.py "$OUT/decode_breakdown.json" 17 32 64 2>&1 | tee "$OUT/decode_breakdown.log" \
+    || rc=1
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [[ -n $NCU ]]; then  # profile_decode.py launches each kernel twice: skip the first pair
+    timeout 200 "$NCU" --kernel-name regex:'decode_' --launch-skip 2 --launch-count 2 --section SpeedOfLight \
+      --section WarpStateStats --section LaunchStats --section Occupancy --section SchedulerStats \
+      --section MemoryWorkloadAnalysis python3 tests/gpu/profile_decode.py 64 > "$OUT/ncu_decode.txt" 2>&1
+    grep -E "decode_|Duration|Warp Cycles Per Issued|Achieved Active|Eligible Warps" "$OUT/ncu_decode.txt"
+  fi
 fi
 if [[ $what == bench || $what == all ]]; then
   python3 -m sparsify_cli.bench.ffn --out "$OUT/ffn_bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{' || rc=1
