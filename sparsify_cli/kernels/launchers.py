@@ -488,6 +488,17 @@ DECODE_UP_WARPS = 8  # listing warps (= 256-column segments) per block; must mat
 # blocks per token, 192 at 64 tokens: 1.45 waves at one per SM) 24.0 with 16 warps, 22.1 with 12, 22.7 before.
 UP_ACT_ONE_PER_SM: tuple[str, ...] = ()
 UP_ACT_TWO_PER_SM: tuple[str, ...] = ("DECODE_UP_DOT_WARPS=12", "DECODE_UP_MIN_BLOCKS=2")
+# Wider rows than x as fp32 fits in shared memory (4 D bytes beside the kernel's 2 KB of static shared memory, of
+# the 227 KB a block may have: D up to ~57,000) take the build before session 20, which reads x through L1.
+UP_ACT_X_FROM_L1: tuple[str, ...] = ("DECODE_UP_XF=0",)
+UP_ACT_MAX_X_SMEM = 227 * 1024 - 4096
+
+
+def up_act_build(blocks: int, d: int, gated: bool, sms: int) -> tuple[str, ...]:
+    """decode_up_act_kernel's build for a grid of ``blocks`` blocks on a GPU of ``sms`` SMs, rows of d columns."""
+    if gated and 4 * d > UP_ACT_MAX_X_SMEM:  # x as fp32 would not fit in shared memory
+        return UP_ACT_X_FROM_L1
+    return UP_ACT_ONE_PER_SM if blocks <= sms else UP_ACT_TWO_PER_SM
 
 
 def decode_up_dot_warps(defines: tuple[str, ...]) -> int:
@@ -517,7 +528,7 @@ def launch_decode_up_act(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | 
     grid = (m, -(-segs // DECODE_UP_WARPS))  # (token, group of DECODE_UP_WARPS segments)
     if defines is None:
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        defines = UP_ACT_ONE_PER_SM if grid[0] * grid[1] <= loader.sm_count(index) else UP_ACT_TWO_PER_SM
+        defines = up_act_build(grid[0] * grid[1], d, up is not None, loader.sm_count(index))
     defines = tuple(defines)
     hbuf = torch.empty(m, hs, dtype=torch.float32, device=x.device)  # every column < H is written
     fn = loader.get_function("decode_fused.cu", f"decode_up_act_kernel<{_b(up is not None)}>", defines)

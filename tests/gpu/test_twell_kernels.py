@@ -518,9 +518,9 @@ def test_fused_decode_bitwise_equals_gemv_and_decode_kernel(m, gated):
     assert torch.equal(fused, unfused)
 
 
-# decode_up_act_kernel's builds (the launcher picks one of the last two by the grid; tests/gpu/decode_breakdown.py
-# times all three): the same bits as the default
-UP_ACT_BUILDS = [("DECODE_UP_XF=0",), launchers.UP_ACT_ONE_PER_SM, launchers.UP_ACT_TWO_PER_SM]
+# decode_up_act_kernel's builds (the launcher picks the first for rows too wide for x in shared memory, else one of
+# the last two by the grid; tests/gpu/decode_breakdown.py times all three): the same bits as the default
+UP_ACT_BUILDS = [launchers.UP_ACT_X_FROM_L1, launchers.UP_ACT_ONE_PER_SM, launchers.UP_ACT_TWO_PER_SM]
 
 
 @pytest.mark.parametrize("m", [1, 5, 17, 33, 64])

@@ -193,12 +193,27 @@ def test_launch_constants_match_the_kernel_sources():
         "decode_down.cuh": (("DECODE_THREADS", launchers.DECODE_THREADS), ("DECODE_CAP", launchers.DECODE_CAP)),
         "decode_fused.cu": (("FUSED_GATE_WARPS", launchers.FUSED_GATE_WARPS), ("FUSED_SEG", launchers.FUSED_SEG),
                             ("DECODE_UP_WARPS", launchers.DECODE_UP_WARPS),
+                            ("DECODE_UP_DOT_WARPS", launchers.decode_up_dot_warps(launchers.UP_ACT_ONE_PER_SM)),
                             ("MMA_ROWS", launchers.FUSED_MMA_ROWS)),
     }
     for name, pairs in expected.items():
         text = src(name)
         for macro, value in pairs:
             assert f"#define {macro} {value}" in text, (name, macro, value)
+
+
+def test_up_act_build_fits_one_wave_and_shared_memory():
+    """decode_up_act_kernel: 16 warps while the grid fits one block per SM, 12 at two per SM beyond (a full-width
+    layer at 64 tokens: 192 blocks on 132 SMs), x through L1 where x as fp32 would not fit in shared memory; the
+    launch's block size follows the build."""
+    assert launchers.up_act_build(128, 2048, True, 132) == launchers.UP_ACT_ONE_PER_SM
+    assert launchers.up_act_build(192, 2048, True, 132) == launchers.UP_ACT_TWO_PER_SM
+    assert launchers.up_act_build(64, 65536, True, 132) == launchers.UP_ACT_X_FROM_L1
+    assert launchers.up_act_build(64, 65536, False, 132) == launchers.UP_ACT_ONE_PER_SM  # plain: no x
+    assert 4 * 16384 <= launchers.UP_ACT_MAX_X_SMEM  # rows as wide as the largest Llama's keep the copy
+    warps = [launchers.decode_up_dot_warps(b) for b in (launchers.UP_ACT_ONE_PER_SM, launchers.UP_ACT_TWO_PER_SM,
+                                                         launchers.UP_ACT_X_FROM_L1)]
+    assert warps == [16, 12, launchers.DECODE_UP_WARPS]
 
 
 def test_launch_ex_builds_the_driver_call(monkeypatch):
