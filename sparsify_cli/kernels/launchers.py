@@ -501,9 +501,14 @@ def up_act_build(blocks: int, d: int, gated: bool, sms: int) -> tuple[str, ...]:
     return UP_ACT_ONE_PER_SM if blocks <= sms else UP_ACT_TWO_PER_SM
 
 
+def _up_act_x_in_smem(defines: tuple[str, ...]) -> bool:
+    """Whether a build of decode_up_act_kernel keeps the token's x row in shared memory (DECODE_UP_XF, the default)."""
+    return "DECODE_UP_XF=0" not in defines
+
+
 def decode_up_dot_warps(defines: tuple[str, ...]) -> int:
     """Warps per block of decode_up_act_kernel for a build (kernels_cu/decode_fused.cu's DECODE_UP_DOT_WARPS)."""
-    if "DECODE_UP_XF=0" in defines:
+    if not _up_act_x_in_smem(defines):
         return DECODE_UP_WARPS
     for d in defines:
         if d.startswith("DECODE_UP_DOT_WARPS="):
@@ -533,7 +538,7 @@ def launch_decode_up_act(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | 
     hbuf = torch.empty(m, hs, dtype=torch.float32, device=x.device)  # every column < H is written
     fn = loader.get_function("decode_fused.cu", f"decode_up_act_kernel<{_b(up is not None)}>", defines)
     warps = decode_up_dot_warps(defines)
-    smem = 4 * d if up is not None and "DECODE_UP_XF=0" not in defines else 0  # the x row as fp32
+    smem = 4 * d if up is not None and _up_act_x_in_smem(defines) else 0  # the x row as fp32
     _allow_smem(fn, smem, "decode up dots", d, h)
     loader.launch(fn, grid, (32 * warps,),
                   (x.data_ptr(), act.data_ptr(), up.data_ptr() if up is not None else 0, hbuf.data_ptr(), _i32(d),

@@ -3,8 +3,9 @@
 CUDA-graph replay over 8 layers (median of 100 replays, best of ROUNDS interleaved rounds): dense, the cuBLAS gate
 GEMM, the up-dot kernel (decode_up_act_kernel) on precomputed activations, the down kernel on precomputed h, the
 two together (PDL as the default launch), the whole path, and the two kernels on an all-negative activation (no
-active pair: their fixed cost); the up-dot kernel and the whole path also with that kernel's other builds (UP_BUILDS). (Session 17 also timed a one-kernel version of the pair here, decode_token.cu in
-commit 356db60, not kept: BENCHMARKS.md.)
+active pair: their fixed cost); the up-dot kernel and the whole path also with each of that kernel's builds
+(UP_BUILDS). (Session 17 also timed a one-kernel version of the pair here, decode_token.cu in commit 356db60, not
+kept: BENCHMARKS.md.)
 
     python3 tests/gpu/decode_breakdown.py OUT.json [M ...]      # DECODE_BREAKDOWN_ROUNDS=3
 """
