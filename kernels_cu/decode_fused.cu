@@ -26,6 +26,8 @@
 #define FUSED_SEG 256  // columns per listing segment (one warp step: 32 lanes x 8)
 #define DECODE_UP_WARPS 8  // listing warps (= segments) per block of decode_up_act_kernel; must match kernels/launchers.py
 #define DECODE_UP_CAP 256  // active pairs per block and batch of up dots in decode_up_act_kernel
+#define DECODE_SEG_CAP 32  // entries per segment list decode_up_act_kernel hands decode_down_kernel; must match
+                           // kernels/launchers.py (a token with a longer one is listed from its h row instead)
 
 // h *= x_tok · U_j for the lanes whose pair is active (pair(p) = {token, row j} of lane p), two dots at a time
 // (usually none or one per warp at decode sparsity). Every lane of the warp calls it; returns this lane's h.
@@ -257,7 +259,9 @@ __global__ void __launch_bounds__(32 * FUSED_GATE_WARPS) decode_gate_up_mma_kern
 // list one 256-column segment of the token's act each (8 values per lane, relu); the block's active pairs (all of
 // one token) are listed in shared memory and their up dots spread over the block's DECODE_UP_DOT_WARPS warps, so a
 // token with several active neurons in one segment (hot-first order puts them together) pays one dependent row read,
-// not several; h into hbuf (dense, 0 where inactive), then decode_down_kernel finishes.
+// not several; h into hbuf (dense, 0 where inactive) and, given seg_count, each segment's non-zero h as a short
+// list (count, then up to DECODE_SEG_CAP entries), so decode_down_kernel, which finishes, reads a few entries
+// instead of listing the whole h row in every block.
 // DECODE_UP_XF 1 (default): the token's x row is held in shared memory as fp32 (warp_dot_xf) and each of the
 // DECODE_UP_DOT_WARPS warps takes one up dot: the kernel was bound by its warps' dependent instructions at 2 warps
 // per scheduler (Nsight Compute at 64 tokens: 14 cycles per issued instruction, 86% of cycles with no eligible
@@ -286,6 +290,8 @@ __global__ void __launch_bounds__(32 * DECODE_UP_DOT_WARPS, DECODE_UP_MIN_BLOCKS
     const unsigned short* __restrict__ act,  // (M, H): x . w_actᵀ
     const unsigned short* __restrict__ up,   // (H, D), gated only
     float* __restrict__ hbuf,                // (M, Hs): h, 0 where inactive
+    int* __restrict__ seg_count,             // (M, NS) or null: each segment's non-zero h, counted
+    int2* __restrict__ seg_ent,              // (M, NS, DECODE_SEG_CAP): the first of them, (column, h bits), ascending
     int D, int H, int Hs, int vec_ok) {
     __shared__ int plist[DECODE_UP_CAP];
     __shared__ float pdot[DECODE_UP_CAP];
@@ -384,6 +390,25 @@ __global__ void __launch_bounds__(32 * DECODE_UP_DOT_WARPS, DECODE_UP_MIN_BLOCKS
         dst[0] = make_float4(h[0], h[1], h[2], h[3]);
         dst[1] = make_float4(h[4], h[5], h[6], h[7]);
     }
+    const int seg = warp * gridDim.y + blockIdx.y;  // this warp's segment (listers)
+    if (seg_count != nullptr && lister && seg * FUSED_SEG < H) {
+        // the segment's list for the down kernel: the entries it would list from the h row (h != 0, NaN included),
+        // in the same ascending order; the count always, the entries up to DECODE_SEG_CAP
+        const int NS = (H + FUSED_SEG - 1) / FUSED_SEG;
+        int nz = 0;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) nz += (h[e] != 0.f) ? 1 : 0;
+        const int incl = warp_incl_scan(nz, lane);
+        const long long s0 = m * NS + seg;
+        if (lane == 31) seg_count[s0] = incl;
+        int r = incl - nz;
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            if (h[e] != 0.f) {
+                if (r < DECODE_SEG_CAP) seg_ent[s0 * DECODE_SEG_CAP + r] = make_int2(c0 + e, __float_as_int(h[e]));
+                ++r;
+            }
+    }
 }
 
 // v := this lane's 8 values of the fp32 row at columns c0 .. c0 + 8, 0 at and past c_end (c0 a multiple of 8, the
@@ -456,8 +481,56 @@ __device__ __forceinline__ void down_list_batches(const float* __restrict__ hrow
     }
 }
 
+// The down kernel's entries from decode_up_act_kernel's segment lists (the same entries, in the same order, as
+// listing the h row): each warp reads the counts of its segments (warp, warp + 16, ...), the block scans them into
+// offsets and each listed entry is one 8-byte load of its lane. Returns false, having read nothing but the counts,
+// if a segment has more than DECODE_SEG_CAP entries (the caller lists the h row instead). Every thread calls it.
+__device__ __forceinline__ bool down_from_lists(const int* __restrict__ cnt_row, const int2* __restrict__ ent_row,
+                                                const float* __restrict__ hrow, int NS, int H, int* offs, int* ej,
+                                                float* eh, const unsigned short* __restrict__ down_t, int D,
+                                                const DecodeChunk& ch, float* accrow, float* part) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = DECODE_THREADS / 32;
+    int cnt[DOWN_SEG_REGS];
+    bool over = false;
+#pragma unroll
+    for (int k = 0; k < DOWN_SEG_REGS; ++k) {
+        const int t = warp + k * nwarps;
+        cnt[k] = t < NS ? __ldg(cnt_row + t) : 0;
+        over |= cnt[k] > DECODE_SEG_CAP;
+    }
+    if (__syncthreads_or(over)) return false;
+    int2 ent[DOWN_SEG_REGS];
+#pragma unroll
+    for (int k = 0; k < DOWN_SEG_REGS; ++k) {
+        const int t = warp + k * nwarps;
+        ent[k] = lane < cnt[k] ? __ldg(ent_row + (long long)t * DECODE_SEG_CAP + lane) : make_int2(0, 0);
+        if (t < NS && lane == 0) offs[t] = cnt[k];
+    }
+    __syncthreads();
+    if (warp == 0) warp_exclusive_scan(offs, NS, lane);
+    __syncthreads();
+    const int E = offs[NS];
+    if (E > DECODE_CAP) {
+        down_list_batches(hrow, offs, NS, H, ej, eh, down_t, D, ch, accrow, part);
+    } else if (E > 0) {
+#pragma unroll
+        for (int k = 0; k < DOWN_SEG_REGS; ++k) {
+            const int t = warp + k * nwarps;
+            if (lane < cnt[k]) {
+                ej[offs[t] + lane] = ent[k].x;
+                eh[offs[t] + lane] = __int_as_float(ent[k].y);
+            }
+        }
+        __syncthreads();
+        decode_down_batch(ej, eh, E, down_t, D, ch, accrow, part);
+    }
+    return true;
+}
+
 __global__ void __launch_bounds__(DECODE_THREADS, 1) decode_down_kernel(
     const float* __restrict__ hbuf,             // (M, Hs)
+    const int* __restrict__ seg_count,          // (M, NS) or null: decode_up_act_kernel's segment lists
+    const int2* __restrict__ seg_ent,           // (M, NS, DECODE_SEG_CAP)
     const unsigned short* __restrict__ down_t,  // (H, D)
     unsigned short* __restrict__ out,           // (M, D)
     int D, int H, int Hs) {
@@ -476,7 +549,12 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1) decode_down_kernel(
     pdl_launch_dependents();
     for (int i = tid; i < ch.CVr * 8; i += DECODE_THREADS) accrow[i] = 0.f;
     pdl_wait();  // hbuf is the gate kernel's output
-    if (NS <= DOWN_SEG_REGS * nwarps) {
+    if (seg_count != nullptr && NS <= DOWN_SEG_REGS * nwarps && down_from_lists(seg_count + m * NS,
+                                                                                seg_ent + m * NS * DECODE_SEG_CAP,
+                                                                                hrow, NS, H, offs, ej, eh, down_t, D,
+                                                                                ch, accrow, part)) {
+        // listed from the segment lists
+    } else if (NS <= DOWN_SEG_REGS * nwarps) {
         // one pass over h: each warp loads its segments (warp, warp + 16, ...) at once and keeps them in registers,
         // so listing costs one round trip to L2 instead of a counting pass and a listing pass
         float v[DOWN_SEG_REGS][8];
@@ -554,6 +632,6 @@ SPARSIFY_FUSED_INST(8, 2)
 SPARSIFY_MMA_INST(1)
 SPARSIFY_MMA_INST(2)
 template __global__ void decode_up_act_kernel<true>(const unsigned short*, const unsigned short*,
-                                                  const unsigned short*, float*, int, int, int, int);
+                                                  const unsigned short*, float*, int*, int2*, int, int, int, int);
 template __global__ void decode_up_act_kernel<false>(const unsigned short*, const unsigned short*,
-                                                   const unsigned short*, float*, int, int, int, int);
+                                                   const unsigned short*, float*, int*, int2*, int, int, int, int);

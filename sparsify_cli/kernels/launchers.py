@@ -287,7 +287,7 @@ def _prefill_launch(x, words, up, down_t, act, out, tile, from_act: bool, define
 def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 256,
                     defines: tuple[str, ...] | None = None, c_start: int = 0,
                     init: torch.Tensor | None = None, pdl: bool | None = None, pdl_up: bool | None = None,
-                    lists: torch.Tensor | None = None) -> None:
+                    lists: torch.Tensor | None = None, seg_lists: bool = True) -> None:
     """The sparse FFN without materializing TwELL: each token's entries come straight from the dense activation
     ``act`` (relu applied; packing fused into the FFN kernel). Reads only the active rows of U and DownT.
     path: auto (decode kernels for M <= DECODE_MAX_M, else prefill) | prefill | decode.
@@ -296,7 +296,9 @@ def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 
     launch_relu_list listed them from this act and c_start, read instead of scanning act (rows that overflowed
     their list are still scanned). The results are the same bits with and without it.
     Decode runs two kernels (launch_decode_up_act, then launch_decode_down); ``pdl`` launches the second and
-    ``pdl_up`` the first with programmatic dependent launch (None: pdl_default). The results are the same bits."""
+    ``pdl_up`` the first with programmatic dependent launch (None: pdl_default); ``seg_lists``: the first hands the
+    second its entries as segment lists (decode_seg_buffers) instead of only the dense h row. The results are the
+    same bits."""
     if act.dim() != 2 or x.dim() != 2:
         raise ValueError("x and act must be 2-D: x (M, D), act (M, H)")
     m, d, h, nt, _ = check_ffn_args(x, None, up, down_t, act, out, tile)
@@ -316,8 +318,9 @@ def launch_relu_ffn(x, act, up, down_t, out, *, path: str = "auto", tile: int = 
         if hybrid or lists is not None:
             raise ValueError("the decode kernels have no hybrid mode (c_start/init/lists); use path='prefill'")
         default = pdl_default(x.device)
-        hbuf = launch_decode_up_act(x, act, up, pdl=default if pdl_up is None else pdl_up)
-        launch_decode_down(hbuf, down_t, out, h, pdl=default if pdl is None else pdl)
+        seg = decode_seg_buffers(m, h, x.device) if seg_lists else None
+        hbuf = launch_decode_up_act(x, act, up, pdl=default if pdl_up is None else pdl_up, seg=seg)
+        launch_decode_down(hbuf, down_t, out, h, pdl=default if pdl is None else pdl, seg=seg)
     elif path == "prefill":
         s = lists.shape[1] if lists is not None else 2
         _prefill_launch(x, lists, up, down_t, act, out, tile, True, defines, m, d, h, nt, s, False, c_start, init)
@@ -516,14 +519,27 @@ def decode_up_dot_warps(defines: tuple[str, ...]) -> int:
     return 16
 
 
+DECODE_SEG_CAP = 32  # entries per segment list; must match kernels_cu/decode_fused.cu
+
+
+def decode_seg_buffers(m: int, h: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The segment lists decode_up_act_kernel hands decode_down_kernel: per token and 256-column segment of h, the
+    count of its non-zero h (M, NS) int32 and its first DECODE_SEG_CAP entries (M, NS, DECODE_SEG_CAP, 2) int32,
+    (column, h's bits) in ascending order. Every count is written; entries past a count are never read."""
+    ns = -(-h // FUSED_SEG)
+    return (torch.empty(m, ns, dtype=torch.int32, device=device),
+            torch.empty(m, ns, DECODE_SEG_CAP, 2, dtype=torch.int32, device=device))
+
+
 def launch_decode_up_act(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | None, *,
-                         pdl: bool = False, defines: tuple[str, ...] | None = None) -> torch.Tensor:
+                         pdl: bool = False, defines: tuple[str, ...] | None = None,
+                         seg: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The decode path's first kernel when the gate projection ran elsewhere (launch_relu_ffn checks the
     arguments): h (M, Hs) fp32, h = relu(a)·(x·U_j) (gated) or relu(a), 0 where inactive, Hs = H rounded up to 8;
     launch_decode_down finishes. pdl: launched with programmatic dependent launch (it waits for the previous
     kernel before reading act; after cuBLAS that only hides the launch: -0.2 to -0.4 us, BENCHMARKS.md).
     defines: the kernel's build (None: UP_ACT_ONE_PER_SM if the grid fits one block per SM, else
-    UP_ACT_TWO_PER_SM); every build gives the same bits."""
+    UP_ACT_TWO_PER_SM); every build gives the same bits. seg: decode_seg_buffers(M, H) to fill as well."""
     from sparsify_cli.kernels import loader
 
     m, d = x.shape
@@ -541,14 +557,20 @@ def launch_decode_up_act(x: torch.Tensor, act: torch.Tensor, up: torch.Tensor | 
     smem = 4 * d if up is not None and _up_act_x_in_smem(defines) else 0  # the x row as fp32
     _allow_smem(fn, smem, "decode up dots", d, h)
     loader.launch(fn, grid, (32 * warps,),
-                  (x.data_ptr(), act.data_ptr(), up.data_ptr() if up is not None else 0, hbuf.data_ptr(), _i32(d),
-                   _i32(h), _i32(hs), _i32(_vec_ok(act))), shared_mem=smem, pdl=pdl)
+                  (x.data_ptr(), act.data_ptr(), up.data_ptr() if up is not None else 0, hbuf.data_ptr(),
+                   *_seg_ptrs(seg), _i32(d), _i32(h), _i32(hs), _i32(_vec_ok(act))), shared_mem=smem, pdl=pdl)
     return hbuf
 
 
+def _seg_ptrs(seg: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[int, int]:
+    return (seg[0].data_ptr(), seg[1].data_ptr()) if seg is not None else (0, 0)
+
+
 def launch_decode_down(hbuf: torch.Tensor, down_t: torch.Tensor, out: torch.Tensor, h: int, *,
-                       defines: tuple[str, ...] | None = None, pdl: bool = False) -> None:
-    """The fused decode path's second kernel: out = h·DownT over the non-zero h of each token (ascending)."""
+                       defines: tuple[str, ...] | None = None, pdl: bool = False,
+                       seg: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """The fused decode path's second kernel: out = h·DownT over the non-zero h of each token (ascending), listed
+    from the segment lists ``seg`` that launch_decode_up_act filled (decode_seg_buffers), else from hbuf."""
     from sparsify_cli.kernels import loader
 
     m, d = out.shape
@@ -558,5 +580,5 @@ def launch_decode_down(hbuf: torch.Tensor, down_t: torch.Tensor, out: torch.Tens
     smem = decode_smem(-(-h // FUSED_SEG), cvr)
     _allow_smem(fn, smem, "fused decode", d, h)
     loader.launch(fn, (m, chunks), (DECODE_THREADS,),
-                  (hbuf.data_ptr(), down_t.data_ptr(), out.data_ptr(), _i32(d), _i32(h), _i32(hbuf.shape[1])),
-                  shared_mem=smem, pdl=pdl)
+                  (hbuf.data_ptr(), *_seg_ptrs(seg), down_t.data_ptr(), out.data_ptr(), _i32(d), _i32(h),
+                   _i32(hbuf.shape[1])), shared_mem=smem, pdl=pdl)

@@ -45,6 +45,11 @@ def parts(x, layers: list[tuple], dense_sets) -> dict:
         "both_kernels": path(acts),
         "both_kernels_no_active": path(dead),
         "whole_path": lambda: [launchers.launch_relu_ffn(x, x @ g.T, u, dt, o, path="decode") for g, u, dt in layers],
+        "whole_path_no_seg_lists": lambda: [launchers.launch_relu_ffn(x, x @ g.T, u, dt, o, path="decode",
+                                                                      seg_lists=False) for g, u, dt in layers],
+        "both_kernels_no_seg_lists": lambda: [launchers.launch_relu_ffn(x, a, u, dt, o, path="decode",
+                                                                        seg_lists=False)
+                                              for a, (_, u, dt) in zip(acts, layers)],
         # the up-dot kernel's other builds (UP_BUILDS), alone and in the whole path
         **{f"up_act_kernel_{name}": (lambda b: lambda: [launchers.launch_decode_up_act(x, a, u, defines=b)
                                                         for a, (_, u, _) in zip(acts, layers)])(build)

@@ -543,14 +543,31 @@ def test_decode_from_act_bitwise_equals_twell_decode(m, d, h, density, gated):
         pdl_options += [(True, False), (True, True)]
     outs = []
     for pdl, pdl_up in pdl_options:
-        outs.append(_poison(torch.empty_like(inp.x)))
-        launchers.launch_relu_ffn(inp.x, act, up, down_t, outs[-1], path="decode", pdl=pdl, pdl_up=pdl_up)
+        for seg_lists in (True, False):  # the down kernel's entries from the segment lists, or from the h row
+            outs.append(_poison(torch.empty_like(inp.x)))
+            launchers.launch_relu_ffn(inp.x, act, up, down_t, outs[-1], path="decode", pdl=pdl, pdl_up=pdl_up,
+                                      seg_lists=seg_lists)
     torch.cuda.synchronize()
     assert not torch.isnan(want).any()
     for out in outs:
         assert torch.equal(out, want)
+    # the segment lists the up-dot kernel hands the down kernel
+    seg = launchers.decode_seg_buffers(m, h, inp.x.device)
+    h_default = launchers.launch_decode_up_act(inp.x, act, up, seg=seg)
+    torch.cuda.synchronize()
+    nz = h_default[:, :h] != 0  # the lists hold what the down kernel lists from h: counts, then entries in order
+    ns = seg[0].shape[1]
+    padded = torch.zeros(m, ns * launchers.FUSED_SEG, dtype=torch.bool, device=DEV)
+    padded[:, :h] = nz
+    assert torch.equal(seg[0], padded.view(m, ns, -1).sum(2, dtype=torch.int32))
+    per_seg = padded.view(m, ns, launchers.FUSED_SEG)
+    rank = per_seg.cumsum(2) - 1  # an entry's place in its segment's list
+    t_i, g_i, c_i = torch.nonzero(per_seg & (rank < launchers.DECODE_SEG_CAP), as_tuple=True)
+    got = seg[1][t_i, g_i, rank[t_i, g_i, c_i]]
+    cols = g_i * launchers.FUSED_SEG + c_i
+    assert torch.equal(got[:, 0], cols.to(torch.int32))
+    assert torch.equal(got[:, 1].contiguous().view(torch.float32), h_default[t_i, cols])
     # the up-dot kernel's builds: x as fp32 in shared memory, one dot per warp (default), or two per warp from L1
-    h_default = launchers.launch_decode_up_act(inp.x, act, up)
     for build in UP_ACT_BUILDS:
         assert torch.equal(launchers.launch_decode_up_act(inp.x, act, up, defines=build)[:, :h], h_default[:, :h])
 
