@@ -482,31 +482,31 @@ __device__ __forceinline__ void down_list_batches(const float* __restrict__ hrow
 }
 
 // The down kernel's entries from decode_up_act_kernel's segment lists (the same entries, in the same order, as
-// listing the h row): each warp reads the counts of its segments (warp, warp + 16, ...), the block scans them into
-// offsets and each listed entry is one 8-byte load of its lane. Returns false, having read nothing but the counts,
-// if a segment has more than DECODE_SEG_CAP entries (the caller lists the h row instead). Every thread calls it.
+// listing the h row): each warp reads the counts of its segments (warp, warp + 16, ...) and, in the same round
+// trip, every slot of their lists (one 8-byte load per lane; slots past a count hold nothing and are dropped), the
+// block scans the counts into offsets. Returns false if a segment has more than DECODE_SEG_CAP entries (the caller
+// lists the h row instead). Every thread calls it.
 __device__ __forceinline__ bool down_from_lists(const int* __restrict__ cnt_row, const int2* __restrict__ ent_row,
                                                 const float* __restrict__ hrow, int NS, int H, int* offs, int* ej,
                                                 float* eh, const unsigned short* __restrict__ down_t, int D,
                                                 const DecodeChunk& ch, float* accrow, float* part) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = DECODE_THREADS / 32;
     int cnt[DOWN_SEG_REGS];
+    int2 ent[DOWN_SEG_REGS];
+#pragma unroll
+    for (int k = 0; k < DOWN_SEG_REGS; ++k) {  // counts and slots together: one round trip, not two
+        const int t = warp + k * nwarps;
+        cnt[k] = t < NS ? __ldg(cnt_row + t) : 0;
+        ent[k] = t < NS ? __ldg(ent_row + (long long)t * DECODE_SEG_CAP + lane) : make_int2(0, 0);
+    }
     bool over = false;
 #pragma unroll
     for (int k = 0; k < DOWN_SEG_REGS; ++k) {
         const int t = warp + k * nwarps;
-        cnt[k] = t < NS ? __ldg(cnt_row + t) : 0;
         over |= cnt[k] > DECODE_SEG_CAP;
-    }
-    if (__syncthreads_or(over)) return false;
-    int2 ent[DOWN_SEG_REGS];
-#pragma unroll
-    for (int k = 0; k < DOWN_SEG_REGS; ++k) {
-        const int t = warp + k * nwarps;
-        ent[k] = lane < cnt[k] ? __ldg(ent_row + (long long)t * DECODE_SEG_CAP + lane) : make_int2(0, 0);
         if (t < NS && lane == 0) offs[t] = cnt[k];
     }
-    __syncthreads();
+    if (__syncthreads_or(over)) return false;  // (also publishes offs)
     if (warp == 0) warp_exclusive_scan(offs, NS, lane);
     __syncthreads();
     const int E = offs[NS];
