@@ -1,9 +1,10 @@
 """Where the decode path from the activation (above 16 tokens, or without a known density) spends its time, at
 99.5% sparsity, D=2048, H=5632 and on the same layers packed (development tool). Each part is timed alone as a
 CUDA-graph replay over 8 layers (median of 100 replays, best of ROUNDS interleaved rounds): dense, the cuBLAS gate
-GEMM, the up-dot kernel (decode_up_act_kernel) on precomputed activations, the down kernel on precomputed h, the
-two together (PDL as the default launch), the whole path, and the two kernels on an all-negative activation (no
-active pair: their fixed cost); the up-dot kernel and the whole path also with each of that kernel's builds
+GEMM, the up-dot kernel (decode_up_act_kernel) on precomputed activations, the down kernel on precomputed h (listing
+the h row), the two together (PDL as the default launch, the segment lists on), the whole path, and the two kernels
+on an all-negative activation (no active pair: their fixed cost); the pair and the whole path also without the
+segment lists (``_no_seg_lists``); the up-dot kernel and the whole path also with each of that kernel's builds
 (UP_BUILDS). (Session 17 also timed a one-kernel version of the pair here, decode_token.cu in commit 356db60, not
 kept: BENCHMARKS.md.)
 
