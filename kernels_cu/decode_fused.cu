@@ -24,7 +24,8 @@
 #endif
 #define FUSED_GATE_WARPS 4  // warps per block of decode_gate_up_kernel; must match kernels/launchers.py
 #define FUSED_SEG 256  // columns per listing segment (one warp step: 32 lanes x 8)
-#define DECODE_UP_WARPS 8  // listing warps (= segments) per block of decode_up_act_kernel; must match kernels/launchers.py
+#define DECODE_UP_WARPS 8  // listing warps (= segments) per block of decode_up_act_kernel; must match
+                           // kernels/launchers.py
 #define DECODE_UP_CAP 256  // active pairs per block and batch of up dots in decode_up_act_kernel
 #define DECODE_SEG_CAP 32  // entries per segment list decode_up_act_kernel hands decode_down_kernel; must match
                            // kernels/launchers.py (a token with a longer one is listed from its h row instead)

@@ -1,7 +1,7 @@
 """Launchers: check shapes/dtypes/layout (clear ValueError), pick the kernel instance, compute the grid, launch.
 
-These write into caller-provided outputs (only the split variant allocates its scratch buffer of h values);
-the torch.library ops in ops.py allocate the outputs.
+These write into caller-provided outputs (the torch.library ops in ops.py allocate them); only the scratch one
+kernel hands the next within a path (the h values, the decode segment lists) is allocated here.
 All launches go to torch's current stream (loader.launch).
 """
 

@@ -210,7 +210,8 @@ def _launch_pdl(fn, grid, block, args, shared_mem: int) -> None:
 def launch_ex(fn, grid: tuple[int, ...], block: tuple[int, ...], c_args: list, shared_mem: int = 0, *,
               pdl: bool = False) -> None:
     """Launch through the driver's cuLaunchKernelEx on torch's current stream. ``c_args``: ctypes objects, one
-    per kernel parameter (typed ints), kept alive until the call returns (the driver copies them). pdl: programmatic dependent launch."""
+    per kernel parameter (typed ints), kept alive until the call returns (the driver copies them).
+    pdl: programmatic dependent launch."""
     import torch
 
     attrs = []

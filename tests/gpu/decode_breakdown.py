@@ -61,7 +61,8 @@ def parts(x, layers: list[tuple], dense_sets) -> dict:
 
 
 # as before session 20 (8 warps, two dots each, x through L1), and each of the default's two builds whatever the grid
-UP_BUILDS = {"before": launchers.UP_ACT_X_FROM_L1, "w16": launchers.UP_ACT_ONE_PER_SM, "w12": launchers.UP_ACT_TWO_PER_SM}
+UP_BUILDS = {"before": launchers.UP_ACT_X_FROM_L1, "w16": launchers.UP_ACT_ONE_PER_SM,
+             "w12": launchers.UP_ACT_TWO_PER_SM}
 
 
 def build_path(x, act, up, down_t, out, build):
