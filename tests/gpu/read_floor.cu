@@ -25,3 +25,9 @@ __global__ void __launch_bounds__(512) read_floor_kernel(const uint4* __restrict
     pdl_wait();  // nothing is written before the kernel ahead has finished (common.cuh's rule)
     if (acc == 0x9e3779b9u) out[0] = acc;
 }
+
+// The instances read_floor.py launches (explicit, so that a plain nvcc compile of this file, as the CI test does,
+// emits and checks them too)
+template __global__ void read_floor_kernel<4>(const uint4*, long long, unsigned int*, int);
+template __global__ void read_floor_kernel<8>(const uint4*, long long, unsigned int*, int);
+template __global__ void read_floor_kernel<16>(const uint4*, long long, unsigned int*, int);

@@ -30,13 +30,21 @@ LAYERS = 8
 ROUNDS = 3
 
 
+def probe_source() -> str:
+    """common.cuh's text, then the probe (what NVRTC compiles; tests/kernels/test_compile.py compiles it too)."""
+    return loader.read_source("common.cuh") + (Path(__file__).parent / "read_floor.cu").read_text()
+
+
+def instance(unroll: int) -> str:
+    return f"read_floor_kernel<{unroll}>"
+
+
 def probe_module():
     import cupy
 
-    src = loader.read_source("common.cuh") + (Path(__file__).parent / "read_floor.cu").read_text()
-    names = tuple(f"read_floor_kernel<{u}>" for u in UNROLLS)
-    mod = cupy.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
-    return {u: mod.get_function(f"read_floor_kernel<{u}>") for u in UNROLLS}
+    names = tuple(instance(u) for u in UNROLLS)
+    mod = cupy.RawModule(code=probe_source(), options=("-std=c++17",), name_expressions=names)
+    return {u: mod.get_function(instance(u)) for u in UNROLLS}
 
 
 def fit(points: list[tuple[float, float]]) -> dict:

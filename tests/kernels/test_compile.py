@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -88,13 +89,17 @@ def _nvrtc() -> ctypes.CDLL | None:
 NVRTC = _nvrtc()
 
 
-def nvrtc_compile(name: str, arch: str, defines: tuple[str, ...] = ()) -> None:
-    """kernels_cu/<name> as the loader hands it to NVRTC (local headers expanded, -std=c++17) compiled for arch;
-    fails with NVRTC's log."""
+def nvrtc_compile(name: str, arch: str, defines: tuple[str, ...] = (), source: str | None = None,
+                  name_expressions: tuple[str, ...] = ()) -> None:
+    """kernels_cu/<name> as the loader hands it to NVRTC (local headers expanded, -std=c++17) compiled for arch, or
+    ``source`` under that name, with CuPy's name expressions (template instances) if given; fails with NVRTC's log."""
     opts = [b"-std=c++17", f"--gpu-architecture={arch}".encode(), *(f"-D{d}".encode() for d in defines)]
     prog = ctypes.c_void_p()
-    assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), read_source(name).encode(), name.encode(), 0, None, None) == 0
+    text = read_source(name) if source is None else source
+    assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), text.encode(), name.encode(), 0, None, None) == 0
     try:
+        for expr in name_expressions:
+            assert NVRTC.nvrtcAddNameExpression(prog, expr.encode()) == 0, expr
         rc = NVRTC.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
         size = ctypes.c_size_t()
         NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
@@ -118,3 +123,35 @@ def test_compiles_with_nvrtc_as_loaded(src, arch):
 @pytest.mark.parametrize("src,defines", VARIANTS)
 def test_build_variants_compile_with_nvrtc(src, defines):
     nvrtc_compile(src, "sm_90", defines)
+
+
+# Development tools' probes under tests/gpu: the tool compiles each with common.cuh in front; so does this test
+PROBE_DIR = Path(__file__).resolve().parents[1] / "gpu"
+PROBES = sorted(p.name for p in PROBE_DIR.glob("*.cu"))
+
+
+def test_probes_exist():
+    assert "read_floor.cu" in PROBES
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit to compile-test kernels)")
+@pytest.mark.parametrize("probe", PROBES)
+def test_probe_compiles(probe, tmp_path):
+    src = tmp_path / probe
+    src.write_text(f'#include "{resource_dir("kernels_cu") / "common.cuh"}"\n' + (PROBE_DIR / probe).read_text())
+    cmd = [NVCC, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-c", str(src), "-o", str(tmp_path / "p.o"),
+           "-Werror", "all-warnings"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found (the dev extra's nvidia-cuda-nvrtc wheel provides it)")
+def test_read_floor_probe_compiles_with_nvrtc_as_loaded():
+    """tests/gpu/read_floor.py's module exactly as it builds it: common.cuh's text, the probe, its three instances."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("read_floor", PROBE_DIR / "read_floor.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)  # imports torch and the package only; the GPU is touched in main()
+    nvrtc_compile("read_floor.cu", "sm_90", source=tool.probe_source(),
+                  name_expressions=tuple(tool.instance(u) for u in tool.UNROLLS))
