@@ -4,8 +4,8 @@ CUDA-graph replay over 8 layers (median of 100 replays, best of ROUNDS interleav
 GEMM, the up-dot kernel (decode_up_act_kernel) on precomputed activations, the down kernel on precomputed h (listing
 the h row), the two together (PDL as the default launch, the segment lists on), the whole path, and the two kernels
 on an all-negative activation (no active pair: their fixed cost); the pair and the whole path also without the
-segment lists (``_no_seg_lists``); the up-dot kernel and the whole path also with each of that kernel's builds
-(UP_BUILDS). (Session 17 also timed a one-kernel version of the pair here, decode_token.cu in commit 356db60, not
+segment lists (``_no_seg_lists``); the up-dot kernel and the whole path (segment lists on; before session 22 these
+rows listed the h row) also with each of that kernel's builds (UP_BUILDS). (Session 17 also timed a one-kernel version of the pair here, decode_token.cu in commit 356db60, not
 kept: BENCHMARKS.md.)
 
     python3 tests/gpu/decode_breakdown.py OUT.json [M ...]      # DECODE_BREAKDOWN_ROUNDS=3
@@ -66,9 +66,11 @@ UP_BUILDS = {"before": launchers.UP_ACT_X_FROM_L1, "w16": launchers.UP_ACT_ONE_P
 
 
 def build_path(x, act, up, down_t, out, build):
+    """launch_relu_ffn's decode path (segment lists, PDL as default) with a build of the up-dot kernel."""
     pdl = launchers.pdl_default(x.device)
-    hbuf = launchers.launch_decode_up_act(x, act, up, pdl=pdl, defines=build)
-    launchers.launch_decode_down(hbuf, down_t, out, act.shape[1], pdl=pdl)
+    seg = launchers.decode_seg_buffers(x.shape[0], act.shape[1], x.device)
+    hbuf = launchers.launch_decode_up_act(x, act, up, pdl=pdl, defines=build, seg=seg)
+    launchers.launch_decode_down(hbuf, down_t, out, act.shape[1], pdl=pdl, seg=seg)
 
 
 def main() -> None:

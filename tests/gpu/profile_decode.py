@@ -1,5 +1,7 @@
 """One launch of each kernel of the decode path above the fused path's tokens (decode_up_act_kernel, then
-decode_down_kernel, no PDL) on a packed layer at 99.5% sparsity, D 2048, H 5632, for `ncu` (development tool).
+decode_down_kernel, no PDL, the segment lists on as launch_relu_ffn runs them) on a packed layer at 99.5% sparsity,
+D 2048, H 5632, for `ncu` (development tool). Before session 22 it ran the pair without the segment lists, so the
+down kernel listed the h row (sessions 20 and 21's profiles).
 
     ncu --kernel-name regex:decode_ --launch-skip 2 --section ... python3 tests/gpu/profile_decode.py [M]
 """
@@ -19,7 +21,8 @@ act = x @ p.gate.T
 out = torch.empty_like(x)
 print(f"M={m} width={p.width} n_hot={p.n_hot} active pairs={int((act > 0).sum())} "
       f"distinct active neurons={int((act > 0).any(0).sum())}", flush=True)
+seg = launchers.decode_seg_buffers(m, act.shape[1], x.device)
 for _ in range(2):
-    hbuf = launchers.launch_decode_up_act(x, act, p.up)
-    launchers.launch_decode_down(hbuf, p.down_t, out, act.shape[1])
+    hbuf = launchers.launch_decode_up_act(x, act, p.up, seg=seg)
+    launchers.launch_decode_down(hbuf, p.down_t, out, act.shape[1], seg=seg)
 torch.cuda.synchronize()

@@ -194,6 +194,7 @@ def test_launch_constants_match_the_kernel_sources():
         "decode_fused.cu": (("FUSED_GATE_WARPS", launchers.FUSED_GATE_WARPS), ("FUSED_SEG", launchers.FUSED_SEG),
                             ("DECODE_UP_WARPS", launchers.DECODE_UP_WARPS),
                             ("DECODE_UP_DOT_WARPS", launchers.decode_up_dot_warps(launchers.UP_ACT_ONE_PER_SM)),
+                            ("DECODE_SEG_CAP", launchers.DECODE_SEG_CAP),
                             ("MMA_ROWS", launchers.FUSED_MMA_ROWS)),
     }
     for name, pairs in expected.items():
